@@ -1,0 +1,5 @@
+import sys
+
+from muai.cli import main
+
+sys.exit(main())
