@@ -8,6 +8,8 @@ set -euo pipefail
 target=${1:-test}
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv"
+# The Makefile points XDG_CACHE_HOME into the repo for the engines; pip's download cache stays shared.
+export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/pip}"
 py="$venv/bin/python"
 pip=(pip_quiet "$py" -m pip install --disable-pip-version-check -q)
 
