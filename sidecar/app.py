@@ -1,0 +1,593 @@
+"""The sidecar process: an aiohttp app around the pure monitor, detectors and alert book.
+
+Endpoints (``docs/sidecar-api.md`` has the shapes):
+
+* ``POST /v1/traces``: the OTLP/HTTP receiver (protobuf or JSON, optionally gzip).
+* ``GET /api/v1/stats``, ``/api/v1/gpus``, ``/api/v1/host``, ``/api/v1/alerts``: the query API.
+* ``GET /metrics``: Prometheus exposition of the sidecar's registry. ``GET /health``.
+
+Background work (collectors, the evaluation tick, span forwarding, alert dispatch) runs in tasks started and
+stopped by ``cleanup_ctx``; none of it ever blocks ingestion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as _dt
+import logging
+import signal
+import time
+from urllib.parse import urlsplit
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from alerting import (
+    AlertBook,
+    AlertmanagerSink,
+    Dispatcher,
+    LogSink,
+    Passthrough,
+    Route,
+    Sink,
+    Throttle,
+    TokenBucket,
+    WebhookSink,
+)
+from sidecar.collectors.gpu import GpuCollector, GpuSample
+from sidecar.collectors.host import HostCollector, HostSample
+from sidecar.config import DetectorsConfig, SidecarConfig
+from sidecar.errors import MalformedPayload, OtlpError, PayloadTooLarge
+from sidecar.evaluation import Evaluator
+from sidecar.forwarding import Forwarder
+from sidecar.metrics import SidecarMetrics
+from sidecar.monitor import PerformanceMonitor
+from sidecar.otlp import (
+    INFERENCE,
+    REQUEST,
+    RESPONSE_CONTENT_TYPE,
+    decode_request,
+    decompress,
+    encode_response,
+    encode_status,
+    map_request,
+    media_kind,
+)
+
+log = logging.getLogger("muai.sidecar")
+
+_READ_CHUNK = 64 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclasses.dataclass(eq=False)
+class SidecarState:
+    """Everything one sidecar app owns. Only the event loop's thread touches it."""
+
+    config: SidecarConfig
+    clock: Callable[[], float]
+    wall_clock: Callable[[], float]
+    monitor: PerformanceMonitor
+    registry: CollectorRegistry
+    gpu: GpuCollector | None
+    host: HostCollector | None
+    forwarder: Forwarder | None
+    book: AlertBook
+    evaluator: Evaluator | None
+    dispatchers: list[Dispatcher]
+    metrics: SidecarMetrics | None = None
+    gpu_samples: list[GpuSample] = dataclasses.field(default_factory=list)
+    host_sample: HostSample | None = None
+    gpu_sampled_at: float | None = None
+    host_sampled_at: float | None = None
+    started_at: float = 0.0
+    loop_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def reconfigure_detectors(self, detectors: DetectorsConfig) -> None:
+        """Apply runtime changes of the ``detectors`` section (thresholds, ``for`` durations, detector parameters)."""
+        if self.evaluator is not None:
+            self.evaluator.reconfigure(detectors)
+
+    def evaluate(self) -> int:
+        """Run one evaluation tick now and hand its transitions to the dispatchers; returns how many."""
+        if self.evaluator is None:
+            return 0
+        transitions = self.evaluator.tick(
+            self.clock(), self.wall_clock(), gpus=self.gpu_samples, host=self.host_sample
+        )
+        for alert in transitions:
+            for dispatcher in self.dispatchers:
+                dispatcher.submit(alert)
+        return len(transitions)
+
+
+STATE: web.AppKey[SidecarState] = web.AppKey("muai_sidecar_state", SidecarState)
+
+
+# -- construction --------------------------------------------------------------------------------------------
+
+
+def _dispatchers(config: SidecarConfig, extra_sinks: Sequence[Sink]) -> list[Dispatcher]:
+    """One dispatcher per sink, so each sink has its own buffer and retry budget; the token bucket is shared."""
+    alerting = config.alerting
+    rl = alerting.rate_limit
+    bucket = TokenBucket(capacity=rl.burst, rate_per_s=rl.rate_per_s)
+
+    def throttle() -> Throttle:
+        return Throttle(
+            group_by=tuple(rl.group_by),
+            group_wait_s=rl.group_wait_s,
+            group_interval_s=rl.group_interval_s,
+            repeat_interval_s=rl.repeat_interval_s,
+            bucket=bucket,
+        )
+
+    out = []
+    sinks = alerting.sinks
+    if sinks.log.enabled:
+        out.append(Dispatcher([Route(LogSink(), policy=throttle())], buffer_size=1000, max_attempts=1))
+    if sinks.webhook.url is not None:
+        hook = sinks.webhook
+        sink = WebhookSink(hook.url, secret=hook.secret, timeout_s=hook.timeout_s)
+        out.append(Dispatcher([Route(sink, policy=throttle())], buffer_size=hook.buffer, max_attempts=hook.retries + 1))
+    if sinks.alertmanager.url is not None:
+        am = sinks.alertmanager
+        # Alertmanager drops an alert whose endsAt passes without news; re-posts come 4x inside that.
+        sink = AlertmanagerSink(am.url, timeout_s=am.timeout_s, firing_ttl_s=am.resend_interval_s * 4)
+        policy = Passthrough(resend_interval_s=am.resend_interval_s)
+        out.append(Dispatcher([Route(sink, policy=policy)], buffer_size=am.buffer, max_attempts=am.retries + 1))
+    for sink in extra_sinks:
+        out.append(Dispatcher([Route(sink, policy=throttle())]))
+    return out
+
+
+def create_app(
+    config: SidecarConfig,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
+    gpu_collector: GpuCollector | None = None,
+    host_collector: HostCollector | None = None,
+    extra_sinks: Sequence[Sink] = (),
+    registry: CollectorRegistry | None = None,
+) -> web.Application:
+    """Build the sidecar's aiohttp application (nothing starts until the app runs).
+
+    ``clock`` (monotonic seconds) drives the windows and rules, ``wall_clock`` (epoch seconds) stamps alerts;
+    tests pass clocks they advance. ``extra_sinks`` adds alert sinks beside the configured ones (each with the
+    configured rate limits). Collectors default to real NVML and psutil ones built from the config.
+    """
+    monitor = PerformanceMonitor(
+        windows=config.monitor.windows, max_samples=config.monitor.max_samples, max_series=config.monitor.max_series
+    )
+    if gpu_collector is None and config.collectors.gpu.enabled:
+        gpu_collector = GpuCollector(processes=config.collectors.gpu.processes)
+    if host_collector is None and config.collectors.host.enabled:
+        target = config.collectors.orchestrator
+        port = None
+        if target.url:
+            parts = urlsplit(target.url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        host_collector = HostCollector(pid_file=target.pid_file, port=port)
+    book = AlertBook(
+        history_size=config.alerting.history_size,
+        external_labels=config.alerting.external_labels,
+        generator_url=f"http://{config.host}:{config.port}/api/v1/alerts",
+    )
+    evaluator = Evaluator(config.detectors, monitor=monitor, book=book) if config.detectors.enabled else None
+    dispatchers = _dispatchers(config, extra_sinks) if config.detectors.enabled else []
+    registry = registry if registry is not None else CollectorRegistry()
+    state = SidecarState(
+        config=config,
+        clock=clock,
+        wall_clock=wall_clock,
+        monitor=monitor,
+        registry=registry,
+        gpu=gpu_collector,
+        host=host_collector,
+        forwarder=Forwarder(config.forwarding) if config.forwarding.endpoint else None,
+        book=book,
+        evaluator=evaluator,
+        dispatchers=dispatchers,
+        started_at=clock(),
+    )
+    state.metrics = SidecarMetrics(registry, lambda: state)
+
+    app = web.Application(middlewares=[_json_errors], client_max_size=config.receiver.max_body_bytes)
+    app[STATE] = state
+    app.router.add_post("/v1/traces", _traces)
+    app.router.add_get("/api/v1/stats", _stats)
+    app.router.add_get("/api/v1/gpus", _gpus)
+    app.router.add_get("/api/v1/host", _host)
+    app.router.add_get("/api/v1/alerts", _alerts)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/health", _health)
+    app.cleanup_ctx.append(_background)
+    return app
+
+
+# -- background work -----------------------------------------------------------------------------------------
+
+
+async def _background(app: web.Application):
+    state = app[STATE]
+    tasks: list[asyncio.Task] = []
+    if state.gpu is not None:
+        await asyncio.to_thread(state.gpu.start)
+    if state.gpu is not None or state.host is not None:
+        tasks.append(asyncio.create_task(_collect_loop(state), name="sidecar-collect"))
+    for dispatcher in state.dispatchers:
+        await dispatcher.start()
+    if state.evaluator is not None:
+        tasks.append(asyncio.create_task(_evaluate_loop(state), name="sidecar-evaluate"))
+    if state.forwarder is not None:
+        tasks.append(asyncio.create_task(_guard("forward", state, state.forwarder.run), name="sidecar-forward"))
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for dispatcher in state.dispatchers:
+            await dispatcher.aclose()
+        if state.gpu is not None:
+            await asyncio.to_thread(state.gpu.close)
+
+
+async def _guard(name: str, state: SidecarState, fn) -> None:
+    try:
+        await fn()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a dead loop is reported on /health rather than killing the process
+        log.exception("sidecar %s loop stopped", name)
+        state.loop_errors[name] = repr(exc)[:300]
+
+
+async def _collect_loop(state: SidecarState) -> None:
+    interval = state.config.collectors.interval_s
+    failing: set[str] = set()
+    while True:
+        await collect_once(state, failing)
+        await asyncio.sleep(interval)
+
+
+async def collect_once(state: SidecarState, failing: set[str] | None = None) -> None:
+    """Take one GPU and one host sample (in worker threads) and record them; errors are logged once and counted."""
+    failing = set() if failing is None else failing
+    for name, collector in (("gpu", state.gpu), ("host", state.host)):
+        if collector is None or (name == "gpu" and not collector.available):
+            continue
+        try:
+            sample = await asyncio.to_thread(collector.sample)
+        except Exception as exc:  # noqa: BLE001 - a collector must never stop the sidecar
+            state.metrics.collector_errors[name].inc()
+            if name not in failing:
+                log.warning("%s collector failed: %r; retrying every interval", name, exc)
+                failing.add(name)
+            continue
+        failing.discard(name)
+        now = state.clock()
+        record = state.monitor.record_resource
+        if name == "gpu":
+            state.gpu_samples, state.gpu_sampled_at = sample, state.wall_clock()
+            for g in sample:
+                record("gpu_utilization_ratio", str(g.index), g.utilization_ratio, now)
+                record("gpu_framebuffer_used_percent", str(g.index), g.framebuffer_used_percent, now)
+                record("gpu_power_watts", str(g.index), g.power_watts, now)
+        else:
+            state.host_sample, state.host_sampled_at = sample, state.wall_clock()
+            record("host_cpu_percent", "", sample.cpu_percent, now)
+            record("host_memory_percent", "", sample.memory_percent, now)
+            if sample.orchestrator is not None:
+                record("orchestrator_cpu_percent", "", sample.orchestrator.cpu_percent, now)
+                record("orchestrator_rss_bytes", "", float(sample.orchestrator.rss_bytes), now)
+
+
+async def _evaluate_loop(state: SidecarState) -> None:
+    interval = state.config.detectors.interval_s
+    logged = False
+    while True:
+        try:
+            state.evaluate()
+            logged = False
+        except Exception:  # noqa: BLE001 - log once per failure streak, count every tick
+            state.metrics.evaluation_errors.inc()
+            if not logged:
+                log.exception("detector evaluation failed; retrying every tick")
+                logged = True
+        await asyncio.sleep(interval)
+
+
+# -- handlers ------------------------------------------------------------------------------------------------
+
+
+def _json_error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": {"code": status, "message": message, **extra}}, status=status)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _json_error(exc.status, exc.reason, **({"allowed": sorted(exc.allowed_methods)} if isinstance(exc, web.HTTPMethodNotAllowed) else {}))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _json_error(500, "internal error")
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    chunks = []
+    size = 0
+    while True:
+        try:
+            chunk = await request.content.read(_READ_CHUNK)
+        except RequestPayloadError as exc:  # e.g. aiohttp's own gzip inflation failed
+            raise MalformedPayload(f"could not read the body: {exc}") from exc
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _traces(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    metrics = state.metrics
+    cfg = state.config.receiver
+    kind = None
+    try:
+        kind = media_kind(request.headers.get("Content-Type"))
+        encoding = request.headers.get("Content-Encoding")
+        length = request.content_length
+        if length is not None and length > cfg.max_body_bytes:
+            raise PayloadTooLarge(f"Content-Length {length} exceeds the {cfg.max_body_bytes}-byte limit")
+        if encoding is None or encoding.strip().lower() in ("", "identity"):
+            body = await _read_body(request, cfg.max_body_bytes)
+        else:
+            # aiohttp may already have inflated the stream (its servers do by default; serve() turns that off):
+            # gzip's magic number starts neither protobuf nor JSON, so it tells which case this is.
+            body = await _read_body(request, cfg.max_decompressed_bytes)
+            if body[:2] == _GZIP_MAGIC or encoding.strip().lower() != "gzip":
+                body = decompress(body, encoding, limit=cfg.max_decompressed_bytes)
+        message, raw = decode_request(body, kind)
+    except OtlpError as exc:
+        metrics.export(kind or "unknown", exc.status)
+        payload, content_type = encode_status(kind, exc.status, exc.message)
+        return web.Response(status=exc.status, body=payload, content_type=content_type)
+    mapped = map_request(message)
+    now = state.clock()
+    tracked = state.monitor.record_many(mapped.samples, now)
+    requests = sum(1 for s in mapped.samples if s.scope == REQUEST)
+    if requests:
+        metrics.samples[REQUEST].inc(requests)
+    if len(mapped.samples) - requests:
+        metrics.samples[INFERENCE].inc(len(mapped.samples) - requests)
+    if tracked < len(mapped.samples):
+        metrics.samples_untracked.inc(len(mapped.samples) - tracked)
+    metrics.spans_received.inc(mapped.spans)
+    if mapped.rejected:
+        metrics.spans_rejected.inc(mapped.rejected)
+    if state.forwarder is not None and mapped.spans:
+        state.forwarder.submit(raw)
+    metrics.export(kind, 200)
+    return web.Response(
+        body=encode_response(kind, rejected=mapped.rejected, error_message=mapped.error_message),
+        content_type=RESPONSE_CONTENT_TYPE[kind],
+    )
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def _stats(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    q = request.query
+    window = q.get("window") or None
+    if window is not None and window not in state.monitor.windows:
+        return _json_error(422, f"unknown window {window!r}", windows=list(state.monitor.windows))
+    scope_arg = q.get("scope", REQUEST)
+    if scope_arg not in (REQUEST, INFERENCE, "all"):
+        return _json_error(422, f"unknown scope {scope_arg!r}", scopes=[REQUEST, INFERENCE, "all"])
+    model = q.get("model") or None
+    stats = state.monitor.stats(
+        state.clock(),
+        model=model,
+        operation=q.get("operation") or None,
+        window=window,
+        scope=None if scope_arg == "all" else scope_arg,
+    )
+    if model is not None and not stats and not any(k.model == model for k in state.monitor.keys(scope=None)):
+        return _json_error(404, f"unknown model {model!r}")
+    return web.json_response(
+        {
+            "time": _iso(state.wall_clock()),
+            "windows": state.monitor.windows,
+            "stats": [s.to_json() for s in stats],
+        }
+    )
+
+
+async def _gpus(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    gpu = state.gpu
+    now = state.clock()
+    gpus = []
+    for g in state.gpu_samples:
+        d = g.as_dict()
+        idx = str(g.index)
+        d["windows"] = {
+            "utilization_ratio": state.monitor.resource_stats("gpu_utilization_ratio", idx, now),
+            "framebuffer_used_percent": state.monitor.resource_stats("gpu_framebuffer_used_percent", idx, now),
+            "power_watts": state.monitor.resource_stats("gpu_power_watts", idx, now),
+        }
+        gpus.append(d)
+    return web.json_response(
+        {
+            "available": bool(gpu is not None and gpu.available),
+            "reason": "GPU collector disabled" if gpu is None else gpu.reason,
+            "driver_version": None if gpu is None else gpu.driver_version,
+            "count": len(gpus),
+            "sampled_at": _iso(state.gpu_sampled_at),
+            "gpus": gpus,
+        }
+    )
+
+
+async def _host(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    now = state.clock()
+    sample = state.host_sample
+    r = state.monitor.resource_stats
+    return web.json_response(
+        {
+            "enabled": state.host is not None,
+            "sampled_at": _iso(state.host_sampled_at),
+            "host": None if sample is None else sample.as_dict(),
+            "windows": {
+                "cpu_percent": r("host_cpu_percent", "", now),
+                "memory_percent": r("host_memory_percent", "", now),
+                "orchestrator_cpu_percent": r("orchestrator_cpu_percent", "", now),
+                "orchestrator_rss_bytes": r("orchestrator_rss_bytes", "", now),
+            },
+        }
+    )
+
+
+def _sink_stats(state: SidecarState) -> dict[str, Any]:
+    out = {}
+    for dispatcher in state.dispatchers:
+        for name, st in dispatcher.stats().items():
+            out[name] = {
+                "sent": st.sent, "failed": st.failed, "dropped": st.dropped, "retries": st.retries,
+                "suppressed": st.suppressed, "queued": st.queued, "last_error": st.last_error,
+            }
+    return out
+
+
+async def _alerts(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = state.book.to_json()
+    body["enabled"] = state.evaluator is not None
+    body["sinks"] = _sink_stats(state)
+    return web.json_response(body)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    # The collector reads windows that only this loop's thread may touch, so render here, not in a thread.
+    body = generate_latest(state.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    gpu = state.gpu
+    degraded = dict(state.loop_errors)
+    fwd = state.forwarder
+    return web.json_response(
+        {
+            "status": "degraded" if degraded else "ok",
+            "uptime_s": max(0.0, state.clock() - state.started_at),
+            "series": state.monitor.series_count,
+            "samples": state.monitor.samples,
+            "gpu": {"available": bool(gpu is not None and gpu.available), "reason": "disabled" if gpu is None else gpu.reason},
+            "host": {"enabled": state.host is not None},
+            "detectors": {"enabled": state.evaluator is not None, "ticks": 0 if state.evaluator is None else state.evaluator.ticks},
+            "alerts": state.book.counts(),
+            "forwarding": None if fwd is None else {
+                "endpoint": fwd.endpoint, "sent": fwd.sent, "failed": fwd.failed, "dropped": fwd.dropped, "queued": fwd.queued,
+            },
+            "degraded": degraded,
+        }
+    )
+
+
+# -- process entry points ------------------------------------------------------------------------------------
+
+
+async def serve(config: Any, *, started: asyncio.Future | None = None) -> None:
+    """Run the sidecar until SIGTERM or SIGINT, then shut down gracefully.
+
+    ``started``, when given, receives the bound ``(host, port)`` once listening (port 0 picks a free one).
+    Takes the ``sidecar`` section or the whole configuration that holds it.
+    """
+    config = _section(config)
+    app = create_app(config)
+    # auto_decompress=False: the receiver inflates gzip itself, bounded by receiver.max_decompressed_bytes.
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=config.shutdown_timeout_s, access_log=None, auto_decompress=False
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    host, port = config.host, config.port
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        host, port = server.sockets[0].getsockname()[:2]
+    log.info("muai sidecar listening on http://%s:%d (OTLP/HTTP /v1/traces, /metrics, /api/v1/*)", host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signal support
+            pass
+    if started is not None and not started.done():
+        started.set_result((host, port))
+    try:
+        await stop.wait()
+        log.info("muai sidecar stopping")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await runner.cleanup()
+        log.info("muai sidecar stopped")
+
+
+def _section(config: Any) -> SidecarConfig:
+    """The sidecar section, whether given itself or inside the whole configuration (``config.sidecar``)."""
+    if config is None:
+        return SidecarConfig()
+    if isinstance(config, SidecarConfig):
+        return config
+    section = getattr(config, "sidecar", None)
+    if isinstance(section, SidecarConfig):
+        return section
+    raise TypeError(f"expected a SidecarConfig or a configuration with a `sidecar` section, got {type(config).__name__}")
+
+
+def run(config: Any = None) -> int:
+    """The blocking entry point ``muai sidecar`` calls; returns the process exit code.
+
+    Takes the ``sidecar`` section or the whole configuration that holds it (``muai.config.MuaiConfig``).
+    """
+    config = _section(config)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:  # e.g. the port is taken: say so plainly instead of a traceback
+        log.error("muai sidecar could not start on %s:%d: %s", config.host, config.port, exc)
+        return 1
+    return 0
+
+
+__all__ = ["STATE", "SidecarState", "collect_once", "create_app", "run", "serve"]

@@ -1,0 +1,397 @@
+"""The sidecar's configuration section (``sidecar:`` in the one YAML file).
+
+Each key is typed, bounded and documented; unknown keys are refused. Keys marked ``runtime`` (via
+``json_schema_extra={"runtime": True}``) may be changed while running; every other key needs a restart.
+The loader in ``muai/config.py`` composes :class:`SidecarConfig` as the field ``sidecar`` and maps environment
+variables (``MUAI_SIDECAR__PORT``, ``MUAI_SIDECAR__DETECTORS__LATENCY__THRESHOLD_S`` ...) onto it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+RUNTIME = {"runtime": True}
+
+DEFAULT_PORT = 9464
+"""The sidecar's default listen port; the orchestrator's tracing endpoint and Prometheus examples point at it."""
+
+_WINDOW_NAME = re.compile(r"^[A-Za-z0-9_]{1,16}$")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --- collectors ---------------------------------------------------------------------------------------------
+
+
+class GpuCollectorConfig(Section):
+    """NVML per-GPU sampling (nvidia-ml-py)."""
+
+    enabled: bool = Field(True, description="Sample GPUs through NVML; with no driver the sidecar says 'no GPU' once and goes on.")
+    processes: bool = Field(True, description="Also read per-process GPU memory where the driver allows it.")
+
+
+class HostCollectorConfig(Section):
+    """psutil host sampling: CPU, memory, and the orchestrator process."""
+
+    enabled: bool = Field(True, description="Sample host CPU and memory and the orchestrator process.")
+
+
+class OrchestratorTargetConfig(Section):
+    """How the sidecar finds the orchestrator process it watches."""
+
+    pid_file: str | None = Field(None, description="PID file the orchestrator writes (`server.pid_file`); tried first.")
+    url: str | None = Field(
+        "http://127.0.0.1:8000",
+        pattern=r"^https?://",
+        description="The orchestrator's base URL; its port finds the process when no PID file is set or readable.",
+    )
+
+
+class CollectorsConfig(Section):
+    """Resource collectors."""
+
+    interval_s: float = Field(5.0, ge=0.01, le=3600, description="How often GPU and host metrics are sampled.")
+    gpu: GpuCollectorConfig = GpuCollectorConfig()
+    host: HostCollectorConfig = HostCollectorConfig()
+    orchestrator: OrchestratorTargetConfig = OrchestratorTargetConfig()
+
+
+# --- monitor ------------------------------------------------------------------------------------------------
+
+
+class MonitorConfig(Section):
+    """The rolling windows behind /api/v1/stats and the derived Prometheus series."""
+
+    windows: dict[str, float] = Field(
+        {"10s": 10.0, "1m": 60.0, "5m": 300.0},
+        min_length=1,
+        max_length=8,
+        description="Window name -> horizon in seconds; every statistic is kept over each window.",
+    )
+    max_samples: int = Field(
+        100_000, ge=16, le=10_000_000,
+        description="Most samples one window of one series keeps; past it the oldest go first (memory stays bounded).",
+    )
+    max_series: int = Field(
+        256, ge=1, le=100_000,
+        description="Most (model, operation) series tracked; spans of further series are counted but not tracked.",
+    )
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, horizon in value.items():
+            if not _WINDOW_NAME.match(name):
+                raise ValueError(f"window name {name!r} must be 1-16 letters, digits or underscores")
+            if not 0 < horizon <= 86_400:
+                raise ValueError(f"window {name!r} horizon {horizon} must be in (0, 86400] seconds")
+        return value
+
+
+# --- receiver and forwarding ---------------------------------------------------------------------------------
+
+
+class ReceiverConfig(Section):
+    """The OTLP/HTTP span receiver at /v1/traces."""
+
+    max_body_bytes: int = Field(
+        8 * 1024**2, ge=1024, le=1024**3, description="Largest request body as sent (compressed); larger gets 413."
+    )
+    max_decompressed_bytes: int = Field(
+        64 * 1024**2, ge=1024, le=4 * 1024**3, description="Largest body after gzip; larger gets 413 (guards against gzip bombs)."
+    )
+
+
+class ForwardingConfig(Section):
+    """Re-export every received span batch to another OTLP/HTTP endpoint (e.g. a tracing backend)."""
+
+    endpoint: str | None = Field(
+        None, pattern=r"^https?://", description="Full OTLP/HTTP traces URL (`.../v1/traces`); unset turns forwarding off."
+    )
+    timeout_s: float = Field(10.0, gt=0, le=300, description="Timeout of one forwarded export.")
+    queue_size: int = Field(
+        256, ge=1, le=100_000, description="Batches waiting to be forwarded; when full new ones are dropped and counted."
+    )
+    compression: Literal["gzip", "none"] = Field("gzip", description="Content-Encoding of forwarded batches.")
+    headers: dict[str, str] = Field({}, description="Extra HTTP headers on every forwarded export (e.g. auth).")
+
+
+# --- detectors ----------------------------------------------------------------------------------------------
+
+
+class LatencyRuleConfig(Section):
+    """Fire when a latency percentile of a series stays above a threshold (10.1)."""
+
+    enabled: bool = Field(True, description="Evaluate this rule.", json_schema_extra=RUNTIME)
+    quantile: Literal["p50", "p95", "p99"] = Field("p95", description="Which percentile is compared.", json_schema_extra=RUNTIME)
+    threshold_s: float = Field(2.0, gt=0, description="Latency in seconds above which the rule is breached.", json_schema_extra=RUNTIME)
+    for_s: float = Field(30.0, ge=0, description="How long the breach must last before the alert fires.", json_schema_extra=RUNTIME)
+    keep_firing_for_s: float = Field(
+        0.0, ge=0, description="A firing alert keeps firing until the value has been clear this long (anti-flap).",
+        json_schema_extra=RUNTIME,
+    )
+    min_count: int = Field(5, ge=1, description="Fewest requests in the window for the rule to judge.", json_schema_extra=RUNTIME)
+    severity: str = Field("warning", min_length=1, description="`severity` label of the alert.", json_schema_extra=RUNTIME)
+
+
+class ErrorRateRuleConfig(Section):
+    """Fire when the error ratio of a series stays above a threshold (10.2)."""
+
+    enabled: bool = Field(True, description="Evaluate this rule.", json_schema_extra=RUNTIME)
+    threshold: float = Field(0.05, ge=0, le=1, description="Error ratio (0-1) above which the rule is breached.", json_schema_extra=RUNTIME)
+    for_s: float = Field(60.0, ge=0, description="How long the breach must last before the alert fires.", json_schema_extra=RUNTIME)
+    min_count: int = Field(10, ge=1, description="Fewest requests in the window for the rule to judge.", json_schema_extra=RUNTIME)
+    severity: str = Field("critical", min_length=1, description="`severity` label of the alert.", json_schema_extra=RUNTIME)
+
+
+class MemoryRuleConfig(Section):
+    """Fire when memory use stays above a percentage (10.3)."""
+
+    enabled: bool = Field(True, description="Evaluate this rule.", json_schema_extra=RUNTIME)
+    threshold_percent: float = Field(95.0, gt=0, le=100, description="Percent of memory in use above which the rule is breached.", json_schema_extra=RUNTIME)
+    for_s: float = Field(120.0, ge=0, description="How long the breach must last before the alert fires.", json_schema_extra=RUNTIME)
+    severity: str = Field("warning", min_length=1, description="`severity` label of the alert.", json_schema_extra=RUNTIME)
+
+
+class ThroughputRuleConfig(Section):
+    """Fire when a series' request rate stays below a floor (10.4); off until a floor is set."""
+
+    threshold_rps: float | None = Field(
+        None, ge=0, description="Requests per second below which the rule is breached; unset turns the rule off.",
+        json_schema_extra=RUNTIME,
+    )
+    for_s: float = Field(120.0, ge=0, description="How long the breach must last before the alert fires.", json_schema_extra=RUNTIME)
+    severity: str = Field("warning", min_length=1, description="`severity` label of the alert.", json_schema_extra=RUNTIME)
+
+
+class EwmaConfig(Section):
+    """EWMA with a z-score band on each series' windowed p95 latency."""
+
+    enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
+    alpha: float = Field(0.1, gt=0, le=1, description="Smoothing factor of the moving mean and variance.", json_schema_extra=RUNTIME)
+    z_threshold: float = Field(4.0, gt=0, description="z-score beyond which a point is anomalous.", json_schema_extra=RUNTIME)
+    warmup: int = Field(30, ge=2, le=100_000, description="Points that only build the baseline (no verdict).", json_schema_extra=RUNTIME)
+
+
+class MadConfig(Section):
+    """Robust median / MAD detector on each series' windowed p95 latency."""
+
+    enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
+    window: int = Field(120, ge=3, le=100_000, description="Points in the median/MAD baseline.", json_schema_extra=RUNTIME)
+    z_threshold: float = Field(
+        5.0, gt=0, description="Robust z-score (|x - median| / (1.4826 MAD)) beyond which a point is anomalous.",
+        json_schema_extra=RUNTIME,
+    )
+    warmup: int = Field(30, ge=2, le=100_000, description="Points that only build the baseline (no verdict).", json_schema_extra=RUNTIME)
+
+
+class CusumConfig(Section):
+    """Two-sided CUSUM for slow shifts of each series' windowed p95 latency."""
+
+    enabled: bool = Field(False, description="Run this detector.", json_schema_extra=RUNTIME)
+    k: float = Field(0.5, ge=0, description="Allowance in standard deviations before drift accumulates.", json_schema_extra=RUNTIME)
+    h: float = Field(8.0, gt=0, description="Decision interval in standard deviations.", json_schema_extra=RUNTIME)
+    warmup: int = Field(30, ge=2, le=100_000, description="Points that estimate the reference mean and spread.", json_schema_extra=RUNTIME)
+
+
+class StatisticalConfig(Section):
+    """Detectors that need no hand-set threshold; what they flag becomes a `LatencyAnomaly` alert per detector.
+
+    Each is fed one point per tick per series: the p95 latency over `detectors.window`.
+    """
+
+    for_s: float = Field(0.0, ge=0, description="How long verdicts must stay anomalous before the alert fires.", json_schema_extra=RUNTIME)
+    clear_after_s: float = Field(
+        60.0, ge=0, description="An anomaly alert resolves after this long with no anomalous verdict.", json_schema_extra=RUNTIME
+    )
+    min_count: int = Field(5, ge=1, description="Fewest requests in the window for a point to be fed.", json_schema_extra=RUNTIME)
+    adapt_after: int | None = Field(
+        None, ge=1, description="Accept a lasting shift as the new normal after this many anomalous points in a row; unset never.",
+        json_schema_extra=RUNTIME,
+    )
+    severity: str = Field("warning", min_length=1, description="`severity` label of the alert.", json_schema_extra=RUNTIME)
+    ewma: EwmaConfig = EwmaConfig()
+    mad: MadConfig = MadConfig()
+    cusum: CusumConfig = CusumConfig()
+
+
+class DetectorsConfig(Section):
+    """Anomaly detection, evaluated on the monitor's windows on every tick."""
+
+    enabled: bool = Field(True, description="Evaluate detectors and raise alerts.")
+    interval_s: float = Field(1.0, ge=0.01, le=600, description="Evaluation tick.")
+    window: str = Field("1m", description="Which `monitor.windows` entry the rules and detectors read.", json_schema_extra=RUNTIME)
+    latency: LatencyRuleConfig = LatencyRuleConfig()
+    error_rate: ErrorRateRuleConfig = ErrorRateRuleConfig()
+    gpu_memory: MemoryRuleConfig = MemoryRuleConfig()
+    host_memory: MemoryRuleConfig = MemoryRuleConfig()
+    throughput: ThroughputRuleConfig = ThroughputRuleConfig()
+    statistical: StatisticalConfig = StatisticalConfig()
+
+
+# --- alerting -----------------------------------------------------------------------------------------------
+
+
+class LogSinkConfig(Section):
+    """One structured log line per notification."""
+
+    enabled: bool = Field(True, description="Log every notification.")
+
+
+class WebhookSinkConfig(Section):
+    """POST Alertmanager-shaped (version 4) payloads to a webhook."""
+
+    url: str | None = Field(None, pattern=r"^https?://", description="Webhook URL; unset turns the sink off.")
+    secret: str | None = Field(None, min_length=8, description="HMAC-SHA256 key; when set each payload is signed.")
+    timeout_s: float = Field(5.0, gt=0, le=120, description="Timeout of one delivery attempt.")
+    retries: int = Field(5, ge=0, le=100, description="Retries after a failed attempt (exponential back-off with jitter).")
+    buffer: int = Field(1000, ge=1, le=1_000_000, description="Notifications waiting for delivery; past it the oldest are dropped and counted.")
+
+
+class AlertmanagerSinkConfig(Section):
+    """POST alerts to Alertmanager's API v2 (`/api/v2/alerts`)."""
+
+    url: str | None = Field(
+        None, pattern=r"^https?://", description="Alertmanager base URL (e.g. http://127.0.0.1:9093); unset turns the sink off."
+    )
+    resend_interval_s: float = Field(
+        60.0, gt=0, le=3600, description="Firing alerts are re-posted this often so they never lapse in Alertmanager."
+    )
+    timeout_s: float = Field(5.0, gt=0, le=120, description="Timeout of one post.")
+    retries: int = Field(3, ge=0, le=100, description="Retries after a failed post.")
+    buffer: int = Field(1000, ge=1, le=1_000_000, description="Notifications waiting for delivery; past it the oldest are dropped and counted.")
+
+
+class SinksConfig(Section):
+    """Where notifications go (10.5)."""
+
+    log: LogSinkConfig = LogSinkConfig()
+    webhook: WebhookSinkConfig = WebhookSinkConfig()
+    alertmanager: AlertmanagerSinkConfig = AlertmanagerSinkConfig()
+
+
+class RateLimitConfig(Section):
+    """Storm control (10.6) for the log and webhook sinks: Alertmanager-like grouping plus a global token bucket.
+
+    Alertmanager itself groups and repeats on its own; its sink only re-posts firing alerts
+    (``sinks.alertmanager.resend_interval_s``).
+    """
+
+    group_by: list[str] = Field(
+        ["alertname"], description="Labels that define a notification group (`...` alone: every alert on its own).",
+        json_schema_extra=RUNTIME,
+    )
+    group_wait_s: float = Field(
+        1.0, ge=0, le=3600, description="A new group waits this long for company before its first notification.",
+        json_schema_extra=RUNTIME,
+    )
+    group_interval_s: float = Field(
+        30.0, gt=0, le=86_400, description="A group that changed is notified again at most this often.", json_schema_extra=RUNTIME
+    )
+    repeat_interval_s: float = Field(
+        3600.0, gt=0, le=7 * 86_400, description="A group that keeps firing unchanged is re-notified this often.",
+        json_schema_extra=RUNTIME,
+    )
+    rate_per_s: float = Field(
+        0.2, gt=0, le=1000, description="Token bucket refill: notifications per second across all groups and sinks.",
+        json_schema_extra=RUNTIME,
+    )
+    burst: int = Field(10, ge=1, le=100_000, description="Token bucket size: notifications allowed in a burst.", json_schema_extra=RUNTIME)
+
+    @field_validator("group_by")
+    @classmethod
+    def _label_names(cls, value: list[str]) -> list[str]:
+        if "..." in value and len(value) > 1:
+            raise ValueError("group_by '...' must stand alone")
+        for name in value:
+            if name != "..." and not _LABEL_NAME.match(name):
+                raise ValueError(f"group_by entry {name!r} is not a valid label name")
+        return value
+
+    @model_validator(mode="after")
+    def _intervals(self) -> RateLimitConfig:
+        if self.repeat_interval_s < self.group_interval_s:
+            raise ValueError(
+                f"rate_limit.repeat_interval_s ({self.repeat_interval_s}) must be >= rate_limit.group_interval_s "
+                f"({self.group_interval_s})"
+            )
+        return self
+
+
+class AlertingConfig(Section):
+    """Alert lifecycle, rate limiting and sinks."""
+
+    external_labels: dict[str, str] = Field(
+        {}, description="Labels added to every alert (e.g. cluster); keep them equal across sidecars so Alertmanager dedups."
+    )
+    history_size: int = Field(500, ge=0, le=100_000, description="Resolved alerts kept for /api/v1/alerts.")
+    sinks: SinksConfig = SinksConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
+
+    @field_validator("external_labels")
+    @classmethod
+    def _label_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _LABEL_NAME.match(name):
+                raise ValueError(f"external label {name!r} is not a valid label name")
+        return value
+
+
+# --- the section --------------------------------------------------------------------------------------------
+
+
+class SidecarConfig(Section):
+    """The `sidecar` section: where the sidecar listens, what it collects, and how it detects and alerts."""
+
+    host: str = Field("127.0.0.1", description="Listen address.")
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="Listen port (OTLP /v1/traces, /metrics, /api/v1/*).")
+    shutdown_timeout_s: float = Field(10.0, ge=0, le=300, description="On SIGTERM, how long in-flight requests may take.")
+    collectors: CollectorsConfig = CollectorsConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    receiver: ReceiverConfig = ReceiverConfig()
+    forwarding: ForwardingConfig = ForwardingConfig()
+    detectors: DetectorsConfig = DetectorsConfig()
+    alerting: AlertingConfig = AlertingConfig()
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> SidecarConfig:
+        if self.detectors.window not in self.monitor.windows:
+            raise ValueError(
+                f"sidecar.detectors.window {self.detectors.window!r} is not one of sidecar.monitor.windows "
+                f"{sorted(self.monitor.windows)}"
+            )
+        return self
+
+
+__all__ = [
+    "DEFAULT_PORT",
+    "AlertingConfig",
+    "AlertmanagerSinkConfig",
+    "CollectorsConfig",
+    "CusumConfig",
+    "DetectorsConfig",
+    "ErrorRateRuleConfig",
+    "EwmaConfig",
+    "ForwardingConfig",
+    "GpuCollectorConfig",
+    "HostCollectorConfig",
+    "LatencyRuleConfig",
+    "LogSinkConfig",
+    "MadConfig",
+    "MemoryRuleConfig",
+    "MonitorConfig",
+    "OrchestratorTargetConfig",
+    "RateLimitConfig",
+    "ReceiverConfig",
+    "SidecarConfig",
+    "SinksConfig",
+    "StatisticalConfig",
+    "ThroughputRuleConfig",
+    "WebhookSinkConfig",
+]

@@ -1,0 +1,345 @@
+"""The evaluation tick: monitor windows -> threshold rules and statistical detectors -> alert lifecycle.
+
+:class:`Evaluator` is pure and synchronous: it reads the :class:`~sidecar.monitor.PerformanceMonitor` and the
+latest resource samples, updates the rules and detectors of :mod:`detectors`, records what it sees in an
+:class:`alerting.AlertBook`, and returns the transitions (firing / resolved snapshots) for the caller to hand
+to the dispatchers. It never waits on a sink.
+
+Alerts it raises (labels beyond ``alertname`` and ``severity`` in brackets):
+
+* ``HighRequestLatency`` [model, operation]: a latency percentile over ``detectors.window`` above the threshold.
+* ``HighErrorRate`` [model, operation]: the error ratio above the threshold.
+* ``LowThroughput`` [model, operation]: the request rate below the floor (only once the series is a window old).
+* ``LatencyAnomaly`` [model, operation, detector]: EWMA / MAD / CUSUM on the windowed p95 latency.
+* ``HighGpuMemory`` [gpu, uuid]: framebuffer in use above the threshold percent.
+* ``HighHostMemory``: host memory in use above the threshold percent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from alerting import Alert, AlertBook
+from detectors import (
+    CusumDetector,
+    EwmaDetector,
+    MadDetector,
+    RuleState,
+    ThresholdRule,
+    error_rate_above,
+    latency_above,
+    memory_percent_above,
+    throughput_below,
+)
+
+from sidecar.collectors.gpu import GpuSample
+from sidecar.collectors.host import HostSample
+from sidecar.config import DetectorsConfig
+from sidecar.monitor import REQUEST, PerformanceMonitor, SeriesKey
+
+ALERT_LATENCY = "HighRequestLatency"
+ALERT_ERRORS = "HighErrorRate"
+ALERT_THROUGHPUT = "LowThroughput"
+ALERT_ANOMALY = "LatencyAnomaly"
+ALERT_GPU_MEMORY = "HighGpuMemory"
+ALERT_HOST_MEMORY = "HighHostMemory"
+
+_QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
+_NAN = math.nan
+
+
+@dataclass(slots=True)
+class DetectorScore:
+    """The latest score of one statistical detector on one series (NaN while warming up)."""
+
+    detector: str
+    model: str
+    operation: str
+    score: float
+
+
+class _SeriesDetectors:
+    __slots__ = ("latency", "errors", "throughput", "stats", "last_anomaly", "labels")
+
+    def __init__(self, key: SeriesKey) -> None:
+        self.latency: ThresholdRule | None = None
+        self.errors: ThresholdRule | None = None
+        self.throughput: ThresholdRule | None = None
+        self.stats: dict[str, object] = {}
+        self.last_anomaly: dict[str, float] = {}
+        self.labels = {"model": key.model, "operation": key.operation}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+class Evaluator:
+    """Runs every rule and detector once per tick and keeps the alert book in step.
+
+    Args:
+        config: the ``detectors`` section.
+        monitor: the performance monitor it reads.
+        book: the alert lifecycle it writes (``now`` there is wall-clock seconds since the epoch).
+    """
+
+    def __init__(self, config: DetectorsConfig, *, monitor: PerformanceMonitor, book: AlertBook) -> None:
+        self.monitor = monitor
+        self.book = book
+        self.config = config
+        self._series: dict[SeriesKey, _SeriesDetectors] = {}
+        self._gpu_rules: dict[int, ThresholdRule] = {}
+        self._host_rule: ThresholdRule | None = None
+        self.ticks = 0
+
+    # -- configuration ---------------------------------------------------------------------------------
+
+    def reconfigure(self, config: DetectorsConfig) -> None:
+        """Apply new runtime values: thresholds and ``for`` durations in place, statistical detectors rebuilt
+        when their parameters changed (they warm up again)."""
+        old, self.config = self.config, config
+        for det in self._series.values():
+            for rule, cfg in ((det.latency, config.latency), (det.errors, config.error_rate)):
+                if rule is not None:
+                    rule.for_s = cfg.for_s
+            if det.latency is not None:
+                if config.latency.quantile != old.latency.quantile:
+                    det.latency = None  # a different quantile is a different rule; rebuilt below
+                else:
+                    det.latency.threshold = config.latency.threshold_s
+                    det.latency.keep_firing_for_s = config.latency.keep_firing_for_s
+            if det.errors is not None:
+                det.errors.threshold = config.error_rate.threshold
+            if det.throughput is not None:
+                if config.throughput.threshold_rps is None:
+                    det.throughput = None
+                else:
+                    det.throughput.threshold = config.throughput.threshold_rps
+                    det.throughput.for_s = config.throughput.for_s
+            if config.statistical != old.statistical:
+                det.stats = {}
+        for rule in self._gpu_rules.values():
+            rule.threshold = config.gpu_memory.threshold_percent
+            rule.for_s = config.gpu_memory.for_s
+        if self._host_rule is not None:
+            self._host_rule.threshold = config.host_memory.threshold_percent
+            self._host_rule.for_s = config.host_memory.for_s
+
+    def _make_stats(self) -> dict[str, object]:
+        st = self.config.statistical
+        out: dict[str, object] = {}
+        if st.ewma.enabled:
+            out["ewma"] = EwmaDetector(
+                alpha=st.ewma.alpha, z_threshold=st.ewma.z_threshold, warmup=st.ewma.warmup, adapt_after=st.adapt_after
+            )
+        if st.mad.enabled:
+            out["mad"] = MadDetector(
+                window=st.mad.window, z_threshold=st.mad.z_threshold, warmup=st.mad.warmup, adapt_after=st.adapt_after
+            )
+        if st.cusum.enabled:
+            out["cusum"] = CusumDetector(k=st.cusum.k, h=st.cusum.h, warmup=st.cusum.warmup, adapt_after=st.adapt_after)
+        return out
+
+    # -- the tick ----------------------------------------------------------------------------------------
+
+    def tick(
+        self,
+        now: float,
+        wall: float,
+        *,
+        gpus: Sequence[GpuSample] = (),
+        host: HostSample | None = None,
+    ) -> list[Alert]:
+        """Evaluate everything at ``now`` (monotonic) / ``wall`` (epoch); return alert transitions to notify."""
+        out: list[Alert] = []
+        self.ticks += 1
+        cfg = self.config
+        window = cfg.window
+        horizon = self.monitor.windows[window]
+        live = set(self.monitor.keys(scope=REQUEST))
+        for key in [k for k in self._series if k not in live]:
+            self._forget(key, wall, out)
+        for key in sorted(live, key=lambda k: (k.model, k.operation)):
+            det = self._series.get(key)
+            if det is None:
+                det = self._series[key] = _SeriesDetectors(key)
+            latency, error_ratio = self.monitor.latency_and_errors(key, window, now)
+            enough = latency.count >= cfg.latency.min_count
+            self._latency(det, latency, enough, now, wall, out)
+            self._errors(det, latency.count, error_ratio, now, wall, out)
+            self._throughput(det, key, latency.rate_per_s, horizon, now, wall, out)
+            self._statistical(det, latency, now, wall, out)
+        self._gpu_memory(gpus, now, wall, out)
+        self._host_memory(host, now, wall, out)
+        return out
+
+    def _observe(self, out: list[Alert], labels: dict, annotations: dict | None, *, wall: float, **kw) -> None:
+        transition = self.book.observe(labels, annotations, now=wall, **kw)
+        if transition is not None:
+            out.append(transition)
+
+    def _latency(self, det, stats, enough: bool, now: float, wall: float, out: list[Alert]) -> None:
+        cfg = self.config.latency
+        if not cfg.enabled:
+            if det.latency is not None:
+                det.latency = None
+                self._observe(out, {"alertname": ALERT_LATENCY, "severity": cfg.severity, **det.labels}, None, wall=wall, active=False)
+            return
+        if det.latency is None:
+            det.latency = latency_above(
+                cfg.threshold_s, quantile=_QUANTILES[cfg.quantile], for_s=cfg.for_s,
+                keep_firing_for_s=cfg.keep_firing_for_s, name=ALERT_LATENCY,
+            )
+        value = getattr(stats, cfg.quantile) if enough else _NAN
+        state = det.latency.evaluate(value, now)
+        labels = {"alertname": ALERT_LATENCY, "severity": cfg.severity, **det.labels}
+        ann = None
+        if state is not RuleState.INACTIVE and math.isfinite(value):
+            ann = {
+                "summary": f"{cfg.quantile} latency of {det.labels['model']}/{det.labels['operation']} is {_fmt(value)} s",
+                "description": f"{cfg.quantile} request latency over {self.config.window} above {_fmt(cfg.threshold_s)} s "
+                f"for {_fmt(cfg.for_s)} s ({stats.count} requests)",
+            }
+        self._observe(out, labels, ann, wall=wall, state=state,
+                      value=value if math.isfinite(value) else None, threshold=cfg.threshold_s)
+
+    def _errors(self, det, count: int, ratio: float, now: float, wall: float, out: list[Alert]) -> None:
+        cfg = self.config.error_rate
+        labels = {"alertname": ALERT_ERRORS, "severity": cfg.severity, **det.labels}
+        if not cfg.enabled:
+            if det.errors is not None:
+                det.errors = None
+                self._observe(out, labels, None, wall=wall, active=False)
+            return
+        if det.errors is None:
+            det.errors = error_rate_above(cfg.threshold, for_s=cfg.for_s, name=ALERT_ERRORS)
+        value = ratio if count >= cfg.min_count else _NAN
+        state = det.errors.evaluate(value, now)
+        ann = None
+        if state is not RuleState.INACTIVE and math.isfinite(value):
+            ann = {
+                "summary": f"error ratio of {det.labels['model']}/{det.labels['operation']} is {_fmt(value)}",
+                "description": f"error ratio over {self.config.window} above {_fmt(cfg.threshold)} for {_fmt(cfg.for_s)} s "
+                f"({count} requests)",
+            }
+        self._observe(out, labels, ann, wall=wall, state=state,
+                      value=value if math.isfinite(value) else None, threshold=cfg.threshold)
+
+    def _throughput(self, det, key, rate: float, horizon: float, now: float, wall: float, out: list[Alert]) -> None:
+        cfg = self.config.throughput
+        labels = {"alertname": ALERT_THROUGHPUT, "severity": cfg.severity, **det.labels}
+        if cfg.threshold_rps is None:
+            if det.throughput is not None:
+                det.throughput = None
+                self._observe(out, labels, None, wall=wall, active=False)
+            return
+        if det.throughput is None:
+            det.throughput = throughput_below(cfg.threshold_rps, for_s=cfg.for_s, name=ALERT_THROUGHPUT)
+        # A window younger than its horizon under-reads its rate: no verdict until it has covered one.
+        value = rate if now - self.monitor.first_seen(key) >= horizon else _NAN
+        state = det.throughput.evaluate(value, now)
+        ann = None
+        if state is not RuleState.INACTIVE and math.isfinite(value):
+            ann = {
+                "summary": f"throughput of {det.labels['model']}/{det.labels['operation']} is {_fmt(value)} req/s",
+                "description": f"request rate over {self.config.window} below {_fmt(cfg.threshold_rps)}/s for {_fmt(cfg.for_s)} s",
+            }
+        self._observe(out, labels, ann, wall=wall, state=state,
+                      value=value if math.isfinite(value) else None, threshold=cfg.threshold_rps)
+
+    def _statistical(self, det, stats, now: float, wall: float, out: list[Alert]) -> None:
+        st = self.config.statistical
+        if not det.stats and (st.ewma.enabled or st.mad.enabled or st.cusum.enabled):
+            det.stats = self._make_stats()
+        if stats.count < st.min_count or not math.isfinite(stats.p95):
+            return
+        for name, detector in det.stats.items():
+            verdict = detector.update(stats.p95, now)
+            labels = {"alertname": ALERT_ANOMALY, "severity": st.severity, "detector": name, **det.labels}
+            if verdict is not None and verdict.anomalous:
+                det.last_anomaly[name] = now
+                ann = {
+                    "summary": f"p95 latency of {det.labels['model']}/{det.labels['operation']} is unusual: {_fmt(verdict.value)} s "
+                    f"(expected about {_fmt(verdict.baseline)} s)",
+                    "description": verdict.reason,
+                    "score": _fmt(verdict.score),
+                }
+                self._observe(out, labels, ann, wall=wall, active=True, for_s=st.for_s,
+                              value=verdict.value, threshold=verdict.threshold)
+            elif name in det.last_anomaly and now - det.last_anomaly[name] >= st.clear_after_s:
+                del det.last_anomaly[name]
+                self._observe(out, labels, None, wall=wall, active=False)
+
+    def _gpu_memory(self, gpus: Sequence[GpuSample], now: float, wall: float, out: list[Alert]) -> None:
+        cfg = self.config.gpu_memory
+        for gpu in gpus:
+            labels = {"alertname": ALERT_GPU_MEMORY, "severity": cfg.severity, "gpu": str(gpu.index), "uuid": gpu.uuid}
+            rule = self._gpu_rules.get(gpu.index)
+            if not cfg.enabled:
+                if rule is not None:
+                    del self._gpu_rules[gpu.index]
+                    self._observe(out, labels, None, wall=wall, active=False)
+                continue
+            if rule is None:
+                rule = self._gpu_rules[gpu.index] = memory_percent_above(cfg.threshold_percent, for_s=cfg.for_s, name=ALERT_GPU_MEMORY)
+            pct = gpu.framebuffer_used_percent
+            value = _NAN if pct is None else pct
+            state = rule.evaluate(value, now)
+            ann = None
+            if state is not RuleState.INACTIVE:
+                ann = {"summary": f"GPU {gpu.index} framebuffer {_fmt(value)}% used",
+                       "description": f"GPU {gpu.index} ({gpu.name}) memory above {_fmt(cfg.threshold_percent)}% for {_fmt(cfg.for_s)} s"}
+            self._observe(out, labels, ann, wall=wall, state=state,
+                          value=None if pct is None else pct, threshold=cfg.threshold_percent)
+
+    def _host_memory(self, host: HostSample | None, now: float, wall: float, out: list[Alert]) -> None:
+        cfg = self.config.host_memory
+        labels = {"alertname": ALERT_HOST_MEMORY, "severity": cfg.severity}
+        if not cfg.enabled:
+            if self._host_rule is not None:
+                self._host_rule = None
+                self._observe(out, labels, None, wall=wall, active=False)
+            return
+        if host is None:
+            return
+        if self._host_rule is None:
+            self._host_rule = memory_percent_above(cfg.threshold_percent, for_s=cfg.for_s, name=ALERT_HOST_MEMORY)
+        state = self._host_rule.evaluate(host.memory_percent, now)
+        ann = None
+        if state is not RuleState.INACTIVE:
+            ann = {"summary": f"host memory {_fmt(host.memory_percent)}% used",
+                   "description": f"host memory above {_fmt(cfg.threshold_percent)}% for {_fmt(cfg.for_s)} s"}
+        self._observe(out, labels, ann, wall=wall, state=state, value=host.memory_percent, threshold=cfg.threshold_percent)
+
+    def _forget(self, key: SeriesKey, wall: float, out: list[Alert]) -> None:
+        det = self._series.pop(key)
+        cfg = self.config
+        names = [(ALERT_LATENCY, cfg.latency.severity, {}), (ALERT_ERRORS, cfg.error_rate.severity, {}),
+                 (ALERT_THROUGHPUT, cfg.throughput.severity, {})]
+        names += [(ALERT_ANOMALY, cfg.statistical.severity, {"detector": n}) for n in ("ewma", "mad", "cusum")]
+        for alertname, severity, extra in names:
+            self._observe(out, {"alertname": alertname, "severity": severity, **extra, **det.labels}, None, wall=wall, active=False)
+
+    # -- introspection -----------------------------------------------------------------------------------
+
+    def scores(self) -> list[DetectorScore]:
+        """Latest score of every statistical detector on every series."""
+        out = []
+        for key, det in self._series.items():
+            for name, detector in det.stats.items():
+                out.append(DetectorScore(name, key.model, key.operation, detector.score()))
+        return out
+
+
+__all__ = [
+    "ALERT_ANOMALY",
+    "ALERT_ERRORS",
+    "ALERT_GPU_MEMORY",
+    "ALERT_HOST_MEMORY",
+    "ALERT_LATENCY",
+    "ALERT_THROUGHPUT",
+    "DetectorScore",
+    "Evaluator",
+]

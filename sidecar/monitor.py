@@ -1,0 +1,292 @@
+"""The performance monitor: rolling-window statistics per (model, operation), and resource utilisation.
+
+A pure, synchronous object: every method takes ``now`` (seconds on a monotonic clock), nothing does I/O, and
+one owner (the sidecar's event loop) calls it. The windows are :mod:`detectors.window`'s, so percentiles are
+exact (numpy's ``linear`` definition) while a window holds at most ``max_samples`` samples, and within the
+reported ``error_bound`` (relative, 1%) beyond that.
+
+Samples are timestamped when the sidecar receives them, not with the span's own end time: exporters batch
+spans for seconds, and the sidecar's clock is the only one every sample agrees on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from detectors.window import MultiRatioWindow, MultiWindow, WindowStats
+
+from sidecar.otlp import INFERENCE, REQUEST, SCOPES, SpanSample
+
+_RESOURCE_MAX_SAMPLES = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesKey:
+    """One tracked series: requests (or inferences) of one model and operation."""
+
+    scope: str
+    model: str
+    operation: str
+
+
+def _num(x: float) -> float | None:
+    """JSON has no NaN: empty statistics become null."""
+    return None if x is None or math.isnan(x) else x
+
+
+def _dist(s: WindowStats) -> dict[str, float | None]:
+    return {"mean": _num(s.mean), "min": _num(s.min), "max": _num(s.max), "p50": _num(s.p50), "p95": _num(s.p95), "p99": _num(s.p99)}
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesStats:
+    """Statistics of one series over one window at one instant (NaN where the window is empty)."""
+
+    key: SeriesKey
+    window: str
+    window_s: float
+    latency: WindowStats
+    error_ratio: float
+    errors: int
+    ttft: WindowStats | None
+    input_tokens_per_s: float
+    output_tokens_per_s: float
+    requests_total: int
+    errors_total: int
+    latency_sum_total: float = 0.0
+    ttft_count_total: int = 0
+    ttft_sum_total: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return self.latency.count
+
+    @property
+    def throughput_rps(self) -> float:
+        return self.latency.rate_per_s
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.key.model,
+            "operation": self.key.operation,
+            "scope": self.key.scope,
+            "window": self.window,
+            "window_s": self.window_s,
+            "requests": self.requests,
+            "throughput_rps": self.throughput_rps,
+            "errors": self.errors,
+            "error_ratio": _num(self.error_ratio),
+            "latency_s": _dist(self.latency),
+            "ttft_s": None if self.ttft is None else _dist(self.ttft),
+            "input_tokens_per_s": self.input_tokens_per_s,
+            "output_tokens_per_s": self.output_tokens_per_s,
+            "error_bound": self.latency.error_bound,
+            "totals": {"requests": self.requests_total, "errors": self.errors_total},
+        }
+
+
+class _Series:
+    __slots__ = ("latency", "errors", "ttft", "input_tokens", "output_tokens", "requests_total", "errors_total",
+                 "latency_sum", "ttft_count", "ttft_sum", "first_seen", "last_seen")
+
+    def __init__(self, windows: Mapping[str, float], max_samples: int) -> None:
+        self.latency = MultiWindow(windows, max_samples=max_samples)
+        self.errors = MultiRatioWindow(windows, max_samples=max_samples)
+        # Only spans that carry them feed these; created on first use.
+        self.ttft: MultiWindow | None = None
+        self.input_tokens: MultiWindow | None = None
+        self.output_tokens: MultiWindow | None = None
+        self.requests_total = 0
+        self.errors_total = 0
+        self.latency_sum = 0.0
+        self.ttft_count = 0
+        self.ttft_sum = 0.0
+        self.first_seen = math.inf
+        self.last_seen = -math.inf
+
+
+def _sum_rate(window: MultiWindow | None, name: str, now: float) -> float:
+    """Sum of the window's values per second of its horizon (tokens per second)."""
+    if window is None:
+        return 0.0
+    s = window.snapshot(name, now)
+    return 0.0 if s.count == 0 else s.mean * s.rate_per_s
+
+
+class PerformanceMonitor:
+    """Rolling statistics per :class:`SeriesKey` over every configured window, plus resource windows.
+
+    Args:
+        windows: window name -> horizon in seconds (e.g. ``{"10s": 10, "1m": 60, "5m": 300}``).
+        max_samples: raw samples one window of one series keeps (memory bound; past it percentiles carry
+            the stated error bound).
+        max_series: most series tracked; samples of further series are counted in :attr:`untracked`, except
+            that a series idle for longer than the longest window is evicted to make room.
+    """
+
+    def __init__(self, *, windows: Mapping[str, float], max_samples: int = 100_000, max_series: int = 256) -> None:
+        if not windows:
+            raise ValueError("PerformanceMonitor needs at least one window")
+        self.windows: dict[str, float] = dict(windows)
+        self.max_samples = max_samples
+        self.max_series = max_series
+        self._longest = max(self.windows.values())
+        self._series: dict[SeriesKey, _Series] = {}
+        self._resources: dict[tuple[str, str], MultiWindow] = {}
+        self.untracked = 0
+        self.samples = 0
+
+    # -- ingestion -----------------------------------------------------------------------------------------
+
+    def record(self, sample: SpanSample, now: float) -> bool:
+        """Add one request/inference sample; ``False`` when the series cap refused it."""
+        key = SeriesKey(sample.scope, sample.model, sample.operation)
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_series(key, now)
+            if series is None:
+                self.untracked += 1
+                return False
+        series.latency.add(sample.duration_s, now)
+        series.errors.add(not sample.error, now)
+        series.requests_total += 1
+        series.latency_sum += sample.duration_s
+        if sample.error:
+            series.errors_total += 1
+        series.last_seen = now
+        if sample.ttft_s is not None:
+            if series.ttft is None:
+                series.ttft = MultiWindow(self.windows, max_samples=self.max_samples)
+            series.ttft.add(sample.ttft_s, now)
+            series.ttft_count += 1
+            series.ttft_sum += sample.ttft_s
+        if sample.input_tokens is not None:
+            if series.input_tokens is None:
+                series.input_tokens = MultiWindow(self.windows, max_samples=self.max_samples)
+            series.input_tokens.add(sample.input_tokens, now)
+        if sample.output_tokens is not None:
+            if series.output_tokens is None:
+                series.output_tokens = MultiWindow(self.windows, max_samples=self.max_samples)
+            series.output_tokens.add(sample.output_tokens, now)
+        self.samples += 1
+        return True
+
+    def record_many(self, samples: Iterable[SpanSample], now: float) -> int:
+        """Add a batch received at ``now``; returns how many were tracked."""
+        return sum(self.record(s, now) for s in samples)
+
+    def _new_series(self, key: SeriesKey, now: float) -> _Series | None:
+        if len(self._series) >= self.max_series:
+            idle = [k for k, s in self._series.items() if now - s.last_seen > self._longest]
+            if not idle:
+                return None
+            oldest = min(idle, key=lambda k: self._series[k].last_seen)
+            del self._series[oldest]
+        series = _Series(self.windows, self.max_samples)
+        series.first_seen = now
+        self._series[key] = series
+        return series
+
+    def record_resource(self, name: str, instance: str, value: float | None, now: float) -> None:
+        """Add a resource reading (e.g. ``("gpu_utilization_ratio", "0")``); ``None`` is skipped."""
+        if value is None:
+            return
+        window = self._resources.get((name, instance))
+        if window is None:
+            window = MultiWindow(self.windows, max_samples=min(self.max_samples, _RESOURCE_MAX_SAMPLES))
+            self._resources[(name, instance)] = window
+        window.add(value, now)
+
+    # -- queries -------------------------------------------------------------------------------------------
+
+    def keys(self, *, scope: str | None = None) -> list[SeriesKey]:
+        """Tracked series, sorted."""
+        keys = [k for k in self._series if scope is None or k.scope == scope]
+        return sorted(keys, key=lambda k: (k.scope, k.model, k.operation))
+
+    def first_seen(self, key: SeriesKey) -> float:
+        """When the series got its first sample (``now`` units); KeyError for an unknown series."""
+        return self._series[key].first_seen
+
+    def latency_and_errors(self, key: SeriesKey, window: str, now: float) -> tuple[WindowStats, float]:
+        """The two inputs the detectors read each tick: the latency window and the error ratio."""
+        series = self._series[key]
+        return series.latency.snapshot(window, now), series.errors.ratio(window, now)
+
+    def series_stats(self, key: SeriesKey, window: str, now: float) -> SeriesStats:
+        """Statistics of one series over one window (KeyError for an unknown series or window)."""
+        series = self._series[key]
+        if window not in self.windows:
+            raise KeyError(window)
+        latency = series.latency.snapshot(window, now)
+        errors = series.errors.window(window)
+        return SeriesStats(
+            key=key,
+            window=window,
+            window_s=self.windows[window],
+            latency=latency,
+            error_ratio=errors.ratio(now),
+            errors=errors.errors(now),
+            ttft=None if series.ttft is None else series.ttft.snapshot(window, now),
+            input_tokens_per_s=_sum_rate(series.input_tokens, window, now),
+            output_tokens_per_s=_sum_rate(series.output_tokens, window, now),
+            requests_total=series.requests_total,
+            errors_total=series.errors_total,
+            latency_sum_total=series.latency_sum,
+            ttft_count_total=series.ttft_count,
+            ttft_sum_total=series.ttft_sum,
+        )
+
+    def stats(
+        self,
+        now: float,
+        *,
+        model: str | None = None,
+        operation: str | None = None,
+        window: str | None = None,
+        scope: str | None = REQUEST,
+    ) -> list[SeriesStats]:
+        """Statistics of every series matching the filters, over one window or all of them.
+
+        ``scope=None`` returns request and inference series alike. An unknown window is a KeyError.
+        """
+        if window is not None and window not in self.windows:
+            raise KeyError(window)
+        if scope is not None and scope not in SCOPES:
+            raise KeyError(scope)
+        names = [window] if window is not None else list(self.windows)
+        out = []
+        for key in self.keys(scope=scope):
+            if (model is not None and key.model != model) or (operation is not None and key.operation != operation):
+                continue
+            for name in names:
+                out.append(self.series_stats(key, name, now))
+        return out
+
+    def totals(self) -> list[tuple[SeriesKey, int, int]]:
+        """(key, requests_total, errors_total) of every series: monotonic counters since start."""
+        return [(k, s.requests_total, s.errors_total) for k, s in self._series.items()]
+
+    def resource_names(self) -> list[tuple[str, str]]:
+        return sorted(self._resources)
+
+    def resource_stats(self, name: str, instance: str, now: float) -> dict[str, dict[str, float | None]]:
+        """Window name -> {mean, max, p95, samples} of one resource reading; ``{}`` when never recorded."""
+        window = self._resources.get((name, instance))
+        if window is None:
+            return {}
+        out = {}
+        for w in self.windows:
+            s = window.snapshot(w, now)
+            out[w] = {"mean": _num(s.mean), "max": _num(s.max), "p95": _num(s.p95), "samples": s.count}
+        return out
+
+    @property
+    def series_count(self) -> int:
+        return len(self._series)
+
+
+__all__ = ["INFERENCE", "REQUEST", "PerformanceMonitor", "SeriesKey", "SeriesStats"]

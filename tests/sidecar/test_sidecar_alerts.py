@@ -1,0 +1,129 @@
+"""Detectors and alerting wired into the sidecar: an injected latency anomaly fires, then resolves."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from alerting import AlertBook
+from sidecar.collectors.gpu import GpuSample
+from sidecar.collectors.host import HostSample
+from sidecar.config import DetectorsConfig
+from sidecar.evaluation import ALERT_ANOMALY, ALERT_ERRORS, ALERT_GPU_MEMORY, ALERT_HOST_MEMORY, ALERT_LATENCY, ALERT_THROUGHPUT, Evaluator
+from sidecar.monitor import PerformanceMonitor
+from sidecar.otlp import REQUEST, SpanSample
+from sidecar_helpers import FakeClock, RecordingSink, SpanFactory, encode, quiet_config, wait_for
+
+PB = {"Content-Type": "application/x-protobuf"}
+
+
+async def _post(http, server, durations, model="llama"):
+    f = SpanFactory()
+    for d in durations:
+        f.request(d, model=model)
+    async with http.post(server.make_url("/v1/traces"), data=encode(f.take()), headers=PB) as resp:
+        assert resp.status == 200
+
+
+async def _active(http, server, alertname, state):
+    async with http.get(server.make_url("/api/v1/alerts")) as resp:
+        body = await resp.json()
+    return [a for a in body["active"] if a["labels"]["alertname"] == alertname and a["state"] == state]
+
+
+async def test_latency_anomaly_fires_then_resolves(start_sidecar, http):
+    clock = FakeClock()
+    sink = RecordingSink()
+    config = quiet_config(detectors={"window": "1m", "latency": {"threshold_s": 0.5, "for_s": 10, "min_count": 5}})
+    server, state = await start_sidecar(config, clock=clock, wall_clock=clock.wall, extra_sinks=[sink])
+
+    await _post(http, server, [0.1] * 20)
+    await wait_for(lambda: state.evaluator.ticks > 2)
+    assert not await _active(http, server, "HighRequestLatency", "pending")
+
+    clock.advance(1)
+    await _post(http, server, [2.0] * 20)  # p95 of the minute is now 2 s
+    await wait_for(lambda: _active(http, server, "HighRequestLatency", "pending"))
+    assert not sink.alerts()  # pending is never notified
+
+    clock.advance(11)  # past for_s
+    (alert,) = await wait_for(lambda: _active(http, server, "HighRequestLatency", "firing"))
+    assert alert["labels"] == {"alertname": "HighRequestLatency", "model": "llama", "operation": "chat", "severity": "warning"}
+    assert float(alert["annotations"]["value"]) == 2.0 and alert["annotations"]["threshold"] == "0.5"
+    await wait_for(lambda: sink.alerts("firing"))
+    assert sink.alerts("firing")[0].labels["model"] == "llama"
+
+    clock.advance(61)  # the slow minute has passed; fresh traffic is fast again
+    await _post(http, server, [0.1] * 20)
+    await wait_for(lambda: sink.alerts("resolved"))
+    async with http.get(server.make_url("/api/v1/alerts")) as resp:
+        body = await resp.json()
+    assert not body["active"]
+    (resolved,) = [a for a in body["history"] if a["labels"]["alertname"] == "HighRequestLatency"]
+    assert resolved["state"] == "resolved" and resolved["endsAt"] is not None
+    assert body["sinks"]["recording"]["sent"] >= 2
+
+    async with http.get(server.make_url("/metrics")) as resp:
+        text = await resp.text()
+    assert 'muai_sidecar_alert_transitions_total{state="firing"} 1.0' in text
+    assert 'muai_sidecar_notifications_sent_total{sink="recording"}' in text
+
+
+def _mon():
+    return PerformanceMonitor(windows={"10s": 10.0, "1m": 60.0})
+
+
+def _feed(mon, now, values, error_every=0):
+    for i, v in enumerate(values):
+        mon.record(SpanSample(REQUEST, "m", "chat", v, bool(error_every) and i % error_every == 0), now)
+
+
+def test_statistical_detectors_flag_a_step_and_clear_after_recovery():
+    config = DetectorsConfig(
+        window="10s",
+        latency={"enabled": False},
+        error_rate={"enabled": False},
+        statistical={"min_count": 1, "clear_after_s": 5, "ewma": {"warmup": 10}, "mad": {"warmup": 10, "window": 20}},
+    )
+    mon, book = _mon(), AlertBook()
+    ev = Evaluator(config, monitor=mon, book=book)
+    rng = np.random.default_rng(1)
+    t = 0.0
+    fired = []
+    for step in range(80):
+        level = 1.0 if 40 <= step < 50 else 0.1
+        _feed(mon, t, list(level + rng.normal(0, 0.002, size=3)))
+        fired += ev.tick(t, 1e9 + t)
+        t += 1.0
+    names = {(a.labels["alertname"], a.labels["detector"], a.status) for a in fired}
+    assert (ALERT_ANOMALY, "ewma", "firing") in names and (ALERT_ANOMALY, "mad", "firing") in names
+    assert {a.status for a in fired} == {"firing", "resolved"}
+    assert all(s.score >= 0 for s in ev.scores())
+
+
+def test_error_rate_throughput_and_memory_rules():
+    config = DetectorsConfig(
+        window="10s",
+        latency={"enabled": False},
+        error_rate={"threshold": 0.2, "for_s": 0, "min_count": 5},
+        throughput={"threshold_rps": 5.0, "for_s": 0},
+        gpu_memory={"threshold_percent": 90, "for_s": 0},
+        host_memory={"threshold_percent": 50, "for_s": 0},
+        statistical={"ewma": {"enabled": False}, "mad": {"enabled": False}},
+    )
+    mon, book = _mon(), AlertBook()
+    ev = Evaluator(config, monitor=mon, book=book)
+    _feed(mon, 0.0, [0.1] * 10, error_every=2)  # 50 % errors, 1 req/s over 10 s
+    gpu = GpuSample(index=0, uuid="GPU-x", name="H100", framebuffer_used_bytes=95, framebuffer_total_bytes=100)
+    host = HostSample(10.0, 2, 0.1, 100, 60, 40, 60.0, 0, None)
+    assert {a.labels["alertname"] for a in ev.tick(1.0, 1e9, gpus=[gpu], host=host)} == {ALERT_ERRORS, ALERT_GPU_MEMORY, ALERT_HOST_MEMORY}
+    # The rate rule waits until the series is one window old; then 10 requests in 10 s is 1/s < 5/s.
+    _feed(mon, 9.0, [0.1] * 10, error_every=2)
+    fired = ev.tick(10.5, 1e9 + 10.5, gpus=[gpu], host=host)
+    assert [a.labels["alertname"] for a in fired] == [ALERT_THROUGHPUT]
+    # Runtime change: a higher error threshold resolves the error alert on the next tick.
+    ev.reconfigure(config.model_copy(update={"error_rate": config.error_rate.model_copy(update={"threshold": 0.9})}))
+    gpu_ok = GpuSample(index=0, uuid="GPU-x", name="H100", framebuffer_used_bytes=10, framebuffer_total_bytes=100)
+    resolved = {a.labels["alertname"] for a in ev.tick(10.6, 1e9 + 10.6, gpus=[gpu_ok], host=host) if a.status == "resolved"}
+    assert resolved == {ALERT_ERRORS, ALERT_GPU_MEMORY}
+    assert {a.labels["alertname"] for a in book.firing()} == {ALERT_THROUGHPUT, ALERT_HOST_MEMORY}
+    assert ALERT_LATENCY not in {a.labels["alertname"] for a in book.active()}

@@ -1,0 +1,71 @@
+"""The sidecar's config section: defaults, bounds, unknown keys, runtime markers."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from sidecar.config import DEFAULT_PORT, SidecarConfig
+
+
+def test_defaults_are_valid_and_listen_on_loopback_9464():
+    cfg = SidecarConfig()
+    assert cfg.port == DEFAULT_PORT == 9464
+    assert cfg.host == "127.0.0.1"
+    assert cfg.monitor.windows == {"10s": 10.0, "1m": 60.0, "5m": 300.0}
+    assert cfg.forwarding.endpoint is None
+    assert cfg.detectors.throughput.threshold_rps is None
+
+
+def test_unknown_keys_are_refused():
+    with pytest.raises(ValidationError, match="extra"):
+        SidecarConfig(prot=1)
+    with pytest.raises(ValidationError):
+        SidecarConfig(receiver={"max_body": 10})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"port": 0},
+        {"port": 70000},
+        {"receiver": {"max_body_bytes": 10}},
+        {"monitor": {"windows": {}}},
+        {"monitor": {"windows": {"1m": -1}}},
+        {"monitor": {"windows": {"bad name": 10}}},
+        {"detectors": {"window": "1h"}},
+        {"detectors": {"error_rate": {"threshold": 1.5}}},
+        {"alerting": {"rate_limit": {"group_by": ["bad-label"]}}},
+        {"alerting": {"rate_limit": {"group_interval_s": 60, "repeat_interval_s": 30}}},
+        {"alerting": {"sinks": {"webhook": {"url": "ftp://x"}}}},
+    ],
+)
+def test_bad_values_are_refused(kwargs):
+    with pytest.raises(ValidationError):
+        SidecarConfig(**kwargs)
+
+
+def test_frozen():
+    cfg = SidecarConfig()
+    with pytest.raises(ValidationError):
+        cfg.port = 1
+
+
+def test_every_field_is_documented_and_thresholds_are_runtime():
+    def walk(model_cls, prefix=""):
+        for name, field in model_cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, SidecarConfig.__mro__[1]):
+                assert ann.__doc__, f"section {prefix}{name} has no docstring"
+                yield from walk(ann, f"{prefix}{name}.")
+            else:
+                assert field.description, f"{prefix}{name} has no description"
+                yield f"{prefix}{name}", (field.json_schema_extra or {}).get("runtime", False)
+
+    fields = dict(walk(SidecarConfig))
+    assert fields["detectors.latency.threshold_s"] is True
+    assert fields["detectors.error_rate.threshold"] is True
+    assert fields["detectors.gpu_memory.threshold_percent"] is True
+    assert fields["detectors.throughput.threshold_rps"] is True
+    assert fields["port"] is False
+    assert fields["receiver.max_body_bytes"] is False

@@ -1,0 +1,86 @@
+"""GET /metrics: the derived series, named as documented, and valid for promtool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.collectors.gpu import GpuProcess, GpuSample
+from sidecar_helpers import SpanFactory, encode, quiet_config, wait_for
+
+PB = {"Content-Type": "application/x-protobuf"}
+
+
+async def _scrape(http, server) -> str:
+    async with http.get(server.make_url("/metrics")) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        return await resp.text()
+
+
+async def test_metrics_exposition(start_sidecar, http, unused_tcp_port):
+    config = quiet_config(
+        forwarding={"endpoint": f"http://127.0.0.1:{unused_tcp_port}/v1/traces", "timeout_s": 1},
+        detectors={"statistical": {"ewma": {"enabled": True, "warmup": 2}}},
+    )
+    server, state = await start_sidecar(config)
+    f = SpanFactory()
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+
+    for d in (0.1, 0.2, 0.3, 0.4):
+        root = f.request(d, model="llama", attributes={"gen_ai.latency.time_to_first_token": d / 10,
+                                                      "gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 20})
+        f.request(d / 2, model="llama", kind=SpanKind.CLIENT, parent=trace.set_span_in_context(root))
+    f.request(0.5, model="llama", error=True)
+    async with http.post(server.make_url("/v1/traces"), data=encode(f.take()), headers=PB) as resp:
+        assert resp.status == 200
+    # A GPU reading as NVML would give it (a real GpuSample; NVML itself is exercised by the gpu-marked test).
+    state.gpu_samples = [GpuSample(index=0, uuid="GPU-0", name="NVIDIA H100", utilization_ratio=0.5,
+                                   framebuffer_used_bytes=10, framebuffer_free_bytes=90, framebuffer_total_bytes=100,
+                                   temperature_celsius=40.0, power_watts=100.0, ecc_corrected_total=0,
+                                   processes=[GpuProcess(123, 10)])]
+    await wait_for(lambda: state.host_sample is not None)
+    await wait_for(lambda: state.evaluator.ticks > 3)
+
+    text = await _scrape(http, server)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    latency = {(s.labels["window"], s.labels["quantile"]): s.value for s in families["muai_sidecar_latency_seconds"].samples
+               if s.labels["model"] == "llama" and "quantile" in s.labels}
+    assert latency[("1m", "0.99")] == pytest.approx(0.496)
+    assert latency[("10s", "0.5")] == pytest.approx(0.3)
+    for name in (
+        "muai_sidecar_throughput_requests_per_second", "muai_sidecar_error_ratio", "muai_sidecar_time_to_first_token_seconds",
+        "muai_sidecar_inference_latency_seconds", "muai_sidecar_output_tokens_per_second", "muai_sidecar_requests",
+        "muai_gpu_utilization_ratio", "muai_gpu_framebuffer_used_bytes", "muai_gpu_framebuffer_free_bytes",
+        "muai_gpu_temperature_celsius", "muai_gpu_power_watts", "muai_gpu_xid_errors", "muai_gpu_process_memory_used_bytes",
+        "muai_host_cpu_utilization_ratio", "muai_host_memory_used_bytes", "muai_sidecar_spans_received",
+        "muai_sidecar_alerts_firing", "muai_sidecar_forward_dropped_batches", "muai_sidecar_gpu_available",
+    ):
+        assert name in families, name
+    ratio = [s.value for s in families["muai_sidecar_error_ratio"].samples if s.labels["window"] == "1m"]
+    assert ratio == [pytest.approx(0.2)]
+    assert "muai_sidecar_requests_total" in text and "muai_gpu_xid_errors_total" in text
+    counts = {s.labels["window"]: s.value for s in families["muai_sidecar_latency_seconds"].samples
+              if s.name.endswith("_count") and s.labels["model"] == "llama"}
+    assert counts == {"10s": 5, "1m": 5, "5m": 5}  # cumulative since start, whatever the window
+
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian package prometheus, installed by scripts/bootstrap.sh)")
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
+
+
+async def test_two_sidecars_in_one_process_share_no_registry(start_sidecar, http):
+    a, _ = await start_sidecar()
+    b, _ = await start_sidecar()
+    f = SpanFactory()
+    f.request(0.1, model="only-a")
+    async with http.post(a.make_url("/v1/traces"), data=encode(f.take()), headers=PB) as resp:
+        assert resp.status == 200
+    assert "only-a" in await _scrape(http, a)
+    assert "only-a" not in await _scrape(http, b)
