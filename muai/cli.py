@@ -100,20 +100,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     pid_file = state_dir / "orchestrator.pid"
     sidecar_url = f"http://{config.sidecar.host}:{config.sidecar.port}"
     server_url = f"http://{config.server.host}:{config.server.port}"
-    common: list[str] = []
+    source: list[str] = []
     if args.config:
-        common += ["--config", args.config]
+        source += ["--config", args.config]
     if args.profile:
-        common += ["--profile", args.profile]
-    for item in args.overrides:
-        common += ["--set", item]
+        source += ["--profile", args.profile]
+    # The user's own --set come last so they win over the wiring below.
+    user_sets = [arg for item in args.overrides for arg in ("--set", item)]
     base = [sys.executable, "-m", "muai", "--log-level", args.log_level]
-    sidecar_cmd = [*base, "sidecar", *common,
+    sidecar_cmd = [*base, "sidecar", *source,
                    "--set", f"sidecar.collectors.orchestrator.pid_file={pid_file}",
-                   "--set", f"sidecar.collectors.orchestrator.url={server_url}"]
-    server_cmd = [*base, "serve", *common,
+                   "--set", f"sidecar.collectors.orchestrator.url={server_url}", *user_sets]
+    server_cmd = [*base, "serve", *source,
                   "--set", f"server.pid_file={pid_file}",
-                  "--set", f"telemetry.tracing.endpoint={sidecar_url}/v1/traces"]
+                  "--set", f"telemetry.tracing.endpoint={sidecar_url}/v1/traces", *user_sets]
     children: list[subprocess.Popen] = []
 
     def stop(*_: object) -> None:
