@@ -190,6 +190,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise CliError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    # bench/ is a plain folder of the checkout, not an installed package.
+    repo_root = str(Path(__file__).resolve().parents[1])
+    if repo_root not in sys.path:
+        sys.path.insert(0, repo_root)
     status = 0
     for name in names:
         module = _import(f"bench.{name}", f"benchmark {name!r}")
