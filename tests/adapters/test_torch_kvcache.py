@@ -1,0 +1,249 @@
+"""Multi-turn KV-cache reuse in the torch engine: outputs identical to recomputing, exact bytes, LRU, release."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from adapters.base import GenerationRequest, ModelSpec, SamplingParams  # noqa: E402
+from adapters.kvcache import tensor_bytes  # noqa: E402
+from adapters.torch_engine import TorchEngine  # noqa: E402
+
+SP = SamplingParams(max_new_tokens=8)
+USER_TURNS = [
+    "User: Tell me a story about a small robot.\nAssistant:",
+    "\nUser: What is the weather like today?\nAssistant:",
+    "\nUser: Numbers one two three four five.\nAssistant:",
+    "\nUser: Hello there, how are you today?\nAssistant:",
+]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def load(path, *, budget=64 * 1024**2, ttl=None, clock=None, options=None) -> TorchEngine:
+    engine = TorchEngine({}, clock=clock or Clock())
+    kv = {"enabled": True, "budget_bytes": budget, "idle_ttl_s": ttl}
+    engine.load(ModelSpec("tiny", str(path), device="cpu", options={"kv_cache": kv, **(options or {})}))
+    return engine
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model_dir(request, tiny_llama_dir, tiny_gpt2_dir):
+    return tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
+
+
+async def run_conversation(engine: TorchEngine, cid: str | None, turns=USER_TURNS, sp=SP):
+    history, results = "", []
+    for user in turns:
+        history += user
+        (res,) = await engine.generate([GenerationRequest(history, sp, conversation_id=cid)])
+        assert res.error is None
+        results.append(res)
+        history += res.text
+    return results
+
+
+async def test_reuse_gives_the_same_greedy_outputs_as_recomputing(model_dir):
+    engine = load(model_dir)
+    reused = await run_conversation(engine, "c1")
+    recomputed = await run_conversation(engine, None)
+    assert [r.text for r in reused] == [r.text for r in recomputed]
+    assert [r.prompt_tokens for r in reused] == [r.prompt_tokens for r in recomputed]
+    assert [r.cache_hit for r in reused] == [False, True, True, True]
+    assert all(r.cached_tokens > 0 for r in reused[1:])
+    # Each later turn reuses at least the previous turn's whole prompt.
+    for prev, cur in zip(reused, reused[1:]):
+        assert cur.cached_tokens >= prev.prompt_tokens
+    st = engine.cache_stats()
+    assert (st.hits, st.misses, st.entries) == (3, 1, 1)
+    assert st.hit_rate == 0.75
+    stats = engine.stats()
+    assert stats["kv_cache_hits"] == 3.0 and stats["kv_cache_bytes_held"] == st.bytes_held > 0
+    engine.close()
+
+
+async def test_reuse_with_sampling_and_a_seed_matches_recompute(tiny_llama_dir):
+    engine = load(tiny_llama_dir)
+    sp = SamplingParams(max_new_tokens=6, temperature=0.9, seed=11)
+    reused = await run_conversation(engine, "s", sp=sp)
+    recomputed = await run_conversation(engine, None, sp=sp)
+    assert [r.text for r in reused] == [r.text for r in recomputed]
+    engine.close()
+
+
+async def test_bytes_held_are_counted_exactly_from_the_tensors(tiny_llama_dir):
+    engine = load(tiny_llama_dir)
+    await run_conversation(engine, "a", USER_TURNS[:2])
+    entry = engine._kv.peek(engine._key("a"))
+    ids, kv = entry.payload
+    exact = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                for layer in kv.layers)
+    assert entry.nbytes == exact == tensor_bytes(kv) == engine.cache_stats().bytes_held
+    # The cached state covers exactly the token ids stored with it.
+    assert kv.get_seq_length() == len(ids)
+    cfg = engine.model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert exact == per_token * len(ids)
+    engine.close()
+
+
+async def test_a_rewritten_history_is_a_miss_and_replaces_the_entry(tiny_llama_dir):
+    engine = load(tiny_llama_dir)
+    await run_conversation(engine, "c", USER_TURNS[:2])
+    other = "Colours red green blue yellow. Tell me about them."
+    (res,) = await engine.generate([GenerationRequest(other, SP, conversation_id="c")])
+    (ref,) = await engine.generate([GenerationRequest(other, SP)])
+    assert not res.cache_hit and res.cached_tokens == 0 and res.text == ref.text
+    ids, _ = engine._kv.peek(engine._key("c")).payload
+    assert list(ids[: res.prompt_tokens]) == engine.tokenizer(other).input_ids
+    st = engine.cache_stats()
+    assert (st.hits, st.misses, st.entries) == (1, 2, 1)
+    engine.close()
+
+
+async def test_a_partly_shared_history_reuses_the_common_prefix(tiny_llama_dir):
+    engine = load(tiny_llama_dir)
+    first = "User: Tell me a story about a small robot who learned to count the stars.\nAssistant:"
+    await engine.generate([GenerationRequest(first, SP, conversation_id="p")])
+    edited = "User: Tell me a story about a small robot who learned to sing.\nAssistant:"
+    (res,) = await engine.generate([GenerationRequest(edited, SP, conversation_id="p")])
+    (ref,) = await engine.generate([GenerationRequest(edited, SP)])
+    assert res.cache_hit and 1 < res.cached_tokens < res.prompt_tokens
+    assert res.text == ref.text
+    # The same prompt again: everything but the last token comes from the cache.
+    (again,) = await engine.generate([GenerationRequest(edited, SP, conversation_id="p")])
+    assert again.cached_tokens == again.prompt_tokens - 1 and again.text == ref.text
+    engine.close()
+
+
+async def test_end_conversation_releases_its_memory_at_once(tiny_llama_dir):
+    engine = load(tiny_llama_dir)
+    await run_conversation(engine, "x", USER_TURNS[:2])
+    await run_conversation(engine, "y", USER_TURNS[:1])
+    held = engine.cache_stats().bytes_held
+    y_bytes = engine._kv.peek(engine._key("y")).nbytes
+    assert engine.end_conversation("x") is True
+    assert engine.cache_stats().bytes_held == y_bytes < held
+    assert engine.end_conversation("x") is False
+    (res,) = await engine.generate([GenerationRequest(USER_TURNS[0], SP, conversation_id="x")])
+    assert not res.cache_hit
+    engine.close()
+
+
+async def test_lru_eviction_keeps_bytes_within_the_budget(tiny_llama_dir):
+    probe = load(tiny_llama_dir)
+    await run_conversation(probe, "one", USER_TURNS[:1])
+    one = probe.cache_stats().bytes_held
+    probe.close()
+    engine = load(tiny_llama_dir, budget=int(one * 2.5))
+    for cid in ("a", "b", "c"):
+        await run_conversation(engine, cid, USER_TURNS[:1])
+        assert engine.cache_stats().bytes_held <= engine.cache_stats().budget_bytes
+    st = engine.cache_stats()
+    assert st.evictions == 1 and st.entries == 2
+    assert engine._kv.conversations() == [engine._key("b"), engine._key("c")]
+    (res,) = await engine.generate([GenerationRequest(USER_TURNS[0] + "x", SP, conversation_id="a")])
+    assert not res.cache_hit  # evicted
+    # Shrinking the budget at runtime evicts down at once.
+    engine.reconfigure(kv_cache_budget_bytes=int(one * 1.5))
+    st = engine.cache_stats()
+    assert st.entries == 1 and st.bytes_held <= int(one * 1.5)
+    engine.reconfigure(kv_cache_budget_bytes=0)
+    assert engine.cache_stats().bytes_held == 0
+    engine.close()
+
+
+async def test_idle_conversations_expire(tiny_llama_dir):
+    clock = Clock()
+    engine = load(tiny_llama_dir, ttl=30.0, clock=clock)
+    await run_conversation(engine, "idle", USER_TURNS[:1])
+    clock.t += 31
+    st = engine.cache_stats()
+    assert st.entries == 0 and st.bytes_held == 0 and st.expirations == 1
+    engine.close()
+
+
+async def test_streaming_a_cached_conversation(tiny_llama_dir):
+    engine = load(tiny_llama_dir)
+    plain = await run_conversation(engine, None, USER_TURNS[:2])
+    history = USER_TURNS[0]
+    chunks = [c async for c in engine.generate_stream(GenerationRequest(history, SP, conversation_id="s"))]
+    first = "".join(c.text for c in chunks)
+    assert first == plain[0].text
+    history += first + USER_TURNS[1]
+    chunks = [c async for c in engine.generate_stream(GenerationRequest(history, SP, conversation_id="s"))]
+    assert "".join(c.text for c in chunks) == plain[1].text
+    assert engine.cache_stats().hits == 1
+    engine.close()
+
+
+async def test_conversations_mixed_into_a_batch(tiny_llama_dir):
+    engine = load(tiny_llama_dir)
+    await run_conversation(engine, "m", USER_TURNS[:1])
+    (turn1,) = await engine.generate([GenerationRequest(USER_TURNS[0], SP)])
+    follow = USER_TURNS[0] + turn1.text + USER_TURNS[1]
+    batch = [GenerationRequest("Hello world", SP), GenerationRequest(follow, SP, conversation_id="m"),
+             GenerationRequest("A", SP)]
+    results = await engine.generate(batch)
+    refs = [(await engine.generate([GenerationRequest(r.prompt, SP)]))[0] for r in batch]
+    assert [r.text for r in results] == [r.text for r in refs]
+    assert [r.cache_hit for r in results] == [False, True, False]
+    engine.close()
+
+
+async def test_without_the_cache_option_conversation_ids_just_recompute(tiny_llama_dir):
+    engine = TorchEngine({})
+    engine.load(ModelSpec("tiny", str(tiny_llama_dir), device="cpu"))
+    assert not engine.capabilities.conversation_cache
+    results = await run_conversation(engine, "z", USER_TURNS[:2])
+    assert not any(r.cache_hit for r in results)
+    assert engine.stats() == {} and engine.end_conversation("z") is False
+    # Turning a budget on at runtime enables it.
+    engine.reconfigure(kv_cache_budget_bytes=1024**2)
+    assert engine.capabilities.conversation_cache
+    await run_conversation(engine, "z", USER_TURNS[:2])
+    assert engine.cache_stats().hits == 1
+    engine.close()
+
+
+async def test_one_cache_shared_by_two_models_keeps_one_budget(tiny_llama_dir, tiny_gpt2_dir):
+    from adapters.kvcache import ConversationCache
+
+    probe = load(tiny_gpt2_dir)
+    await run_conversation(probe, "p", USER_TURNS[:1])
+    gpt2_bytes = probe.cache_stats().bytes_held
+    probe.close()
+    shared = ConversationCache(budget_bytes=int(gpt2_bytes * 1.2))  # not room for both
+    llama, gpt2 = TorchEngine({}), TorchEngine({})
+    llama.load(ModelSpec("llama", str(tiny_llama_dir), device="cpu", options={"kv_cache": shared}))
+    gpt2.load(ModelSpec("gpt2", str(tiny_gpt2_dir), device="cpu", options={"kv_cache": shared}))
+    await run_conversation(llama, "same-id", USER_TURNS[:1])
+    await run_conversation(gpt2, "same-id", USER_TURNS[:1])  # same id, other model: its own entry
+    assert shared.bytes_held <= shared.budget_bytes
+    assert llama.cache_stats().evictions == 1 and llama.cache_stats().entries == 0
+    assert gpt2.cache_stats().entries == 1 and gpt2.cache_stats().bytes_held == shared.bytes_held
+    assert gpt2.end_conversation("same-id") and shared.bytes_held == 0
+    llama.close()
+    gpt2.close()
+
+
+def test_kv_cache_benchmark_runs_and_reports(tmp_path, tiny_llama_dir, capsys):
+    import json
+
+    from bench import kv_cache
+
+    out = tmp_path / "kv.json"
+    rc = kv_cache.main(["--model", str(tiny_llama_dir), "--repeats", "1", "--history-tokens", "60",
+                        "--new-tokens", "2", "--out", str(out)])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and line == json.loads(out.read_text())
+    assert line["bench"] == "kv_cache" and line["goals"] == {"reuse_speedup": ">= 10"}
+    assert line["figures"]["outputs_identical"] is True
+    assert line["ratios"]["reuse_speedup"] > 0
