@@ -83,7 +83,9 @@ def _import(module: str, capability: str):
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args, _listen_overrides(args, "server"))
     server = _import("orchestrator.server", "the orchestrator server")
-    return int(server.serve(config) or 0)
+    from muai.config import apply_update
+
+    return int(server.serve(config, update_config=apply_update) or 0)
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:

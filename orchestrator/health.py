@@ -1,0 +1,173 @@
+"""Readiness that tells the truth (8.6, 15.6), as a pure function of what the server knows at one instant.
+
+``/health/ready`` is 200 only when every *required* model can be served, the server is not draining and the engines
+are making progress. It answers JSON either way, so an operator sees why:
+
+- ``models``: per model, the engine serving it, its state (``loading``, ``ready``, ``failed``, ``unloaded``), whether
+  it is required, and its degraded reasons (fallbacks taken);
+- ``engines``: per engine, whether it is available here and why not;
+- ``degraded``: reasons the server serves in a reduced way (a fallback engine, a failing trace exporter, a metrics
+  port that could not be bound, a collector that raised) -- degraded is still ready;
+- ``reasons``: why it is not ready: a required model not servable, preload still running, draining, or a stuck
+  engine: requests in flight and no token or result for ``server.stuck_after_s`` (vLLM does not check this).
+
+A required model that is not preloaded counts as servable unless it failed. :class:`HealthState` collects the
+problems telemetry components report from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.admission import AdmissionSnapshot
+
+READY = "ready"
+DEGRADED = "degraded"
+UNAVAILABLE = "unavailable"
+DRAINING = "draining"
+
+
+class HealthState:
+    """Problems reported by telemetry components (exporters, metrics port, collectors), keyed by component.
+
+    ``report(key, None)`` clears the key. Thread safe: the span exporter reports from its worker thread.
+    """
+
+    def __init__(self) -> None:
+        self._problems: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def report(self, key: str, problem: str | None) -> None:
+        with self._lock:
+            if problem is None:
+                self._problems.pop(key, None)
+            else:
+                self._problems[key] = problem
+
+    def problems(self) -> list[str]:
+        with self._lock:
+            return [self._problems[k] for k in sorted(self._problems)]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRequirement:
+    """What readiness needs to know of a configured model."""
+
+    name: str
+    required: bool = True
+    preload: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    status: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def http_status(self) -> int:
+        return 200 if self.ready else 503
+
+
+def _model_entries(manager_status: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
+    models = manager_status.get("models", manager_status)
+    return models if isinstance(models, Mapping) else {}
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, Iterable):
+        return [str(v) for v in value if v]
+    return [str(value)]
+
+
+def evaluate_readiness(
+    *,
+    models: Iterable[ModelRequirement],
+    manager_status: Mapping[str, Any],
+    admission: AdmissionSnapshot,
+    stuck_after_s: float,
+    preload_pending: Iterable[str] = (),
+    problems: Iterable[str] = (),
+) -> Readiness:
+    """Decide readiness from the manager's status, the admission counts and the telemetry problems. Pure."""
+    reasons: list[str] = []
+    degraded: list[str] = []
+    pending = set(preload_pending)
+    entries = _model_entries(manager_status)
+    out_models: dict[str, dict[str, Any]] = {}
+    for req in models:
+        entry = entries.get(req.name) or {}
+        state = str(entry.get("state") or ("loading" if req.name in pending else "unloaded"))
+        engine = entry.get("engine")
+        model_degraded = _as_list(entry.get("degraded_reasons", entry.get("degraded")))
+        out_models[req.name] = {
+            "engine": engine,
+            "state": state,
+            "required": req.required,
+            "preload": req.preload,
+            "degraded": model_degraded,
+        }
+        if entry.get("error") or entry.get("reason"):
+            out_models[req.name]["error"] = entry.get("error") or entry.get("reason")
+        degraded.extend(f"model {req.name}: {reason}" for reason in model_degraded)
+        if not req.required:
+            continue
+        if req.name in pending and state != "ready":
+            reasons.append(f"model {req.name} is still loading (preload)")
+        elif state == "failed":
+            detail = out_models[req.name].get("error")
+            reasons.append(f"required model {req.name} failed to load" + (f": {detail}" if detail else ""))
+        elif req.preload and state != "ready":
+            reasons.append(f"required model {req.name} is {state}")
+    engines = manager_status.get("engines") if isinstance(manager_status.get("engines"), Mapping) else {}
+    degraded.extend(problems)
+    if admission.draining:
+        reasons.insert(0, "draining: the server is shutting down")
+    if admission.in_flight > 0 and admission.stalled_s > stuck_after_s:
+        reasons.append(
+            f"stuck: {admission.in_flight} requests in flight and no token or result for "
+            f"{admission.stalled_s:.1f}s (server.stuck_after_s = {stuck_after_s:g})"
+        )
+    ready = not reasons
+    if admission.draining:
+        status = DRAINING
+    elif not ready:
+        status = UNAVAILABLE
+    elif degraded:
+        status = DEGRADED
+    else:
+        status = READY
+    body = {
+        "status": status,
+        "ready": ready,
+        "reasons": reasons,
+        "degraded": degraded,
+        "models": out_models,
+        "engines": dict(engines),
+        "requests": {
+            "capacity": admission.capacity,
+            "waiting": admission.waiting,
+            "running": admission.running,
+            "stalled_s": round(admission.stalled_s, 3),
+        },
+    }
+    return Readiness(ready, status, body)
+
+
+__all__ = [
+    "DEGRADED",
+    "DRAINING",
+    "READY",
+    "UNAVAILABLE",
+    "HealthState",
+    "ModelRequirement",
+    "Readiness",
+    "evaluate_readiness",
+]

@@ -1,0 +1,525 @@
+"""The orchestrator's Prometheus metrics (Requirement 4) on an explicit ``CollectorRegistry``.
+
+Names follow DESIGN.md: ``muai_`` prefix, base units, ``_total`` on counters, with the meanings operators know from
+vLLM (time to first token, time per output token, running/waiting requests, prefix cache hits/queries), DCGM (GPU
+framebuffer used) and Triton (inference count vs execution count: their ratio is the mean batch size).
+
+Hot path. Labelled children are bound once per (model, engine) and kept (:class:`ModelMetrics`); a request costs
+a few ``observe``/``inc`` calls and no ``labels()`` lookup. Queue depth and running requests are read at scrape
+time from the admission state (``set_function``), never pushed per request.
+
+Background. Process CPU/memory (psutil) and GPU memory (NVML when present, else torch's CUDA stats when torch is
+already imported and CUDA initialised, else absent) are sampled by :class:`ResourceSampler` in the server's
+background loop; engine statistics (KV cache, vLLM prefix cache) likewise. Scrapes only read the last snapshot.
+A sampler or collector that fails is logged once, counted, reported to the health state and skipped: the rest of
+the exposition and serving go on (15.4).
+
+``muai_time_to_first_token_seconds`` and ``muai_time_per_output_token_seconds`` are observed for streamed
+requests, where the first token is actually seen; a non-streamed request only has its end-to-end latency.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+# LLM latencies span milliseconds (an echo or a cache hit) to minutes (long generations on CPU).
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0,
+    240.0, 480.0, 960.0,
+)
+QUEUE_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+TPOT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
+
+OPERATIONS = ("chat", "text_completion", "embeddings", "workflow")
+STATUSES = ("ok", "error", "invalid", "timeout", "cancelled")
+REJECT_REASONS = ("queue_full", "draining", "invalid", "too_large", "unknown_model")
+LIFECYCLE_EVENTS = ("load_start", "load_ok", "load_fail", "unload")
+THROUGHPUT_WINDOW_S = 60.0
+_MAX_LABEL = 64
+
+
+def _label(value: object) -> str:
+    text = "" if value is None else str(value)
+    return text[:_MAX_LABEL]
+
+
+class ModelMetrics:
+    """The per-(model, engine) children, bound once; what the request path touches."""
+
+    __slots__ = ("model", "engine", "latency", "queue", "ttft", "tpot", "prompt_tokens", "generation_tokens")
+
+    def __init__(self, metrics: ServerMetrics, model: str, engine: str) -> None:
+        self.model = model
+        self.engine = engine
+        self.latency = metrics.request_latency.labels(model, engine)
+        self.queue = metrics.request_queue.labels(model, engine)
+        self.ttft = metrics.ttft.labels(model, engine)
+        self.tpot = metrics.tpot.labels(model, engine)
+        self.prompt_tokens = metrics.prompt_tokens.labels(model, engine)
+        self.generation_tokens = metrics.generation_tokens.labels(model, engine)
+
+    def observe(
+        self,
+        *,
+        e2e_s: float,
+        queue_s: float,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        ttft_s: float | None = None,
+        tpot_s: float | None = None,
+    ) -> None:
+        self.latency.observe(max(0.0, e2e_s))
+        self.queue.observe(max(0.0, queue_s))
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens)
+        if completion_tokens:
+            self.generation_tokens.inc(completion_tokens)
+        if ttft_s is not None:
+            self.ttft.observe(max(0.0, ttft_s))
+        if tpot_s is not None:
+            self.tpot.observe(max(0.0, tpot_s))
+
+
+class ThroughputWindow:
+    """Completed requests per second over a sliding window, from samples of a running total. Pure: takes ``now``.
+
+    The request path only bumps an integer; the background loop calls :meth:`sample` and reads :meth:`rate`.
+    """
+
+    def __init__(self, *, window_s: float = THROUGHPUT_WINDOW_S) -> None:
+        if window_s <= 0:
+            raise ValueError(f"window_s must be positive, got {window_s}")
+        self.window_s = window_s
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def sample(self, now: float, total: int) -> None:
+        self._samples.append((now, total))
+        # Keep one sample at or before the window start so the rate covers the whole window.
+        while len(self._samples) >= 2 and self._samples[1][0] <= now - self.window_s:
+            self._samples.popleft()
+
+    def rate(self, now: float) -> float:
+        if len(self._samples) < 2:
+            return 0.0
+        t0, n0 = self._samples[0]
+        t1, n1 = self._samples[-1]
+        if t1 <= t0:
+            return 0.0
+        return max(0, n1 - n0) / (t1 - t0)
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceSnapshot:
+    """One sample of the process and its GPUs."""
+
+    cpu_seconds: float | None = None
+    resident_bytes: int | None = None
+    gpu_used_bytes: Mapping[str, int] | None = None
+    gpu_total_bytes: Mapping[str, int] | None = None
+    gpu_source: str = ""
+
+
+class ResourceSampler:
+    """Samples process CPU and memory (psutil) and GPU memory (NVML, else torch's CUDA stats, else absent).
+
+    Called from a background thread, never on the request path. NVML is initialised once; where it cannot be
+    (no driver, no GPU) that is noted once and GPU memory comes from torch or stays absent.
+    """
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self._nvml: Any = None
+        self._nvml_tried = False
+        self.gpu_note = ""
+
+    def _nvml_handles(self) -> list[Any] | None:
+        if not self._nvml_tried:
+            self._nvml_tried = True
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._nvml = pynvml
+            except Exception as exc:  # NVMLError_LibraryNotFound on machines without a driver
+                self.gpu_note = f"NVML unavailable: {type(exc).__name__}"
+                log.info("GPU memory via NVML unavailable (%s); falling back to torch's CUDA stats if any", exc)
+        if self._nvml is None:
+            return None
+        count = self._nvml.nvmlDeviceGetCount()
+        return [self._nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+
+    def _gpu(self) -> tuple[dict[str, int] | None, dict[str, int] | None, str]:
+        handles = self._nvml_handles()
+        if handles is not None:
+            used, total = {}, {}
+            for index, handle in enumerate(handles):
+                info = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+                used[str(index)] = int(info.used)
+                total[str(index)] = int(info.total)
+            return used, total, "nvml"
+        torch = sys.modules.get("torch")  # never import torch just to look
+        cuda = getattr(torch, "cuda", None)
+        if cuda is not None and cuda.is_available() and cuda.is_initialized():
+            used = {str(i): int(cuda.memory_reserved(i)) for i in range(cuda.device_count())}
+            total = {str(i): int(cuda.get_device_properties(i).total_memory) for i in range(cuda.device_count())}
+            return used, total, "torch"
+        return None, None, ""
+
+    def sample(self) -> ResourceSnapshot:
+        times = self._process.cpu_times()
+        rss = self._process.memory_info().rss
+        used, total, source = self._gpu()
+        return ResourceSnapshot(times.user + times.system, int(rss), used, total, source)
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:
+                pass
+            self._nvml = None
+
+
+# Engine statistic keys -> (metric, kind). The fallback chain and engines report what they have; absent keys are
+# simply not exposed.
+_ENGINE_STATS: dict[str, tuple[str, str, str]] = {
+    "kv_cache_hits": ("muai_kv_cache_hits", "counter", "Conversation KV-cache lookups that found the history."),
+    "kv_cache_misses": ("muai_kv_cache_misses", "counter", "Conversation KV-cache lookups that missed."),
+    "kv_cache_evictions": ("muai_kv_cache_evictions", "counter", "Conversations evicted from the KV cache (LRU, budget)."),
+    "kv_cache_bytes": ("muai_kv_cache_bytes", "gauge", "Bytes held by cached conversation KV state."),
+    "kv_cache_entries": ("muai_kv_cache_entries", "gauge", "Conversations held in the KV cache."),
+    "prefix_cache_hits": ("muai_prefix_cache_hits", "counter", "Prompt tokens served from the engine's prefix cache (vLLM)."),
+    "prefix_cache_queries": ("muai_prefix_cache_queries", "counter", "Prompt tokens looked up in the engine's prefix cache (vLLM)."),
+}
+_STAT_ALIASES = {
+    "hits": "kv_cache_hits",
+    "misses": "kv_cache_misses",
+    "evictions": "kv_cache_evictions",
+    "bytes_held": "kv_cache_bytes",
+    "entries": "kv_cache_entries",
+    "kv_cache_bytes_held": "kv_cache_bytes",
+}
+
+
+def normalise_engine_stats(stats: Mapping[str, Any]) -> dict[str, float]:
+    """Map an engine's ``stats()`` keys (``CacheStats`` names or ``kv_cache_*``/``prefix_cache_*``) to ours."""
+    out: dict[str, float] = {}
+    for key, value in stats.items():
+        key = _STAT_ALIASES.get(key, key)
+        if key in _ENGINE_STATS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
+class _SnapshotCollector(Collector):
+    """Exposes the last background samples; a failure here is logged once and skipped, never raised."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+        self._failed = False
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            families = list(self._families())
+        except Exception as exc:
+            self._failed = True
+            self._metrics.sampler_failed("collector:snapshot", exc)
+            return []
+        if self._failed:
+            self._failed = False
+            self._metrics.sampler_ok("collector:snapshot")
+        return families
+
+    def _families(self) -> Iterable[Metric]:
+        m = self._metrics
+        res = m.resources
+        if res is not None:
+            if res.cpu_seconds is not None:
+                cpu = CounterMetricFamily(
+                    "muai_process_cpu_seconds", "User and system CPU time of the orchestrator process (psutil)."
+                )
+                cpu.add_metric([], res.cpu_seconds)
+                yield cpu
+            if res.resident_bytes is not None:
+                rss = GaugeMetricFamily("muai_process_resident_memory_bytes", "Resident memory of the orchestrator process (psutil).")
+                rss.add_metric([], res.resident_bytes)
+                yield rss
+            if res.gpu_used_bytes:
+                used = GaugeMetricFamily(
+                    "muai_gpu_memory_used_bytes",
+                    "GPU framebuffer memory used (NVML: whole device, DCGM's FB_USED; torch: reserved by this process).",
+                    labels=["gpu"],
+                )
+                for gpu, value in sorted(res.gpu_used_bytes.items()):
+                    used.add_metric([gpu], value)
+                yield used
+            if res.gpu_total_bytes:
+                total = GaugeMetricFamily("muai_gpu_memory_total_bytes", "GPU framebuffer memory in total.", labels=["gpu"])
+                for gpu, value in sorted(res.gpu_total_bytes.items()):
+                    total.add_metric([gpu], value)
+                yield total
+        stats = m.engine_stats
+        for key, (name, kind, help_text) in _ENGINE_STATS.items():
+            rows = [(model, values[key]) for model, values in sorted(stats.items()) if key in values]
+            if not rows:
+                continue
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, help_text, labels=["model"])
+            for model, value in rows:
+                family.add_metric([model], value)
+            yield family
+        throughput = GaugeMetricFamily(
+            "muai_throughput_requests_per_second",
+            f"Completed requests per second over the last {THROUGHPUT_WINDOW_S:g} s (rate() of muai_requests_total gives any window).",
+            labels=["model"],
+        )
+        for model, value in sorted(m.throughput.items()):
+            throughput.add_metric([model], value)
+        yield throughput
+
+
+class ServerMetrics:
+    """Every metric of the orchestrator process, on one registry (a fresh one per app unless given).
+
+    The server calls :meth:`model` once per (model, engine) and keeps the :class:`ModelMetrics`; hooks
+    (:meth:`on_model_event`, :meth:`on_batch`, :meth:`on_fallback`) are what the model manager calls.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        on_problem: Callable[[str, str | None], None] | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._on_problem = on_problem
+        r = self.registry
+        me = ["model", "engine"]
+        self.request_latency = Histogram(
+            "muai_request_latency_seconds", "End-to-end request latency, admission to last byte (vLLM's e2e_request_latency).",
+            me, registry=r, buckets=LATENCY_BUCKETS,
+        )
+        self.request_queue = Histogram(
+            "muai_request_queue_seconds", "Time from admission until the request got a running slot.",
+            me, registry=r, buckets=QUEUE_BUCKETS,
+        )
+        self.ttft = Histogram(
+            "muai_time_to_first_token_seconds", "Time from admission to the first streamed token.",
+            me, registry=r, buckets=TTFT_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "muai_time_per_output_token_seconds", "Mean time between streamed output tokens after the first.",
+            me, registry=r, buckets=TPOT_BUCKETS,
+        )
+        self.requests = Counter(
+            "muai_requests",
+            "Admitted requests finished, by model, operation and status (ok, error, invalid, timeout, cancelled).",
+            ["model", "operation", "status"], registry=r,
+        )
+        self.prompt_tokens = Counter("muai_prompt_tokens", "Prompt tokens processed.", me, registry=r)
+        self.generation_tokens = Counter("muai_generation_tokens", "Tokens generated.", me, registry=r)
+        self.running = Gauge("muai_requests_running", "Requests inside the engine layer now.", ["model"], registry=r)
+        self.waiting = Gauge("muai_requests_waiting", "Admitted requests waiting for a running slot.", ["model"], registry=r)
+        self.model_load = Histogram(
+            "muai_model_load_seconds", "Time to load a model on an engine.", me, registry=r, buckets=LOAD_BUCKETS,
+        )
+        self.lifecycle = Counter(
+            "muai_model_lifecycle_events", "Model lifecycle events (load_start, load_ok, load_fail, unload).",
+            ["model", "event"], registry=r,
+        )
+        self.model_loaded = Gauge("muai_model_loaded", "1 while the model is loaded on the engine, else 0.", me, registry=r)
+        self.batch_size = Histogram(
+            "muai_batch_size", "Requests per engine execution (dynamic batcher).", me, registry=r, buckets=BATCH_SIZE_BUCKETS,
+        )
+        self.batch_inferences = Counter(
+            "muai_batch_inference_count", "Requests executed in batches (Triton's inference count).", me, registry=r,
+        )
+        self.batch_executions = Counter(
+            "muai_batch_execution_count",
+            "Batch executions (Triton's execution count; inference/execution is the mean batch size).", me, registry=r,
+        )
+        self.fallbacks = Counter(
+            "muai_engine_fallbacks", "Engine fallbacks taken, by model, from/to engine and reason.",
+            ["model", "from", "to", "reason"], registry=r,
+        )
+        self.rejected = Counter(
+            "muai_rejected_requests", "Requests refused before running, by reason.", ["reason"], registry=r,
+        )
+        self.export_failures = Counter(
+            "muai_telemetry_export_failures", "Telemetry exports that failed (spans dropped), by signal.",
+            ["signal"], registry=r,
+        )
+        self.collector_errors = Counter(
+            "muai_telemetry_collector_errors", "Metric samplers or collectors that raised, by component.",
+            ["component"], registry=r,
+        )
+        self.build = Gauge("muai_server_info", "Constant 1; labels carry the server's version.", ["version"], registry=r)
+        self._bound: dict[tuple[str, str], ModelMetrics] = {}
+        self._batch_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._loaded_engine: dict[str, str] = {}
+        self._request_children: dict[tuple[str, str, str], Any] = {}
+        self._completed: dict[str, int] = {}
+        self._windows: dict[str, ThroughputWindow] = {}
+        self.throughput: dict[str, float] = {}
+        self.engine_stats: dict[str, dict[str, float]] = {}
+        self.resources: ResourceSnapshot | None = None
+        self._problems_logged: set[str] = set()
+        self._lock = threading.Lock()
+        self.rejected_children = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
+        self.export_failures_traces = self.export_failures.labels("traces")
+        self.registry.register(_SnapshotCollector(self))
+        try:
+            from importlib.metadata import version
+
+            self.build.labels(version("muai")).set(1)
+        except Exception:
+            self.build.labels("unknown").set(1)
+
+    # --- request path -------------------------------------------------------------------------------------
+
+    def model(self, model: str, engine: str) -> ModelMetrics:
+        """The bound children of (model, engine); created on first use and kept."""
+        key = (model, engine)
+        bound = self._bound.get(key)
+        if bound is None:
+            with self._lock:
+                bound = self._bound.get(key)
+                if bound is None:
+                    bound = self._bound[key] = ModelMetrics(self, _label(model), _label(engine))
+        return bound
+
+    def request_done(self, model: str, operation: str, status: str) -> None:
+        key = (model, operation, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(_label(model), operation, status)
+        child.inc()
+        self._completed[model] = self._completed.get(model, 0) + 1
+
+    def reject(self, reason: str) -> None:
+        child = self.rejected_children.get(reason)
+        if child is None:
+            child = self.rejected_children[reason] = self.rejected.labels(_label(reason))
+        child.inc()
+
+    def bind_queue_gauges(self, model: str, waiting: Callable[[], float], running: Callable[[], float]) -> None:
+        """Queue depth and running requests of ``model`` are read from the admission state at scrape time."""
+        self.waiting.labels(_label(model)).set_function(waiting)
+        self.running.labels(_label(model)).set_function(running)
+
+    # --- hooks the model manager calls ----------------------------------------------------------------------
+
+    def on_batch(self, model: str, engine: str, size: int) -> None:
+        key = (model, engine)
+        bound = self._batch_children.get(key)
+        if bound is None:
+            labels = (_label(model), _label(engine))
+            bound = self._batch_children[key] = (
+                self.batch_size.labels(*labels),
+                self.batch_inferences.labels(*labels),
+                self.batch_executions.labels(*labels),
+            )
+        hist, inferences, executions = bound
+        hist.observe(size)
+        inferences.inc(size)
+        executions.inc()
+
+    def on_fallback(self, model: str, from_engine: str, to_engine: str, reason: str) -> None:
+        self.fallbacks.labels(_label(model), _label(from_engine), _label(to_engine), _label(reason)).inc()
+        if to_engine:
+            self._set_loaded(model, to_engine)
+
+    def on_lifecycle(self, model: str, event: str, *, engine: str | None = None, duration_s: float | None = None) -> None:
+        """Record a lifecycle event: ``load_start``, ``load_ok`` (with duration), ``load_fail``, ``unload``."""
+        self.lifecycle.labels(_label(model), _label(event)).inc()
+        if event == "load_ok":
+            if engine and duration_s is not None:
+                self.model_load.labels(_label(model), _label(engine)).observe(max(0.0, duration_s))
+            if engine:
+                self._set_loaded(model, engine)
+        elif event in ("unload", "load_fail"):
+            self._set_loaded(model, None)
+
+    def _set_loaded(self, model: str, engine: str | None) -> None:
+        previous = self._loaded_engine.get(model)
+        if previous is not None and previous != engine:
+            self.model_loaded.labels(_label(model), _label(previous)).set(0)
+        if engine is None:
+            self._loaded_engine.pop(model, None)
+        else:
+            self._loaded_engine[model] = engine
+            self.model_loaded.labels(_label(model), _label(engine)).set(1)
+
+    # --- background ----------------------------------------------------------------------------------------
+
+    def sample_throughput(self, now: float) -> None:
+        for model, total in list(self._completed.items()):
+            window = self._windows.get(model)
+            if window is None:
+                window = self._windows[model] = ThroughputWindow()
+            window.sample(now, total)
+            self.throughput[model] = window.rate(now)
+
+    def set_resources(self, snapshot: ResourceSnapshot) -> None:
+        self.resources = snapshot
+
+    def set_engine_stats(self, model: str, stats: Mapping[str, Any]) -> None:
+        self.engine_stats[_label(model)] = normalise_engine_stats(stats)
+
+    def sampler_failed(self, component: str, exc: BaseException) -> None:
+        """A background sampler raised: count it, log the first time, report to health."""
+        self.collector_errors.labels(_label(component)).inc()
+        if component not in self._problems_logged:
+            self._problems_logged.add(component)
+            log.warning("metrics %s failed (logged once; serving goes on): %r", component, exc)
+        if self._on_problem is not None:
+            self._on_problem(f"metrics:{component}", f"metrics {component} failing: {type(exc).__name__}: {exc}")
+
+    def sampler_ok(self, component: str) -> None:
+        if component in self._problems_logged:
+            self._problems_logged.discard(component)
+            log.info("metrics %s recovered", component)
+        if self._on_problem is not None:
+            self._on_problem(f"metrics:{component}", None)
+
+
+
+__all__ = [
+    "BATCH_SIZE_BUCKETS",
+    "LATENCY_BUCKETS",
+    "LIFECYCLE_EVENTS",
+    "OPERATIONS",
+    "QUEUE_BUCKETS",
+    "REJECT_REASONS",
+    "STATUSES",
+    "TPOT_BUCKETS",
+    "TTFT_BUCKETS",
+    "ModelMetrics",
+    "ResourceSampler",
+    "ResourceSnapshot",
+    "ServerMetrics",
+    "ThroughputWindow",
+    "normalise_engine_stats",
+]

@@ -1,0 +1,318 @@
+"""OpenTelemetry tracing for the orchestrator: one ``TracerProvider`` per app, OTLP export, never blocking serving.
+
+- **Export** (5.7): OTLP over http/protobuf or grpc to ``telemetry.tracing.endpoint`` through a
+  ``BatchSpanProcessor`` (a bounded queue drained by a worker thread; a full queue drops spans rather than wait).
+  Never a ``SimpleSpanProcessor``: that would put the export on the request path.
+- **Sampling**: ``ParentBased(root=ratio)``: a sampled incoming ``traceparent`` is always followed; new traces are
+  sampled at ``sampling_ratio``, which can change at runtime (:class:`AdjustableRatioSampler`).
+- **Failures** (15.5): :class:`ObservedSpanExporter` wraps the real exporter, counts each failed export
+  (``muai_telemetry_export_failures_total{signal="traces"}``), logs at most once per ``log_period_s``, and reports
+  "exporter failing" to the health state until an export succeeds again. The OTLP exporter's own per-attempt log
+  lines are rate limited the same way. With the collector down, requests are served as before.
+- **Propagation** (5.6): W3C trace context in (:func:`extract_context`) and out (:func:`inject_headers`), with an
+  explicit propagator so that no process-global state is needed (two servers in one process each keep their own
+  provider).
+
+Which spans count as requests is the sidecar's rule (``docs/sidecar-api.md``): the root span of a request is a
+``SERVER`` span with ``muai.request = true``; the model manager's inference spans are ``INTERNAL`` children.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, SamplingResult, TraceIdRatioBased
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from orchestrator.errors import MuaiError
+
+log = logging.getLogger(__name__)
+
+LOG_PERIOD_S = 60.0
+INSTRUMENTATION_NAME = "muai.orchestrator"
+_PROPAGATOR = TraceContextTextMapPropagator()
+_EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.common.http",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+)
+
+
+class TracingConfigError(MuaiError, ValueError):
+    """The tracing section cannot be used (e.g. an endpoint that is not a URL)."""
+
+
+class AdjustableRatioSampler(Sampler):
+    """``TraceIdRatioBased`` whose ratio can change while serving (``telemetry.tracing.sampling_ratio`` is runtime).
+
+    The swap replaces one reference, which readers see atomically; no lock on the sampling path.
+    """
+
+    def __init__(self, ratio: float) -> None:
+        self._inner = TraceIdRatioBased(self._check(ratio))
+
+    @staticmethod
+    def _check(ratio: float) -> float:
+        if not 0.0 <= ratio <= 1.0:
+            raise TracingConfigError(f"sampling ratio must be within [0, 1], got {ratio}")
+        return ratio
+
+    @property
+    def ratio(self) -> float:
+        return self._inner.rate
+
+    def set_ratio(self, ratio: float) -> None:
+        self._inner = TraceIdRatioBased(self._check(ratio))
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None) -> SamplingResult:
+        return self._inner.should_sample(parent_context, trace_id, name, kind, attributes, links)
+
+    def get_description(self) -> str:
+        return f"AdjustableRatioSampler{{{self._inner.rate}}}"
+
+
+class _OncePerPeriod(logging.Filter):
+    """Lets one record per logger through per period; the rest are dropped (the failures are still counted)."""
+
+    def __init__(self, period_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._period = period_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(record.name)
+            if last is not None and now - last < self._period:
+                return False
+            self._last[record.name] = now
+        return True
+
+
+_exporter_log_filter: _OncePerPeriod | None = None
+_filter_lock = threading.Lock()
+
+
+def _limit_exporter_logs(period_s: float) -> None:
+    # The OTLP exporter logs every retry and every failed batch; with the collector down that floods the log.
+    global _exporter_log_filter
+    with _filter_lock:
+        if _exporter_log_filter is None:
+            _exporter_log_filter = _OncePerPeriod(period_s)
+            for name in _EXPORTER_LOGGERS:
+                logging.getLogger(name).addFilter(_exporter_log_filter)
+
+
+class ObservedSpanExporter(SpanExporter):
+    """Wraps a real exporter: counts failures, logs them at most once per period, reports health. Never raises.
+
+    Runs on the batch processor's worker thread; the callbacks must be thread safe (prometheus_client's are).
+    """
+
+    def __init__(
+        self,
+        inner: SpanExporter,
+        *,
+        endpoint: str = "",
+        on_failure: Callable[[int], None] | None = None,
+        on_health: Callable[[str | None], None] | None = None,
+        log_period_s: float = LOG_PERIOD_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self.endpoint = endpoint
+        self._on_failure = on_failure
+        self._on_health = on_health
+        self._period = log_period_s
+        self._clock = clock
+        self._last_log: float | None = None
+        self._suppressed = 0
+        self.failures = 0
+        self.successes = 0
+        self.failing = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        detail = ""
+        try:
+            result = self.inner.export(spans)
+        except Exception as exc:  # an exporter bug must not kill the worker thread
+            result = SpanExportResult.FAILURE
+            detail = f"{type(exc).__name__}: {exc}"
+        if result is SpanExportResult.SUCCESS:
+            self.successes += 1
+            if self.failing:
+                self.failing = False
+                log.info("trace export to %s recovered", self.endpoint or "the exporter")
+                if self._on_health is not None:
+                    self._on_health(None)
+            return result
+        self.failures += 1
+        self.failing = True
+        if self._on_failure is not None:
+            self._on_failure(len(spans))
+        if self._on_health is not None:
+            self._on_health(f"trace export to {self.endpoint or 'the exporter'} failing" + (f": {detail}" if detail else ""))
+        now = self._clock()
+        if self._last_log is None or now - self._last_log >= self._period:
+            more = f" ({self._suppressed} more failures since the last report)" if self._suppressed else ""
+            log.warning(
+                "trace export to %s failed; %d spans dropped%s%s (serving continues; logged at most every %gs)",
+                self.endpoint or "the exporter", len(spans), f": {detail}" if detail else "", more, self._period,
+            )
+            self._last_log = now
+            self._suppressed = 0
+        else:
+            self._suppressed += 1
+        return result
+
+    def shutdown(self) -> None:
+        try:
+            self.inner.shutdown()
+        except Exception as exc:
+            log.debug("exporter shutdown failed: %r", exc)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        try:
+            return self.inner.force_flush(timeout_millis)
+        except Exception:
+            return False
+
+
+def make_exporter(config: Any) -> SpanExporter:
+    """The real OTLP exporter for ``telemetry.tracing`` (http/protobuf or grpc)."""
+    endpoint = config.endpoint
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise TracingConfigError(f"telemetry.tracing.endpoint must be an http(s) URL, got {endpoint!r}")
+    if config.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        # gRPC addresses a host:port; an OTLP/HTTP style path would be meaningless there.
+        return GrpcExporter(
+            endpoint=f"{parts.scheme}://{parts.netloc}",
+            insecure=parts.scheme == "http",
+            timeout=config.export_timeout_s,
+        )
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    return HttpExporter(endpoint=endpoint, timeout=config.export_timeout_s)
+
+
+@dataclass
+class Tracing:
+    """What the server holds: the provider, its tracer, the adjustable sampler (None for a provider given to us)."""
+
+    provider: Any
+    tracer: trace.Tracer
+    sampler: AdjustableRatioSampler | None = None
+    exporter: ObservedSpanExporter | None = None
+    owned: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return not isinstance(self.tracer, trace.NoOpTracer)
+
+    def set_sampling_ratio(self, ratio: float) -> bool:
+        """Apply a runtime change of ``sampling_ratio``; False when the provider is not ours to change."""
+        if self.sampler is None:
+            return False
+        self.sampler.set_ratio(ratio)
+        return True
+
+    def force_flush(self, timeout_s: float) -> bool:
+        flush = getattr(self.provider, "force_flush", None)
+        if flush is None:
+            return True
+        try:
+            return bool(flush(int(timeout_s * 1000)))
+        except Exception as exc:
+            log.warning("flushing spans failed: %r", exc)
+            return False
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Flush what is queued (bounded by ``timeout_s``), then stop the worker if the provider is ours."""
+        self.force_flush(timeout_s)
+        if self.owned:
+            try:
+                self.provider.shutdown()
+            except Exception as exc:
+                log.warning("tracer provider shutdown failed: %r", exc)
+
+
+def build_tracing(
+    config: Any,
+    *,
+    tracer_provider: Any = None,
+    exporter: SpanExporter | None = None,
+    on_export_failure: Callable[[int], None] | None = None,
+    on_health: Callable[[str | None], None] | None = None,
+    log_period_s: float = LOG_PERIOD_S,
+) -> Tracing:
+    """Tracing for one app from ``telemetry.tracing``.
+
+    ``tracer_provider`` given: use it as is (the caller owns it). Tracing disabled: a no-op tracer, nothing
+    recorded or exported. Otherwise a new SDK provider with the parent-based ratio sampler and a batch processor
+    around the OTLP exporter (or ``exporter``, wrapped the same way).
+    """
+    if tracer_provider is not None:
+        return Tracing(tracer_provider, tracer_provider.get_tracer(INSTRUMENTATION_NAME), owned=False)
+    if not config.enabled:
+        return Tracing(None, trace.NoOpTracer(), owned=False)
+    sampler = AdjustableRatioSampler(config.sampling_ratio)
+    resource = Resource.create({"service.name": config.service_name})
+    provider = TracerProvider(resource=resource, sampler=ParentBased(root=sampler), shutdown_on_exit=False)
+    inner = exporter if exporter is not None else make_exporter(config)
+    _limit_exporter_logs(log_period_s)
+    observed = ObservedSpanExporter(
+        inner, endpoint=config.endpoint, on_failure=on_export_failure, on_health=on_health, log_period_s=log_period_s
+    )
+    queue = config.max_queue_size
+    provider.add_span_processor(
+        BatchSpanProcessor(
+            observed,
+            max_queue_size=queue,
+            max_export_batch_size=min(512, queue),
+            export_timeout_millis=config.export_timeout_s * 1000,
+        )
+    )
+    return Tracing(provider, provider.get_tracer(INSTRUMENTATION_NAME), sampler, observed, owned=True)
+
+
+def extract_context(headers: Mapping[str, str]) -> Context:
+    """The W3C trace context of incoming headers (``traceparent``/``tracestate``); empty when absent or invalid."""
+    return _PROPAGATOR.extract(headers)
+
+
+def inject_headers(headers: MutableMapping[str, str], context: Context | None = None) -> MutableMapping[str, str]:
+    """Add ``traceparent``/``tracestate`` of ``context`` (default: the current one) to outgoing headers."""
+    _PROPAGATOR.inject(headers, context=context)
+    return headers
+
+
+__all__ = [
+    "INSTRUMENTATION_NAME",
+    "AdjustableRatioSampler",
+    "ObservedSpanExporter",
+    "Tracing",
+    "TracingConfigError",
+    "build_tracing",
+    "extract_context",
+    "inject_headers",
+    "make_exporter",
+]

@@ -1,0 +1,193 @@
+"""Tracing: the sampler, export failure handling with the real OTLP exporter, and the span tree a real OTLP/HTTP
+receiver sees for a workflow request through the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from test_server_support import OtlpReceiver, attrs, echo_config, free_port, poll, running_app
+
+from orchestrator.config import TracingConfig
+from orchestrator.tracing import (
+    AdjustableRatioSampler,
+    ObservedSpanExporter,
+    build_tracing,
+    extract_context,
+    inject_headers,
+    make_exporter,
+)
+
+pytestmark = pytest.mark.timeout(120)
+TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+PARENT_ID = 0x00F067AA0BA902B7
+TRACEPARENT = f"00-{TRACE_ID:032x}-{PARENT_ID:016x}-01"
+SERVER, INTERNAL = 2, 1
+
+
+@pytest.fixture
+async def receiver():
+    r = await OtlpReceiver().start()
+    yield r
+    await r.stop()
+
+
+def test_ratio_sampler_changes_at_runtime_and_parents_win():
+    sampler = AdjustableRatioSampler(0.0)
+    provider = TracerProvider(sampler=ParentBased(root=sampler), shutdown_on_exit=False)
+    tracer = provider.get_tracer("t")
+    assert not tracer.start_span("root").is_recording()
+    parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(TRACE_ID, PARENT_ID, True, TraceFlags(1))))
+    assert tracer.start_span("child", context=parent).is_recording()  # a sampled parent is followed
+    sampler.set_ratio(1.0)
+    assert tracer.start_span("root").is_recording()
+    with pytest.raises(ValueError):
+        sampler.set_ratio(1.5)
+
+
+def test_w3c_context_in_and_out():
+    ctx = extract_context({"traceparent": TRACEPARENT})
+    span_context = trace.get_current_span(ctx).get_span_context()
+    assert (span_context.trace_id, span_context.span_id) == (TRACE_ID, PARENT_ID)
+    headers = inject_headers({}, ctx)
+    assert headers["traceparent"] == TRACEPARENT
+    assert not trace.get_current_span(extract_context({"traceparent": "garbage"})).get_span_context().is_valid
+
+
+def test_disabled_tracing_is_a_no_op():
+    tracing = build_tracing(TracingConfig(enabled=False))
+    assert not tracing.enabled
+    assert not tracing.tracer.start_span("x").is_recording()
+
+
+def test_grpc_exporter_is_built_for_grpc_protocol():
+    exporter = make_exporter(TracingConfig(protocol="grpc", endpoint="http://127.0.0.1:4317"))
+    assert type(exporter).__module__.startswith("opentelemetry.exporter.otlp.proto.grpc")
+    exporter.shutdown()
+    with pytest.raises(ValueError):
+        make_exporter(TracingConfig(endpoint="not a url"))
+
+
+async def test_export_failures_are_counted_logged_once_and_recover(receiver, caplog):
+    config = TracingConfig(endpoint=f"http://127.0.0.1:{free_port()}/v1/traces", export_timeout_s=0.5)
+    failures: list[int] = []
+    health: list[str | None] = []
+    down = ObservedSpanExporter(make_exporter(config), endpoint=config.endpoint, on_failure=failures.append,
+                                on_health=health.append, log_period_s=3600)
+    span = TracerProvider(shutdown_on_exit=False).get_tracer("t").start_span("s")
+    span.end()
+    with caplog.at_level(logging.WARNING, logger="orchestrator.tracing"):
+        for _ in range(3):
+            assert await asyncio.to_thread(down.export, [span]) is SpanExportResult.FAILURE
+    assert failures == [1, 1, 1] and down.failing
+    assert len([r for r in caplog.records if r.name == "orchestrator.tracing"]) == 1  # once per period
+    assert "failing" in health[-1]
+    # Same wrapper logic around an exporter that reaches a live receiver: success clears the problem.
+    up = ObservedSpanExporter(make_exporter(TracingConfig(endpoint=receiver.endpoint)), on_health=health.append)
+    up.failing = True
+    assert await asyncio.to_thread(up.export, [span]) is SpanExportResult.SUCCESS
+    assert health[-1] is None and not up.failing
+    down.shutdown()
+    up.shutdown()
+
+
+def traced_config(tmp_path, endpoint: str, **extra):
+    return echo_config(tmp_path, telemetry={"tracing": {"enabled": True, "endpoint": endpoint, "export_timeout_s": 1.0}},
+                       **extra)
+
+
+async def flushed(state, receiver, trace_id: bytes, count: int):
+    async def enough():
+        await asyncio.to_thread(state.tracing.force_flush, 5.0)
+        return len(receiver.by_trace(trace_id)) >= count and receiver.by_trace(trace_id)
+    return await poll(enough, what=f"{count} spans at the receiver")
+
+
+async def test_workflow_span_tree_reaches_a_real_otlp_receiver(tmp_path, receiver):
+    config = traced_config(tmp_path, receiver.endpoint)
+    async with running_app(config) as (client, state):
+        resp = await client.post("/v1/workflows/embed_then_generate", headers={"traceparent": TRACEPARENT}, json={
+            "parameters": {"query": "which colour", "documents": ["red green", "one two", "blue sky"],
+                           "embed_model": "echo-embed", "generate_model": "echo", "max_new_tokens": 4}})
+        body = await resp.json()
+        assert resp.status == 200 and body["status"] == "success", body
+        trace_id = TRACE_ID.to_bytes(16, "big")
+        spans = await flushed(state, receiver, trace_id, 6)
+    by_id = {s.span_id: s for s in spans}
+    roots = [s for s in spans if s.parent_span_id == PARENT_ID.to_bytes(8, "big")]
+    assert len(roots) == 1
+    root = roots[0]
+    assert root.kind == SERVER and root.name == "POST /v1/workflows/{name}"
+    ra = attrs(root)
+    assert ra["gen_ai.operation.name"] == "workflow" and ra["muai.request"] is True
+    # A workflow names itself (docs/sidecar-api.md): no gen_ai.request.model on its root; the models it used.
+    assert "gen_ai.request.model" not in ra and ra["muai.workflow"] == "embed_then_generate"
+    assert ra["muai.workflow.models"] == ["echo-embed", "echo"]
+    assert ra["http.response.status_code"] == 200 and ra["http.request.method"] == "POST"
+    workflow = [s for s in spans if s.parent_span_id == root.span_id]
+    assert [s.name for s in workflow] == ["workflow embed_then_generate"]
+    steps = sorted((s for s in spans if s.parent_span_id == workflow[0].span_id), key=lambda s: s.start_time_unix_nano)
+    assert [s.name for s in steps] == ["workflow.step embed", "workflow.step retrieve", "workflow.step generate"]
+    inference = [s for s in spans if attrs(s).get("muai.batch_size") is not None]
+    assert sorted(s.name for s in inference) == ["embeddings echo-embed", "text_completion echo"]
+    for span in inference:
+        parent = by_id[span.parent_span_id]
+        assert parent.name in ("workflow.step embed", "workflow.step generate")
+        a = attrs(span)
+        assert span.kind == INTERNAL
+        assert a["gen_ai.request.model"] in ("echo", "echo-embed") and a["muai.engine"] == "echo"
+        assert a["muai.fallback"] is False and a["gen_ai.usage.input_tokens"] >= 1
+        assert span.end_time_unix_nano >= span.start_time_unix_nano
+    generate = next(s for s in inference if s.name == "text_completion echo")
+    ga = attrs(generate)
+    assert by_id[generate.parent_span_id].name == "workflow.step generate"
+    assert ga["gen_ai.usage.output_tokens"] >= 1 and ga["muai.cache_hit"] is False
+    assert ga["gen_ai.response.finish_reasons"] in (["stop"], ["length"])
+
+
+async def test_chat_request_span_and_errors_on_the_root(tmp_path, receiver):
+    config = traced_config(tmp_path, receiver.endpoint, models=[
+        {"name": "echo", "path": str(tmp_path), "engine": "echo", "inject_delay_s": 1.0}],
+        server={"request_timeout_s": 0.3})
+    async with running_app(config) as (client, state):
+        resp = await client.post("/v1/chat/completions", headers={"traceparent": TRACEPARENT}, json={
+            "model": "echo", "messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status == 504
+        spans = await flushed(state, receiver, TRACE_ID.to_bytes(16, "big"), 1)
+    root = next(s for s in spans if s.kind == SERVER)
+    a = attrs(root)
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "echo"
+    assert a["http.response.status_code"] == 504 and a["error.type"] == "504"
+    assert root.status.code == 2  # ERROR
+
+
+async def test_rejected_requests_are_not_counted_as_requests(tmp_path, receiver):
+    async with running_app(traced_config(tmp_path, receiver.endpoint)) as (client, state):
+        resp = await client.post("/v1/completions", headers={"traceparent": TRACEPARENT}, json={"model": "nope", "prompt": "x"})
+        assert resp.status == 404
+        spans = await flushed(state, receiver, TRACE_ID.to_bytes(16, "big"), 1)
+    a = attrs(spans[0])
+    assert "gen_ai.operation.name" not in a and a["http.response.status_code"] == 404
+
+
+async def test_serving_is_unaffected_with_the_collector_down(tmp_path):
+    config = traced_config(tmp_path, f"http://127.0.0.1:{free_port()}/v1/traces")
+    async with running_app(config) as (client, state):
+        for _ in range(5):
+            resp = await client.post("/v1/completions", json={"model": "echo", "prompt": "a b"})
+            assert resp.status == 200
+        await asyncio.to_thread(state.tracing.force_flush, 5.0)
+
+        async def reported():
+            body = await (await client.get("/health/ready")).json()
+            return any("trace export" in d for d in body["degraded"]) and body
+        body = await poll(reported, what="the exporter failure in readiness")
+        assert body["ready"] is True
+        failures = state.metrics.registry.get_sample_value("muai_telemetry_export_failures_total", {"signal": "traces"})
+        assert failures >= 1
