@@ -1115,9 +1115,8 @@ async def admin_unload_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in state.manager.models():
         raise err.unknown_model(name, state.manager.models())
-    unloaded = state.manager.unload_model(name)
-    if inspect.isawaitable(unloaded):
-        unloaded = await unloaded
+    # The async unload lets a running batch finish and keeps the engine shutdown off the event loop.
+    unloaded = await state.manager.aunload_model(name)
     state.engines.pop(name, None)
     return web.json_response({"model": name, "unloaded": bool(unloaded)})
 

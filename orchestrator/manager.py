@@ -1,0 +1,855 @@
+"""The Model Manager: registered models, each served by a fallback chain of engines, with lifecycle and telemetry.
+
+The existing contract is kept (13.4): ``register_model``, ``load_model(name, device=None, backend_override=None)``,
+``get_model``, ``unload_model``, ``unload_all``, ``is_loaded`` and the blocking ``infer(model_name, inputs,
+**kwargs)``. The server uses the async API: ``generate``, ``generate_stream``, ``embed``, ``aload_model``,
+``status``, ``end_conversation``, ``apply_config`` and ``aclose``.
+
+Each model gets an ``adapters.fallback.FallbackChain`` built from ``engines.preference`` (a model's ``engine``
+forces that engine first, with torch behind it) and the per-engine settings. Requests to engines without
+continuous batching of their own go through one dynamic batcher per model when ``batching.enabled``; otherwise,
+and for engines that batch by themselves (vLLM), each request goes to the engine on its own. With every optimisation
+off (batching off, KV cache off, preference ``["torch"]``) this is plain transformers inference (13.1).
+
+Telemetry: each request gets an ``INTERNAL`` inference span (GenAI attributes plus ``muai.*``), parented to the
+span that was current when the request was submitted, even across the batcher's asyncio boundary; attributes are
+built only when the span records. Lifecycle events (``load_start``, ``load_ok``, ``load_fail``, ``unload``,
+``fallback``) go to ``on_event``, batch sizes to ``on_batch(model, engine, size)``, fallbacks also to
+``on_fallback(event)``. Hooks never break serving: their errors are logged.
+
+Not done: a memory budget across resident models (LRU unloading of non-preloaded models); every registered model
+that is loaded stays loaded until unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from adapters.base import (
+    EmbeddingResult,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    ModelSpec,
+    SamplingParams,
+    StreamChunk,
+)
+from orchestrator.batcher import Batcher, Submission
+from orchestrator.config import ENGINE_NAMES, ModelConfig
+from orchestrator.errors import (
+    ModelLoadFailedError,
+    ModelNotReadyError,
+    MuaiError,
+    UnknownModelError,
+)
+
+log = logging.getLogger(__name__)
+
+ModelState = Literal["unloaded", "loading", "ready", "failed"]
+EventKind = Literal["load_start", "load_ok", "load_fail", "unload", "fallback"]
+TRACER_NAME = "muai.orchestrator"
+OP_GENERATE = "text_completion"
+OP_EMBED = "embeddings"
+PROBE_CACHE_S = 300.0
+
+
+class ModelConfigError(MuaiError, ValueError):
+    """A model cannot be registered (a name clash with a loaded model, a malformed config)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEvent:
+    """One lifecycle event of a model, for metrics, logs and spans."""
+
+    kind: EventKind
+    model: str
+    engine: str | None = None
+    duration_s: float | None = None
+    error: str | None = None
+    detail: Any = None
+    """The ``FallbackEvent`` for ``fallback``."""
+
+
+@dataclass(eq=False)
+class ManagedModel:
+    """A registered model: its config, its state and, once loaded, the fallback chain that serves it."""
+
+    config: ModelConfig
+    state: ModelState = "unloaded"
+    error: str | None = None
+    spec: ModelSpec | None = None
+    chain: Any = None
+    batcher: Batcher | None = None
+    load_duration_s: float | None = None
+    preference: tuple[str, ...] = ()
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def task(self) -> str:
+        return self.config.task
+
+    @property
+    def engine_name(self) -> str | None:
+        return self.chain.engine_name if self.chain is not None else None
+
+    @property
+    def engine(self) -> Any:
+        """The engine serving now (changes on fallback)."""
+        return self.chain.active_engine if self.chain is not None else None
+
+    @property
+    def loaded(self) -> bool:
+        return self.state == "ready"
+
+
+def _call_hook(hook: Callable[..., Any] | None, *args: Any) -> None:
+    if hook is None:
+        return
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("model manager hook %r failed", getattr(hook, "__name__", hook))
+
+
+class _SyncRunner:
+    """A private event loop on its own thread for the blocking API (``infer``, ``Workflow.execute``)."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, coro: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            coro.close()
+            raise MuaiError("this call blocks; from async code use the manager's async API (await manager.generate)")
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="muai-manager-sync", daemon=True)
+                self._thread.start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        with self._lock:
+            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            if thread is not None:
+                thread.join(timeout=10)
+            loop.close()
+
+
+class ModelManager:
+    """Registered models, their engines and lifecycle; the one way the server and workflows reach a model."""
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        on_event: Callable[[ModelEvent], None] | None = None,
+        tracer: trace.Tracer | None = None,
+        engine_factory: Callable[..., Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_batch: Callable[[str, str, int], None] | None = None,
+        on_fallback: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.on_event = on_event
+        self.on_batch = on_batch
+        self.on_fallback = on_fallback
+        self.tracer = tracer if tracer is not None else trace.get_tracer(TRACER_NAME)
+        self._tracer_given = tracer is not None
+        self._engine_factory = engine_factory
+        self._clock = clock
+        self._models: dict[str, ManagedModel] = {}
+        self._lock = threading.RLock()
+        self._sync = _SyncRunner()
+        self._adhoc: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._probed: dict[str, tuple[float, dict[str, Any]]] = {}
+        # One byte budget for every model's conversation state (requirement 7.3), shared by their engines.
+        self._kv_cache = self._shared_kv_cache(config)
+        for model in config.models:
+            self.register_model(model)
+
+    # -- registry -------------------------------------------------------------------------------------------------
+
+    def register_model(self, model_config: ModelConfig | Mapping[str, Any]) -> ManagedModel:
+        """Register (or re-register, when not loaded) a model; loading is a separate step."""
+        try:
+            cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.model_validate(model_config)
+        except ValueError as exc:
+            raise ModelConfigError(f"invalid model config: {exc}") from exc
+        with self._lock:
+            existing = self._models.get(cfg.name)
+            if existing is not None:
+                if existing.config == cfg:
+                    return existing
+                if existing.state in ("ready", "loading"):
+                    raise ModelConfigError(f"model {cfg.name!r} is {existing.state}; unload it before changing its config")
+            managed = self._models[cfg.name] = ManagedModel(cfg)
+            return managed
+
+    def models(self) -> list[str]:
+        """Registered model names, in registration order."""
+        return list(self._models)
+
+    def _managed(self, name: str) -> ManagedModel:
+        m = self._models.get(name)
+        if m is None:
+            raise UnknownModelError(name, self._models)
+        return m
+
+    def _ready(self, name: str) -> ManagedModel:
+        m = self._models.get(name)
+        if m is None:
+            raise UnknownModelError(name, self._models)
+        if m.state != "ready":
+            raise ModelNotReadyError(name, m.state, m.error or "")
+        return m
+
+    def get_model(self, name: str) -> ManagedModel:
+        """The loaded model; ``UnknownModelError`` when not registered, ``ModelNotReadyError`` when not loaded."""
+        return self._ready(name)
+
+    def is_loaded(self, name: str) -> bool:
+        m = self._models.get(name)
+        return m is not None and m.state == "ready"
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    def preference_for(self, cfg: ModelConfig, backend_override: str | None = None) -> list[str]:
+        """Engines tried for ``cfg``: a forced engine (override, or the model's ``engine``) then torch; else the
+        configured preference. Engines switched off in their section are left out."""
+        forced = backend_override or cfg.engine
+        order = [forced, "torch"] if forced else list(self.config.engines.preference)
+        out: list[str] = []
+        for name in order:
+            section = getattr(self.config.engines, name, None) if name in ENGINE_NAMES else None
+            if section is not None and not section.enabled and name != forced:
+                continue
+            if name not in out:
+                out.append(name)
+        return out
+
+    def engine_settings(self) -> dict[str, dict[str, Any]]:
+        """Each engine's settings as the plain dict its constructor takes."""
+        out: dict[str, dict[str, Any]] = {name: getattr(self.config.engines, name).model_dump() for name in ENGINE_NAMES}
+        out.setdefault("echo", {})
+        return out
+
+    def _spec(self, cfg: ModelConfig, device: str | None) -> ModelSpec:
+        from adapters.tiny import resolve_model_path
+
+        try:
+            path = resolve_model_path(cfg.path)
+        except FileNotFoundError as exc:
+            raise ModelLoadFailedError(cfg.name, str(exc)) from exc
+        options: dict[str, Any] = {"inject_delay_s": cfg.inject_delay_s}
+        if self._kv_cache is not None and cfg.task == "generate":
+            options["kv_cache"] = self._kv_cache
+        return ModelSpec(
+            name=cfg.name,
+            path=path,
+            task=cfg.task,
+            device=device or cfg.device,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            options=options,
+        )
+
+    def _shared_kv_cache(self, config: Any) -> Any:
+        from adapters.kvcache import ConversationCache
+
+        kv = config.kv_cache
+        if not kv.enabled:
+            return None
+        return ConversationCache(budget_bytes=kv.budget_bytes, idle_ttl_s=kv.idle_ttl_s, clock=self._clock)
+
+    def _emit(self, event: ModelEvent) -> None:
+        _call_hook(self.on_event, event)
+
+    def _fallback_hook(self, model: str) -> Callable[[Any], None]:
+        def hook(event: Any) -> None:
+            log.warning("model %s: fallback %s -> %s (%s)", model, getattr(event, "from_engine", "?"),
+                        getattr(event, "to_engine", "?"), getattr(event, "reason", ""))
+            self._emit(ModelEvent("fallback", model, getattr(event, "to_engine", None),
+                                  error=getattr(event, "reason", None), detail=event))
+            _call_hook(self.on_fallback, event)
+
+        return hook
+
+    def _new_chain(self, spec: ModelSpec, preference: Sequence[str]) -> Any:
+        from adapters.fallback import FallbackChain
+
+        return FallbackChain(
+            spec,
+            list(preference),
+            self.engine_settings(),
+            on_fallback=self._fallback_hook(spec.name),
+            reprobe_after_s=self.config.engines.reprobe_after_s,
+            clock=self._clock,
+            engine_factory=self._engine_factory,
+        )
+
+    def load_model(self, name: str, device: str | None = None, backend_override: str | None = None) -> ManagedModel:
+        """Load ``name`` (blocking) on the first engine of its chain that works; a loaded model is reloaded only
+        when ``device`` or ``backend_override`` asks for something else. Raises ``ModelLoadFailedError``."""
+        m = self._managed(name)
+        with m.lock:
+            preference = tuple(self.preference_for(m.config, backend_override))
+            if m.state == "ready" and device is None and (backend_override is None or m.preference == preference):
+                return m
+            if m.state == "ready":
+                self._unload_locked(m)
+            m.state, m.error = "loading", None
+            self._emit(ModelEvent("load_start", name))
+            started = self._clock()
+            chain = None
+            try:
+                spec = self._spec(m.config, device)
+                chain = self._new_chain(spec, preference)
+                chain.load()
+            except Exception as exc:
+                if chain is not None:
+                    try:
+                        chain.close()
+                    except Exception:
+                        log.exception("model %s: closing a chain that failed to load", name)
+                reason = exc.reason if isinstance(exc, ModelLoadFailedError) else str(exc)
+                m.state, m.error = "failed", reason
+                duration = max(0.0, self._clock() - started)
+                log.error("model %s failed to load in %.2fs: %s", name, duration, reason)
+                self._emit(ModelEvent("load_fail", name, duration_s=duration, error=reason))
+                if isinstance(exc, ModelLoadFailedError):
+                    raise
+                raise ModelLoadFailedError(name, reason) from exc
+            duration = max(0.0, self._clock() - started)
+            m.spec, m.chain, m.preference = spec, chain, preference
+            m.load_duration_s = duration
+            m.batcher = self._new_batcher(m) if self.config.batching.enabled else None
+            m.state = "ready"
+            log.info("model %s loaded on %s in %.2fs", name, chain.engine_name, duration)
+            self._emit(ModelEvent("load_ok", name, chain.engine_name, duration_s=duration))
+            return m
+
+    async def aload_model(self, name: str, device: str | None = None, backend_override: str | None = None) -> ManagedModel:
+        """``load_model`` on a worker thread, so the event loop keeps serving other models meanwhile."""
+        self._managed(name)
+        return await asyncio.to_thread(self.load_model, name, device, backend_override)
+
+    async def load_preloaded(self) -> dict[str, str | None]:
+        """Load every ``preload`` model, one after another; returns each one's error (None when loaded)."""
+        out: dict[str, str | None] = {}
+        for m in list(self._models.values()):
+            if m.config.preload and m.state != "ready":
+                try:
+                    await self.aload_model(m.name)
+                    out[m.name] = None
+                except ModelLoadFailedError as exc:
+                    out[m.name] = exc.reason
+        return out
+
+    def _unload_locked(self, m: ManagedModel) -> bool:
+        if m.state != "ready" or m.chain is None:
+            return False
+        engine = m.chain.engine_name
+        chain, batcher = m.chain, m.batcher
+        m.state, m.chain, m.batcher = "unloaded", None, None
+        if batcher is not None:
+            self._close_batcher_soon(batcher)
+        try:
+            chain.close()
+        except Exception:
+            log.exception("model %s: engine close failed", m.name)
+        for key in [k for k in self._adhoc if k[0] == m.name]:
+            try:
+                self._adhoc.pop(key).close()
+            except Exception:
+                log.exception("model %s: closing an ad-hoc chain failed", m.name)
+        self._emit(ModelEvent("unload", m.name, engine))
+        return True
+
+    @staticmethod
+    def _close_batcher_soon(batcher: Batcher) -> None:
+        # Requests still waiting are failed with BatcherClosedError: their engine is going away.
+        loop = batcher.loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            loop.create_task(batcher.aclose(cancel_pending=True))
+            return
+        fut = asyncio.run_coroutine_threadsafe(batcher.aclose(cancel_pending=True), loop)
+        try:
+            fut.result(timeout=10)
+        except Exception:
+            log.exception("closing batcher %s failed", batcher.name)
+
+    def unload_model(self, name: str) -> bool:
+        """Unload ``name``; False when it was not loaded."""
+        m = self._managed(name)
+        with m.lock:
+            return self._unload_locked(m)
+
+    async def aunload_model(self, name: str) -> bool:
+        """``unload_model`` on a worker thread: requests still waiting in the model's batcher get
+        ``BatcherClosedError``, the batch already running finishes, then the engine is released."""
+        self._managed(name)
+        return await asyncio.to_thread(self.unload_model, name)
+
+    def unload_all(self) -> int:
+        """Unload every loaded model; the number unloaded."""
+        return sum(self.unload_model(name) for name in list(self._models))
+
+    # -- async serving API ----------------------------------------------------------------------------------------
+
+    def _new_batcher(self, m: ManagedModel) -> Batcher:
+        name = m.name
+
+        async def run_batch(subs: Sequence[Submission]) -> list[Any]:
+            return await self._run_submissions(m, subs)
+
+        return Batcher.from_config(
+            run_batch,
+            self.config.batching,
+            capture_context=otel_context.get_current,
+            error_of=_batch_result_error,
+            name=name,
+        )
+
+    def _batcher_for(self, m: ManagedModel) -> Batcher | None:
+        b = m.batcher
+        if b is None or m.chain.capabilities.continuous_batching:
+            return None
+        loop = b.loop
+        # A batcher serves the loop it started on; a caller on another loop (the blocking API) goes direct.
+        if loop is not None and loop is not asyncio.get_running_loop():
+            return None
+        return b
+
+    async def generate(self, name: str, request: GenerationRequest) -> GenerationResult:
+        """Generate for one request; raises the request's own ``EngineError`` when it failed."""
+        m = self._ready(name)
+        if m.task != "generate":
+            raise ModelNotReadyError(name, m.state, f"model {name!r} is an {m.task} model; it does not generate")
+        b = self._batcher_for(m)
+        if b is not None:
+            return await b.submit(request, key=(OP_GENERATE, request.sampling.batch_key()), length=len(request.prompt))
+        (result,) = await self._infer(m, OP_GENERATE, [request], [None], None)
+        if result.error is not None:
+            raise result.error
+        return result
+
+    async def embed(self, name: str, texts: Sequence[str]) -> list[EmbeddingResult]:
+        """Embed ``texts`` (one request); raises the first text's ``EngineError`` when one failed."""
+        m = self._ready(name)
+        if m.task != "embed":
+            raise ModelNotReadyError(name, m.state, f"model {name!r} is a {m.task} model; it does not embed")
+        texts = list(texts)
+        b = self._batcher_for(m)
+        if b is not None:
+            return await b.submit(texts, key=(OP_EMBED,), length=max((len(t) for t in texts), default=0))
+        results = await self._infer(m, OP_EMBED, [texts], [None], None)
+        err = _embed_error(results[0])
+        if err is not None:
+            raise err
+        return results[0]
+
+    async def generate_stream(self, name: str, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """Stream one request's completion (not batched); one inference span covers the whole stream."""
+        m = self._ready(name)
+        if m.task != "generate":
+            raise ModelNotReadyError(name, m.state, f"model {name!r} is an {m.task} model; it does not generate")
+        chain = m.chain
+        engine_before = chain.engine_name
+        span = self.tracer.start_span(f"{OP_GENERATE} {name}", kind=SpanKind.INTERNAL)
+        recording = span.is_recording()
+        last: StreamChunk | None = None
+        try:
+            async for chunk in chain.generate_stream(request):
+                last = chunk
+                yield chunk
+        except BaseException as exc:
+            if recording and not isinstance(exc, GeneratorExit):
+                span.set_attribute("error.type", _error_type(exc))
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+            raise
+        finally:
+            if recording:
+                attrs = self._base_attrs(m, OP_GENERATE, engine_before, 1)
+                if last is not None:
+                    attrs["gen_ai.usage.input_tokens"] = last.prompt_tokens
+                    attrs["gen_ai.usage.output_tokens"] = last.completion_tokens
+                    if last.finish_reason:
+                        attrs["gen_ai.response.finish_reasons"] = (last.finish_reason,)
+                attrs["muai.streaming"] = True
+                span.set_attributes(attrs)
+            span.end()
+            _call_hook(self.on_batch, name, chain.engine_name, 1)
+
+    async def _run_submissions(self, m: ManagedModel, subs: Sequence[Submission]) -> list[Any]:
+        op = subs[0].key[0]
+        now = asyncio.get_running_loop().time()
+        waits = [max(0.0, now - s.arrived) for s in subs]
+        return await self._infer(m, op, [s.request for s in subs], [s.context for s in subs], waits)
+
+    async def _infer(
+        self,
+        m: ManagedModel,
+        op: str,
+        payloads: Sequence[Any],
+        contexts: Sequence[Any],
+        waits: Sequence[float] | None,
+    ) -> list[Any]:
+        """One engine call for ``payloads`` (requests, or text lists for embeddings), with one span per request."""
+        chain = m.chain
+        if chain is None:
+            raise ModelNotReadyError(m.name, m.state, m.error or "")
+        engine_before = chain.engine_name
+        if self._tracing_off():
+            spans: list[Any] = [None] * len(contexts)
+        else:
+            tracer, name = self.tracer, f"{op} {m.name}"
+            spans = [tracer.start_span(name, context=ctx, kind=SpanKind.INTERNAL) for ctx in contexts]
+            spans = [s if s.is_recording() else None for s in spans]
+        size = len(payloads)
+        try:
+            if op == OP_GENERATE:
+                results: list[Any] = list(await chain.generate(list(payloads)))
+                n_results = len(results)
+            else:
+                flat = [t for texts in payloads for t in texts]
+                vectors = list(await chain.embed(flat)) if flat else []
+                n_results = len(vectors)
+                results, i = [], 0
+                if n_results == len(flat):
+                    for texts in payloads:
+                        results.append(vectors[i:i + len(texts)])
+                        i += len(texts)
+            if n_results != (size if op == OP_GENERATE else sum(len(t) for t in payloads)):
+                raise EngineError(
+                    f"model {m.name!r}: engine {chain.engine_name} returned {n_results} results for "
+                    f"{size if op == OP_GENERATE else sum(len(t) for t in payloads)} inputs",
+                    engine=chain.engine_name, model=m.name, retryable=False,
+                )
+        except BaseException as exc:
+            for span in spans:
+                if span is not None:
+                    span.set_attributes(self._base_attrs(m, op, engine_before, size))
+                    span.set_attribute("error.type", _error_type(exc))
+                    span.set_status(Status(StatusCode.ERROR, str(exc)))
+                    span.end()
+            _call_hook(self.on_batch, m.name, chain.engine_name, size)
+            raise
+        engine = chain.engine_name
+        for i, span in enumerate(spans):
+            if span is None:
+                continue
+            attrs = self._base_attrs(m, op, engine_before, size)
+            attrs["muai.engine"] = engine
+            if waits is not None:
+                attrs["muai.batch_wait_s"] = waits[i]
+            result = results[i]
+            err: BaseException | None
+            if op == OP_GENERATE:
+                req = payloads[i]
+                sp = req.sampling
+                attrs.update({
+                    "gen_ai.request.max_tokens": sp.max_new_tokens,
+                    "gen_ai.request.temperature": sp.temperature,
+                    "gen_ai.request.top_p": sp.top_p,
+                    "gen_ai.usage.input_tokens": result.prompt_tokens,
+                    "gen_ai.usage.output_tokens": result.completion_tokens,
+                    "gen_ai.response.finish_reasons": (result.finish_reason,),
+                    "muai.cache_hit": bool(result.cache_hit),
+                })
+                if result.cached_tokens:
+                    attrs["muai.cached_tokens"] = result.cached_tokens
+                err = result.error
+            else:
+                attrs["gen_ai.usage.input_tokens"] = sum(r.prompt_tokens for r in result)
+                err = _embed_error(result)
+            span.set_attributes(attrs)
+            if err is not None:
+                span.set_attribute("error.type", _error_type(err))
+                span.set_status(Status(StatusCode.ERROR, str(err)))
+            span.end()
+        _call_hook(self.on_batch, m.name, engine, size)
+        return results
+
+    def _tracing_off(self) -> bool:
+        # No tracer given and no SDK provider installed globally: every span would be a no-op, so skip making
+        # them (a microsecond per request on the batched path). Checked per call: a provider may be set later.
+        return not self._tracer_given and isinstance(
+            trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+        )
+
+    def _base_attrs(self, m: ManagedModel, op: str, engine_before: str, size: int) -> dict[str, Any]:
+        chain = m.chain
+        engine = chain.engine_name if chain is not None else engine_before
+        degraded = bool(getattr(chain, "degraded_reasons", None)) if chain is not None else False
+        return {
+            "gen_ai.operation.name": op,
+            "gen_ai.request.model": m.name,
+            "muai.engine": engine,
+            "muai.batch_size": size,
+            "muai.fallback": engine != engine_before or degraded,
+        }
+
+    # -- blocking API (existing contract) -------------------------------------------------------------------------
+
+    def run_sync(self, coro: Any) -> Any:
+        """Run a coroutine of this manager from blocking code (not from inside an event loop)."""
+        return self._sync.run(coro)
+
+    def infer(self, model_name: str, inputs: str | Sequence[str], **kwargs: Any) -> Any:
+        """Blocking inference, the existing contract: a string in, a string (or an embedding) out; a list in, a
+        list out, run as one engine batch. Keyword arguments: ``max_new_tokens``, ``temperature``, ``top_p``,
+        ``stop``, ``seed``, ``engine_preference`` (engines to try for this call, e.g. ``["onnxruntime", "torch"]``).
+        """
+        m = self._ready(model_name)
+        single = isinstance(inputs, str)
+        items = [inputs] if single else list(inputs)
+        preference = kwargs.pop("engine_preference", None)
+        sampling_keys = {"max_new_tokens", "temperature", "top_p", "stop", "seed"}
+        unknown = set(kwargs) - sampling_keys
+        if unknown:
+            raise TypeError(f"infer() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        if "stop" in kwargs and kwargs["stop"] is not None:
+            kwargs["stop"] = (kwargs["stop"],) if isinstance(kwargs["stop"], str) else tuple(kwargs["stop"])
+        target = self._with_preference(m, preference) if preference else m
+        if m.task == "generate":
+            sampling = SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
+            requests = [GenerationRequest(p, sampling) for p in items]
+            results = self.run_sync(self._infer(target, OP_GENERATE, requests, [None] * len(requests), None))
+            for r in results:
+                if r.error is not None:
+                    raise r.error
+            texts = [r.text for r in results]
+            return texts[0] if single else texts
+        (vectors,) = self.run_sync(self._infer(target, OP_EMBED, [items], [None], None))
+        err = _embed_error(vectors)
+        if err is not None:
+            raise err
+        out = [v.vector for v in vectors]
+        return out[0] if single else out
+
+    def _with_preference(self, m: ManagedModel, preference: Iterable[str]) -> ManagedModel:
+        pref = tuple(preference)
+        if m.chain is not None and pref and m.chain.engine_name == pref[0]:
+            return m
+        key = (m.name, pref)
+        with self._lock:
+            chain = self._adhoc.get(key)
+            if chain is None:
+                assert m.spec is not None
+                chain = self._new_chain(m.spec, pref)
+                try:
+                    chain.load()
+                except Exception as exc:
+                    raise ModelLoadFailedError(m.name, f"with engine preference {list(pref)}: {exc}") from exc
+                self._adhoc[key] = chain
+        view = ManagedModel(m.config, state="ready", spec=m.spec, chain=chain, preference=pref)
+        return view
+
+    # -- operations -----------------------------------------------------------------------------------------------
+
+    def end_conversation(self, conversation_id: str) -> bool:
+        """Release a conversation's cached state on every model; True when something was released."""
+        released = False
+        for m in list(self._models.values()):
+            chain = m.chain
+            if chain is not None and m.state == "ready":
+                try:
+                    released = bool(chain.end_conversation(conversation_id)) or released
+                except Exception:
+                    log.exception("model %s: end_conversation failed", m.name)
+        return released
+
+    def _engines_status(self) -> dict[str, Any]:
+        """Availability per engine: what the loaded models' chains found (live), and for engines no chain holds,
+        a registry probe cached for a while (probing may import an engine library: not on every health check)."""
+        out: dict[str, Any] = {}
+        for m in list(self._models.values()):
+            chain = m.chain
+            if chain is None:
+                continue
+            try:
+                engines = chain.status().get("engines", {})
+            except Exception:
+                continue
+            for name, st in engines.items():
+                if name not in out and st.get("available") is not None:
+                    out[name] = {"available": bool(st["available"]), "reason": st.get("reason") or None}
+        wanted = [*self.config.engines.preference, *(e for m in self._models.values() for e in m.preference)]
+        now = self._clock()
+        settings: dict[str, dict[str, Any]] | None = None
+        for name in dict.fromkeys(wanted):
+            if name in out:
+                continue
+            probed = self._probed.get(name)
+            if probed is None or now - probed[0] >= PROBE_CACHE_S:
+                from adapters import registry
+
+                settings = settings or self.engine_settings()
+                av = registry.probe(name, settings.get(name, {}))
+                probed = self._probed[name] = (now, {"available": av.ok, "reason": av.reason or None})
+            out[name] = probed[1]
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """Per model: state, engine, degraded reasons, batching; per engine: availability and why not."""
+        models: dict[str, Any] = {}
+        for m in list(self._models.values()):
+            chain = m.chain
+            entry: dict[str, Any] = {
+                "state": m.state,
+                "task": m.task,
+                "engine": chain.engine_name if chain is not None else None,
+                "degraded_reasons": list(getattr(chain, "degraded_reasons", []) or []) if chain is not None else [],
+                "error": m.error,
+                "required": m.config.required,
+                "preload": m.config.preload,
+                "load_duration_s": m.load_duration_s,
+            }
+            entry["degraded"] = bool(entry["degraded_reasons"])
+            if chain is not None:
+                try:
+                    entry["chain"] = chain.status()
+                except Exception as exc:
+                    entry["chain"] = {"error": str(exc)}
+            b = m.batcher
+            if b is not None:
+                st = b.stats()
+                entry["batching"] = {
+                    "batch_size": st.policy.batch_size,
+                    "batch_timeout_s": st.policy.batch_timeout_s,
+                    "pending": st.policy.pending,
+                    "in_flight": st.in_flight,
+                    "batches": st.policy.batches,
+                    "requests": st.policy.dispatched,
+                }
+            models[m.name] = entry
+        return {"models": models, "engines": self._engines_status()}
+
+    def batcher(self, name: str) -> Batcher | None:
+        """The model's dynamic batcher (None when batching is off or the model is not loaded)."""
+        return self._managed(name).batcher
+
+    def apply_config(self, new_config: Any) -> list[str]:
+        """Apply runtime changes (batch limits, KV-cache budget and idle TTL, ``inject_delay_s``); returns what
+        changed. Critical keys are the config loader's business (``muai.config.apply_update`` refuses them)."""
+        old, self.config = self.config, new_config
+        changed: list[str] = []
+        ob, nb = old.batching, new_config.batching
+        limits = {
+            k: getattr(nb, k)
+            for k in ("max_batch_size", "min_batch_size", "batch_timeout_s", "adaptive", "length_bucketing")
+            if getattr(ob, k) != getattr(nb, k)
+        }
+        if limits:
+            changed += [f"batching.{k}" for k in limits]
+            for m in list(self._models.values()):
+                if m.batcher is not None:
+                    m.batcher.set_limits(**limits)
+        engine_changes: dict[str, Any] = {}
+        if old.kv_cache.budget_bytes != new_config.kv_cache.budget_bytes:
+            changed.append("kv_cache.budget_bytes")
+            if self._kv_cache is not None:
+                self._kv_cache.set_budget(new_config.kv_cache.budget_bytes)
+            else:
+                engine_changes["kv_cache_budget_bytes"] = new_config.kv_cache.budget_bytes
+        if old.kv_cache.idle_ttl_s != new_config.kv_cache.idle_ttl_s:
+            changed.append("kv_cache.idle_ttl_s")
+            if self._kv_cache is not None:
+                self._kv_cache.set_idle_ttl(new_config.kv_cache.idle_ttl_s)
+        new_models = {mc.name: mc for mc in new_config.models}
+        for m in list(self._models.values()):
+            per_model = dict(engine_changes)
+            mc = new_models.get(m.name)
+            if mc is not None and mc.inject_delay_s != m.config.inject_delay_s:
+                per_model["inject_delay_s"] = mc.inject_delay_s
+                changed.append(f"models.{m.name}.inject_delay_s")
+                # ModelConfig is frozen; the model keeps the config it will be reloaded with.
+                m.config = mc
+            if per_model and m.chain is not None:
+                self._reconfigure(m, per_model)
+        return changed
+
+    @staticmethod
+    def _reconfigure(m: ManagedModel, changes: dict[str, Any]) -> None:
+        chain = m.chain
+        target = chain if hasattr(chain, "reconfigure") else chain.active_engine
+        fn = getattr(target, "reconfigure", None)
+        if fn is None:
+            return
+        try:
+            fn(**changes)
+        except Exception:
+            log.exception("model %s: reconfigure %s failed", m.name, sorted(changes))
+
+    async def aclose(self) -> None:
+        """Finish waiting batches, unload every model and stop the blocking API's loop."""
+        batchers = [m.batcher for m in self._models.values() if m.batcher is not None]
+        running = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(b.aclose() for b in batchers if b.loop is None or b.loop is running), return_exceptions=True
+        )
+        await asyncio.to_thread(self._close_sync)
+
+    def close(self) -> None:
+        """Blocking close, for code without an event loop."""
+        self._close_sync()
+
+    def _close_sync(self) -> None:
+        self.unload_all()
+        with self._lock:
+            for chain in self._adhoc.values():
+                try:
+                    chain.close()
+                except Exception:
+                    log.exception("closing an ad-hoc chain failed")
+            self._adhoc.clear()
+        self._sync.close()
+
+
+def _batch_result_error(result: Any) -> BaseException | None:
+    if isinstance(result, list):
+        return _embed_error(result)
+    return result.error
+
+
+def _embed_error(results: Sequence[EmbeddingResult]) -> BaseException | None:
+    for r in results:
+        if r.error is not None:
+            return r.error
+    return None
+
+
+def _error_type(exc: BaseException) -> str:
+    return type(exc).__qualname__
+
+
+__all__ = ["ManagedModel", "ModelConfigError", "ModelEvent", "ModelManager", "ModelState"]
