@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from alerting_helpers import ManualClock, Receiver, start_receiver
+from support.clock import ManualClock
+from support.receiver import WebhookReceiver
 
 
 @pytest.fixture
@@ -14,8 +15,6 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    runner = await start_receiver(rec)
-    yield rec
-    await runner.cleanup()
+async def receiver() -> AsyncIterator[WebhookReceiver]:
+    async with WebhookReceiver() as rec:
+        yield rec

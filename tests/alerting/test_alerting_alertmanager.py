@@ -7,7 +7,6 @@ also the reference our webhook sink's payload is checked against.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -16,28 +15,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from alerting_helpers import Receiver, free_port, poll_async
+import yaml
+from support.procs import ALERTMANAGER, AMTOOL, NO_ALERTMANAGER, alertmanager_config, alertmanager_process
+from support.receiver import WebhookReceiver
+from support.waiting import apoll
 
 from alerting import AlertBook, AlertmanagerSink, Dispatcher, Notification, Route, webhook_payload
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-AM_BIN = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-AMTOOL = shutil.which("amtool")
-
-CONFIG = """\
-route:
-  receiver: hook
-  group_by: ['alertname']
-  group_wait: 1s
-  group_interval: 1s
-  repeat_interval: 1h
-receivers:
-  - name: hook
-    webhook_configs:
-      - url: '{url}'
-        send_resolved: true
-"""
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
@@ -47,64 +32,27 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
 
 
 @pytest.fixture
-async def alertmanager(tmp_path: Path, receiver: Receiver) -> AsyncIterator[str]:
-    if AM_BIN is None:
-        pytest.skip("prometheus-alertmanager is not installed (Debian package prometheus-alertmanager)")
+async def alertmanager(tmp_path: Path, receiver: WebhookReceiver) -> AsyncIterator[str]:
+    if ALERTMANAGER is None:
+        pytest.skip(NO_ALERTMANAGER)
     config = tmp_path / "alertmanager.yml"
-    config.write_text(CONFIG.format(url=receiver.url))
+    config.write_text(yaml.safe_dump(alertmanager_config(receiver.url, group_wait="1s")))
     if AMTOOL is not None:
         check = subprocess.run([AMTOOL, "check-config", str(config)], capture_output=True, text=True, timeout=60)
         assert check.returncode == 0, check.stdout + check.stderr
-    port = free_port()
-    log = (tmp_path / "alertmanager.log").open("w")
-    proc = subprocess.Popen(
-        [
-            AM_BIN,
-            f"--config.file={config}",
-            f"--storage.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-
-            async def ready() -> bool:
-                try:
-                    async with session.get(f"{url}/-/ready") as resp:
-                        return resp.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            async def ready_or_exited() -> bool:
-                return proc.poll() is not None or await ready()
-
-            await poll_async(ready_or_exited, what="alertmanager to become ready", timeout=30)
-            if proc.poll() is not None:
-                log.flush()
-                pytest.fail(f"alertmanager exited:\n{(tmp_path / 'alertmanager.log').read_text()}")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+    with alertmanager_process(config, tmp_path) as am:
+        await am.await_ready(timeout=30, interval=0.02)
+        yield am.url
 
 
 def test_amtool_is_present_with_the_server() -> None:
-    if AM_BIN is None:
+    if ALERTMANAGER is None:
         pytest.skip("prometheus-alertmanager is not installed")
     assert AMTOOL is not None, "amtool ships with prometheus-alertmanager"
 
 
 async def test_alert_fires_and_resolves_in_alertmanager_and_at_its_receiver(
-    alertmanager: str, receiver: Receiver
+    alertmanager: str, receiver: WebhookReceiver
 ) -> None:
     book = AlertBook(generator_url="http://127.0.0.1:9400/api/v1/alerts")
     sink = AlertmanagerSink(alertmanager, firing_ttl_s=4.0)  # re-posted every second
@@ -116,7 +64,7 @@ async def test_alert_fires_and_resolves_in_alertmanager_and_at_its_receiver(
             return await _get_json(http, f"{alertmanager}/api/v2/alerts")
 
         def poll(probe, what: str) -> Any:
-            return poll_async(probe, what=what, timeout=20.0)
+            return apoll(probe, what=what, timeout=20.0)
 
         fired = book.observe(labels, {"summary": "p95 latency of tiny-llama is anomalous"}, active=True,
                              now=time.time(), value=1.8, threshold=0.5)

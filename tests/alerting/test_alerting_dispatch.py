@@ -8,7 +8,10 @@ import json
 import logging
 
 import pytest
-from alerting_helpers import Receiver, RecordingSink, free_port, make_alert, start_receiver, wait_until
+from alerting_helpers import RecordingSink, make_alert
+from support.ports import free_port
+from support.receiver import WebhookReceiver
+from support.waiting import apoll
 
 from alerting import (
     SIGNATURE_HEADER,
@@ -33,7 +36,7 @@ def quick_throttle(**kw) -> Throttle:
     return Throttle(**{**base, **kw})
 
 
-async def test_webhook_delivers_a_signed_alertmanager_shaped_payload(receiver: Receiver) -> None:
+async def test_webhook_delivers_a_signed_alertmanager_shaped_payload(receiver: WebhookReceiver) -> None:
     book = AlertBook()
     sink = WebhookSink(receiver.url, secret="s3cret", receiver="ops", external_url="http://sidecar:9400")
     async with Dispatcher([Route(sink, policy=quick_throttle())], **FAST) as dispatcher:
@@ -45,7 +48,7 @@ async def test_webhook_delivers_a_signed_alertmanager_shaped_payload(receiver: R
         for alert in fired:
             assert alert is not None
             dispatcher.submit(alert)
-        await wait_until(lambda: dispatcher.stats()["webhook"].sent == 1, what="delivery")
+        await apoll(lambda: dispatcher.stats()["webhook"].sent == 1, what="delivery")
     (req,) = receiver.requests
     assert verify_signature("s3cret", req.body, req.headers[SIGNATURE_HEADER])
     assert not verify_signature("wrong", req.body, req.headers[SIGNATURE_HEADER])
@@ -61,19 +64,19 @@ async def test_webhook_delivers_a_signed_alertmanager_shaped_payload(receiver: R
     assert req.headers["Content-Type"] == "application/json"
 
 
-async def test_unsigned_when_no_secret(receiver: Receiver) -> None:
+async def test_unsigned_when_no_secret(receiver: WebhookReceiver) -> None:
     async with Dispatcher([Route(WebhookSink(receiver.url), policy=Passthrough(resend_interval_s=None))], **FAST) as d:
         d.submit(make_alert())
-        await wait_until(lambda: d.stats()["webhook"].sent == 1)
+        await apoll(lambda: d.stats()["webhook"].sent == 1)
     assert SIGNATURE_HEADER not in receiver.requests[0].headers
 
 
-async def test_receiver_failing_for_a_while_gets_the_notification_once(receiver: Receiver) -> None:
+async def test_receiver_failing_for_a_while_gets_the_notification_once(receiver: WebhookReceiver) -> None:
     receiver.fail_first = 3
     sink = WebhookSink(receiver.url, secret=b"k")
     async with Dispatcher([Route(sink, policy=Passthrough(resend_interval_s=None))], **FAST) as d:
         d.submit(make_alert())
-        await wait_until(lambda: d.stats()["webhook"].sent == 1, what="delivery after 500s")
+        await apoll(lambda: d.stats()["webhook"].sent == 1, what="delivery after 500s")
         stats = d.stats()["webhook"]
     assert [r.status for r in receiver.requests] == [500, 500, 500, 200]
     assert len(receiver.accepted) == 1
@@ -81,11 +84,11 @@ async def test_receiver_failing_for_a_while_gets_the_notification_once(receiver:
     assert (stats.sent, stats.failed, stats.retries, stats.dropped) == (1, 0, 3, 0)
 
 
-async def test_a_4xx_is_not_retried(receiver: Receiver) -> None:
+async def test_a_4xx_is_not_retried(receiver: WebhookReceiver) -> None:
     receiver.fail_first, receiver.fail_status = 100, 400
     async with Dispatcher([Route(WebhookSink(receiver.url), policy=Passthrough(resend_interval_s=None))], **FAST) as d:
         d.submit(make_alert())
-        await wait_until(lambda: d.stats()["webhook"].failed == 1)
+        await apoll(lambda: d.stats()["webhook"].failed == 1)
         stats = d.stats()["webhook"]
     assert len(receiver.requests) == 1 and stats.retries == 0
     assert "400" in (stats.last_error or "")
@@ -101,7 +104,7 @@ async def test_receiver_down_past_the_buffer_counts_drops_and_never_blocks() -> 
         assert d.submit(make_alert(gpu=str(i))) is None
     stats = d.stats()["webhook"]
     assert (stats.queued, stats.dropped) == (4, 46)
-    await wait_until(lambda: d.stats()["webhook"].failed == 4, what="the buffered four to fail")
+    await apoll(lambda: d.stats()["webhook"].failed == 4, what="the buffered four to fail")
     stats = d.stats()["webhook"]
     assert (stats.sent, stats.failed, stats.dropped, stats.retries) == (0, 4, 46, 4)
     assert "ClientConnectorError" in (stats.last_error or "") or "Connect" in (stats.last_error or "")
@@ -109,8 +112,7 @@ async def test_receiver_down_past_the_buffer_counts_drops_and_never_blocks() -> 
 
 
 async def test_a_stuck_receiver_never_delays_another_sink() -> None:
-    stuck = Receiver(gate=asyncio.Event())
-    runner = await start_receiver(stuck)
+    stuck = await WebhookReceiver(gate=asyncio.Event()).start()
     try:
         recorder = RecordingSink()
         slow = WebhookSink(stuck.url, name="stuck", timeout_s=0.3)
@@ -121,15 +123,15 @@ async def test_a_stuck_receiver_never_delays_another_sink() -> None:
         async with d:
             for gpu in "01":
                 d.submit(make_alert(gpu=gpu))
-                await wait_until(lambda g=gpu: any(a.labels["gpu"] == g for n in recorder.notifications
-                                                   for a in n.alerts), what=f"gpu {gpu} delivered")
+                await apoll(lambda g=gpu: any(a.labels["gpu"] == g for n in recorder.notifications
+                                              for a in n.alerts), what=f"gpu {gpu} delivered")
             assert d.stats()["stuck"].sent == 0
-            await wait_until(lambda: d.stats()["stuck"].failed >= 1, what="timeouts on the stuck sink")
+            await apoll(lambda: d.stats()["stuck"].failed >= 1, what="timeouts on the stuck sink")
             assert "TimeoutError" in (d.stats()["stuck"].last_error or "") or "timed out" in (
                 d.stats()["stuck"].last_error or "")
     finally:
         stuck.gate.set()
-        await runner.cleanup()
+        await stuck.stop()
     assert recorder.closed
 
 
@@ -150,9 +152,9 @@ async def test_log_sink_writes_one_json_line_per_notification(caplog: pytest.Log
     sink = LogSink(logger="muai.test.alerts")
     async with Dispatcher([Route(sink, policy=Passthrough(resend_interval_s=None))]) as d:
         d.submit(make_alert(at=10.0))
-        await wait_until(lambda: d.stats()["log"].sent == 1)
+        await apoll(lambda: d.stats()["log"].sent == 1)
         d.submit(make_alert(state=AlertState.RESOLVED, at=10.0, ends=20.0))
-        await wait_until(lambda: d.stats()["log"].sent == 2)
+        await apoll(lambda: d.stats()["log"].sent == 2)
     records = [r for r in caplog.records if r.name == "muai.test.alerts"]
     assert [r.levelno for r in records] == [logging.WARNING, logging.INFO]
     lines = [json.loads(r.getMessage()) for r in records]
@@ -176,7 +178,7 @@ async def test_storm_through_the_dispatcher_stays_within_the_bucket() -> None:
             s = d.stats()["recorder"]
             return s.sent + s.suppressed.get("rate_limited", 0) >= 30
 
-        await wait_until(flushed_once, what="every group's first flush")
+        await apoll(flushed_once, what="every group's first flush")
         stats = d.stats()["recorder"]
     assert stats.sent == 5 == len(recorder.notifications)
     assert stats.suppressed == {"rate_limited": 25}
@@ -230,11 +232,11 @@ def test_retry_after_parsing() -> None:
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
 
 
-async def test_a_429_is_retried(receiver: Receiver) -> None:
+async def test_a_429_is_retried(receiver: WebhookReceiver) -> None:
     receiver.fail_first, receiver.fail_status = 1, 429
     async with Dispatcher([Route(WebhookSink(receiver.url), policy=Passthrough(resend_interval_s=None))], **FAST) as d:
         d.submit(make_alert())
-        await wait_until(lambda: d.stats()["webhook"].sent == 1)
+        await apoll(lambda: d.stats()["webhook"].sent == 1)
     assert [r.status for r in receiver.requests] == [429, 200]
 
 
@@ -258,4 +260,4 @@ async def test_policies_run_on_the_injected_clock(clock) -> None:
         assert d.stats()["recorder"].queued == 0
         clock.advance(1.0)
         d.pump()
-        await wait_until(lambda: len(recorder.notifications) == 1, what="the group after group_wait")
+        await apoll(lambda: len(recorder.notifications) == 1, what="the group after group_wait")

@@ -7,7 +7,6 @@ import functools
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable
@@ -15,12 +14,10 @@ from pathlib import Path
 from types import ModuleType
 
 import yaml
+from support.procs import PROMTOOL
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "dashboards"
-PROMTOOL = shutil.which("promtool")
-AMTOOL = shutil.which("amtool")
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 NO_PROMTOOL = "promtool is not installed (Debian package prometheus, installed by scripts/bootstrap.sh)"
 NO_AMTOOL = "amtool is not installed (Debian package prometheus-alertmanager, installed by scripts/bootstrap.sh)"
 

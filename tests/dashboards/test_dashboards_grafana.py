@@ -11,7 +11,6 @@ from dashboards_helpers import (
     DASHBOARDS,
     NO_PROMTOOL,
     PROMETHEUS_BUILTINS,
-    PROMTOOL,
     build,
     exported_series,
     grouped_labels,
@@ -19,6 +18,7 @@ from dashboards_helpers import (
     metric_names,
     promtool_parse,
 )
+from support.procs import PROMTOOL
 
 UIDS = {
     "muai-overview.json": "muai-overview",

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,18 +13,26 @@ from pathlib import Path
 
 import pytest
 from dashboards_helpers import (
-    ALERTMANAGER,
-    AMTOOL,
     DASHBOARDS,
     NO_AMTOOL,
     NO_PROMTOOL,
     PROMETHEUS_BUILTINS,
-    PROMTOOL,
     exported_series,
     load_yaml,
     metric_names,
     seconds,
 )
+from support.procs import (
+    ALERTMANAGER,
+    AMTOOL,
+    NO_ALERTMANAGER,
+    NO_PROMETHEUS,
+    PROMETHEUS,
+    PROMTOOL,
+    alertmanager_process,
+    prometheus_process,
+)
+from support.waiting import poll
 
 from orchestrator.config import ServerConfig
 from sidecar import evaluation
@@ -182,12 +187,6 @@ def test_alertmanager_config_groups_and_inhibits_warning_by_critical():
     assert webhooks and all(w["url"].startswith("http://127.0.0.1:") and w["send_resolved"] for w in webhooks)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _http(url: str, body: object | None = None) -> object:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -196,54 +195,14 @@ def _http(url: str, body: object | None = None) -> object:
     return json.loads(raw) if raw else None
 
 
-def _poll(probe, *, what: str, timeout: float = 30.0, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the server exited with {proc.returncode} while waiting for {what}")
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def alertmanager(tmp_path: Path) -> Iterator[str]:
     """The real Alertmanager on a free loopback port, running the shipped example config."""
     if ALERTMANAGER is None:
-        pytest.skip("prometheus-alertmanager is not installed (Debian package prometheus-alertmanager)")
-    port = _free_port()
-    log_path = tmp_path / "alertmanager.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [ALERTMANAGER, f"--config.file={AM_CONFIG}", f"--storage.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            urllib.request.urlopen(f"{url}/-/ready", timeout=2).close()
-            return True
-        except (urllib.error.URLError, OSError):
-            return False
-
-    try:
-        try:
-            _poll(ready, what="alertmanager to become ready", proc=proc)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{log_path.read_text()}") from None
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        pytest.skip(NO_ALERTMANAGER)
+    with alertmanager_process(AM_CONFIG, tmp_path) as am:
+        am.wait_ready(timeout=30.0, interval=0.05)
+        yield am.url
 
 
 @pytest.mark.integration
@@ -263,7 +222,7 @@ def test_real_alertmanager_inhibits_a_warning_by_a_critical_on_the_same_series(a
         got = {(a["labels"]["alertname"], a["labels"]["model"]): a["status"] for a in _http(f"{alertmanager}/api/v2/alerts")}
         return got if len(got) == 3 else None
 
-    got = _poll(states, what="the three alerts in Alertmanager")
+    got = poll(states, timeout=30.0, interval=0.05, what="the three alerts in Alertmanager")
     assert got[("HighErrorRate", "tiny-llama")]["state"] == "active"
     assert got[("HighRequestLatency", "tiny-llama")]["state"] == "suppressed"
     assert got[("HighRequestLatency", "tiny-llama")]["inhibitedBy"]
@@ -273,43 +232,28 @@ def test_real_alertmanager_inhibits_a_warning_by_a_critical_on_the_same_series(a
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_real_prometheus_starts_on_the_example_config_with_its_rules_and_both_targets(tmp_path: Path):
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus is not installed (Debian package prometheus, installed by scripts/bootstrap.sh)")
-    url = f"http://127.0.0.1:{_free_port()}"
-    log_path = tmp_path / "prometheus.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [binary, f"--config.file={PROM_CONFIG}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address={url.removeprefix('http://')}"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    try:
+    if PROMETHEUS is None:
+        pytest.skip(NO_PROMETHEUS)
+    with prometheus_process(PROM_CONFIG, tmp_path) as prom:
         def rule_names() -> set[str] | None:
+            prom.check_alive()
             try:
-                groups = _http(f"{url}/api/v1/rules")["data"]["groups"]
+                groups = _http(f"{prom.url}/api/v1/rules")["data"]["groups"]
             except (urllib.error.URLError, OSError):
                 return None
             return {rule["name"] for group in groups for rule in group["rules"]} or None
 
-        try:
-            loaded = _poll(rule_names, what="prometheus to serve its rules", proc=proc)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{log_path.read_text()}") from None
+        loaded = poll(rule_names, timeout=30.0, interval=0.05, what="prometheus to serve its rules",
+                      diagnose=prom.describe)
         assert loaded == set(rules())
 
         def scrape_urls() -> dict[str, str] | None:
-            targets = _http(f"{url}/api/v1/targets")["data"]["activeTargets"]  # filled once discovery ran
+            prom.check_alive()
+            targets = _http(f"{prom.url}/api/v1/targets")["data"]["activeTargets"]  # filled once discovery ran
             found = {t["labels"]["job"]: t["scrapeUrl"] for t in targets}
             return found if {"muai-orchestrator", "muai-sidecar"} <= set(found) else None
 
-        jobs = _poll(scrape_urls, what="prometheus to discover its targets", proc=proc)
+        jobs = poll(scrape_urls, timeout=30.0, interval=0.05, what="prometheus to discover its targets",
+                    diagnose=prom.describe)
         assert jobs["muai-orchestrator"] == f"http://127.0.0.1:{ServerConfig().port}/metrics"
         assert jobs["muai-sidecar"] == f"http://127.0.0.1:{DEFAULT_PORT}/metrics"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)

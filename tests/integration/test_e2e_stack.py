@@ -39,16 +39,12 @@ import yaml
 
 from alerting import SIGNATURE_HEADER, verify_signature
 from e2e_harness import (
-    ALERTMANAGER,
     MISSING_BINARIES,
-    PROMETHEUS,
     RULES_FILE,
     Ports,
-    Process,
     Prometheus,
     QueryError,
     Receiver,
-    alertmanager_config,
     child_env,
     finite,
     load_dashboards_build,
@@ -57,6 +53,7 @@ from e2e_harness import (
     wait_for,
     write_yaml,
 )
+from support.procs import Process, alertmanager_config, alertmanager_process, prometheus_process
 
 pytestmark = [
     pytest.mark.integration,
@@ -269,21 +266,18 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     receiver = Receiver()
     config_path = write_yaml(tmp / "muai.yaml", muai_config(ports, tmp))
     prom_config = write_yaml(tmp / "prometheus.yml", prometheus_config(ports))
-    am_config = write_yaml(tmp / "alertmanager.yml", alertmanager_config(f"{ports.url('receiver')}/alertmanager"))
+    # One webhook receiver, notified at once and again a second after any change (resolutions included).
+    am_config = write_yaml(tmp / "alertmanager.yml", alertmanager_config(
+        f"{ports.url('receiver')}/alertmanager", receiver="e2e-hook", group_by=("alertname", "model", "operation"),
+    ))
     # Exporters batch spans for 5 s by default: a shorter delay gets them to the sidecar while the test waits.
     orchestrator_env = child_env(OTEL_BSP_SCHEDULE_DELAY="100")
     processes = {
         "sidecar": Process("sidecar", muai_argv("sidecar", config_path), tmp / "sidecar.log", env=child_env()),
         "orchestrator": Process("orchestrator", muai_argv("serve", config_path), tmp / "orchestrator.log",
                                 env=orchestrator_env),
-        "prometheus": Process("prometheus", [
-            PROMETHEUS, f"--config.file={prom_config}", f"--storage.tsdb.path={tmp / 'prometheus-data'}",
-            f"--web.listen-address=127.0.0.1:{ports.prometheus}", "--log.level=warn",
-        ], tmp / "prometheus.log"),
-        "alertmanager": Process("alertmanager", [
-            ALERTMANAGER, f"--config.file={am_config}", f"--storage.path={tmp / 'alertmanager-data'}",
-            f"--web.listen-address=127.0.0.1:{ports.alertmanager}", "--cluster.listen-address=", "--log.level=warn",
-        ], tmp / "alertmanager.log"),
+        "prometheus": prometheus_process(prom_config, tmp, port=ports.prometheus, log_level="warn"),
+        "alertmanager": alertmanager_process(am_config, tmp, port=ports.alertmanager, log_level="warn"),
     }
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
         s = Stack(ports, tmp, http, receiver, processes)
@@ -308,7 +302,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         finally:
             # Reverse start order: the orchestrator drains and flushes its spans while the sidecar still listens.
             for process in reversed(processes.values()):
-                process.stop()
+                process.stop(timeout=20.0)
             await receiver.stop()
 
 
@@ -708,8 +702,8 @@ async def test_injected_slowdown_fires_an_alert_that_reaches_alertmanager_and_re
     assert f"models.{GEN_MODEL}.inject_delay_s" in body["changed"]
 
     def diagnose() -> str:
-        return (f"{s.diagnose()}\nalertmanager webhook: {receiver.webhooks['alertmanager']}\n"
-                f"sidecar webhook: {[p for p, _, _ in receiver.webhooks['sidecar']]}")
+        hooks = {name: [r.json() for r in hook.requests] for name, hook in receiver.webhooks.items()}
+        return f"{s.diagnose()}\nalertmanager webhook: {hooks['alertmanager']}\nsidecar webhook: {hooks['sidecar']}"
 
     stop = asyncio.Event()
     slow = asyncio.create_task(_traffic(s, stop, concurrency=3, prefix="slow"))
@@ -738,8 +732,9 @@ async def test_injected_slowdown_fires_an_alert_that_reaches_alertmanager_and_re
                    timeout=30, what="Alertmanager's webhook to deliver the firing alert", diagnose=diagnose)
     await wait_for(lambda: any(st == "firing" for st, _ in receiver.alerts("sidecar", ALERT, model=GEN_MODEL)),
                    timeout=30, what="the sidecar's webhook to deliver the firing alert", diagnose=diagnose)
-    payload, raw, headers = next(p for p in receiver.webhooks["sidecar"]
-                                 if any(a["labels"]["alertname"] == ALERT for a in p[0]["alerts"]))
+    hit = next(r for r in receiver.webhooks["sidecar"].requests
+               if any(a["labels"]["alertname"] == ALERT for a in r.json()["alerts"]))
+    payload, raw, headers = hit.json(), hit.body, hit.headers
     assert payload["version"] == "4" and payload["status"] == "firing"
     assert verify_signature(WEBHOOK_SECRET, raw, headers.get(SIGNATURE_HEADER))
     # Prometheus sees it too, through the sidecar's own gauge (the "Alerts firing" panel).

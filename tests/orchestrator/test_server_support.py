@@ -1,37 +1,29 @@
-"""Shared helpers for the server tests: echo-engine configs, a running app on a free port, a real OTLP/HTTP
-receiver, and polling with a deadline (no fixed sleeps).
+"""Shared helpers for the server tests: echo-engine configs, a running app on a free port, and (from ``support``)
+a real OTLP/HTTP receiver and polling with a deadline (no fixed sleeps).
 
 Imported by the other ``test_server*``/``test_tracing*``/``test_openai*`` modules; it holds no tests itself.
 """
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from support.ports import free_port
+from support.receiver import OtlpReceiver
+from support.receiver import span_attributes as attrs
+from support.waiting import apoll
 
 from adapters import registry
 from adapters.echo import EchoEngine, EchoFaults
 from muai.config import MuaiConfig, apply_update
 from orchestrator.server import STATE, create_app
 
+__all__ = ["ADMIN_TOKEN", "OtlpReceiver", "attrs", "echo_config", "echo_factory", "free_port", "poll", "running_app"]
+
 ADMIN_TOKEN = "test-admin-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def echo_config(tmp_path, *, models: list[dict] | None = None, **sections: Any) -> MuaiConfig:
@@ -75,17 +67,8 @@ def echo_factory(faults: EchoFaults) -> Callable[[str, Any], Any]:
 
 
 async def poll(predicate: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.02, what: str = "condition") -> Any:
-    """Wait until ``predicate()`` (sync or async) is truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
+    """Wait until ``predicate()`` (sync or async) is truthy; fail after ``timeout`` (the server tests' 20 s)."""
+    return await apoll(predicate, timeout=timeout, interval=interval, what=what)
 
 
 @asynccontextmanager
@@ -108,60 +91,3 @@ async def running_app(config: MuaiConfig, *, faults: EchoFaults | None = None, w
         yield client, app[STATE]
     finally:
         await client.close()
-
-
-class OtlpReceiver:
-    """A real OTLP/HTTP trace receiver (protobuf), recording every span it is sent."""
-
-    def __init__(self) -> None:
-        self.spans: list[Any] = []
-        self.requests = 0
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/traces"
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        message = ExportTraceServiceRequest()
-        message.ParseFromString(body)
-        self.requests += 1
-        for resource_spans in message.resource_spans:
-            for scope_spans in resource_spans.scope_spans:
-                self.spans.extend(scope_spans.spans)
-        return web.Response(body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf")
-
-    async def start(self) -> OtlpReceiver:
-        app = web.Application(client_max_size=64 * 1024**2)
-        app.router.add_post("/v1/traces", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        self.port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def by_trace(self, trace_id: bytes) -> list[Any]:
-        return [s for s in self.spans if s.trace_id == trace_id]
-
-
-def attrs(span: Any) -> dict[str, Any]:
-    """An OTLP span's attributes as a plain dict."""
-    out: dict[str, Any] = {}
-    for kv in span.attributes:
-        value = kv.value
-        which = value.WhichOneof("value")
-        if which == "array_value":
-            out[kv.key] = [getattr(v, v.WhichOneof("value")) for v in value.array_value.values]
-        else:
-            out[kv.key] = getattr(value, which) if which else None
-    return out
-
-
-async def wait_for(what: str, check: Callable[[], Awaitable[Any] | Any], timeout: float = 20.0) -> Any:
-    return await poll(check, timeout=timeout, what=what)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import time
 
 from google.protobuf import json_format
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -88,23 +86,6 @@ def to_otlp_json(spans) -> dict:
     return doc
 
 
-class FakeClock:
-    """A monotonic clock the test advances, with a matching wall clock (epoch seconds)."""
-
-    def __init__(self, start: float = 1000.0, wall_start: float = 1_700_000_000.0) -> None:
-        self.t = start
-        self._offset = wall_start - start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def wall(self) -> float:
-        return self.t + self._offset
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
 class RecordingSink:
     """An alert sink that keeps every notification it is sent (a real implementation of alerting's Sink)."""
 
@@ -137,17 +118,3 @@ def _merge(base: dict, over: dict) -> dict:
     for key, value in over.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
-
-
-async def wait_for(predicate, *, timeout: float = 10.0, interval: float = 0.02):
-    """Poll an (async or sync) predicate until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)

@@ -7,112 +7,45 @@ Alertmanager-shaped payload, and when latency recovers the alert resolves in all
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
-import subprocess
 import time
 
-import aiohttp
 import pytest
-from aiohttp import web
+import yaml
+from sidecar_helpers import SpanFactory, encode, quiet_config
+from support.clock import ManualClock
+from support.procs import ALERTMANAGER, NO_ALERTMANAGER, alertmanager_config, alertmanager_process
+from support.receiver import RecordingServer, WebhookReceiver
+from support.waiting import apoll
 
 from alerting import SIGNATURE_HEADER, verify_signature
-from sidecar_helpers import FakeClock, SpanFactory, encode, quiet_config, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-AM_BIN = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 SECRET = "s3cret-for-tests"
 PB = {"Content-Type": "application/x-protobuf"}
-
-AM_CONFIG = """\
-route:
-  receiver: hook
-  group_by: ['alertname']
-  group_wait: 0s
-  group_interval: 1s
-  repeat_interval: 1h
-receivers:
-  - name: hook
-    webhook_configs:
-      - url: '{url}'
-        send_resolved: true
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Receiver:
-    """A webhook subscriber: records every JSON payload posted to it, with its headers and raw body."""
-
-    def __init__(self) -> None:
-        self.posts: list[tuple[dict, bytes, dict]] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.posts.append((json.loads(body), body, dict(request.headers)))
-        return web.Response(text="ok")
-
-    def statuses(self, alertname: str) -> list[str]:
-        return [a["status"] for p, _, _ in self.posts for a in p.get("alerts", []) if a["labels"]["alertname"] == alertname]
 
 
 @pytest.fixture
 async def receivers():
-    am_hook, own_hook = Receiver(), Receiver()
-    app = web.Application()
-    app.router.add_post("/am", am_hook.handle)
-    app.router.add_post("/own", own_hook.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = _free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}", am_hook, own_hook
-    await runner.cleanup()
+    am_hook, own_hook = WebhookReceiver(), WebhookReceiver()
+    async with RecordingServer({"/am": am_hook.handle, "/own": own_hook.handle}) as server:
+        yield server.url(), am_hook, own_hook
 
 
 @pytest.fixture
 async def alertmanager(tmp_path, receivers):
-    if AM_BIN is None:
-        pytest.skip("prometheus-alertmanager is not installed (Debian package prometheus-alertmanager)")
+    if ALERTMANAGER is None:
+        pytest.skip(NO_ALERTMANAGER)
     base, _, _ = receivers
     config = tmp_path / "alertmanager.yml"
-    config.write_text(AM_CONFIG.format(url=f"{base}/am"))
-    port = _free_port()
-    log = (tmp_path / "am.log").open("w")
-    proc = subprocess.Popen(
-        [AM_BIN, f"--config.file={config}", f"--storage.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
+    config.write_text(yaml.safe_dump(alertmanager_config(f"{base}/am")))
+    with alertmanager_process(config, tmp_path) as am:
+        await am.await_ready(timeout=60, interval=0.1)
+        yield am.url
 
-            async def ready():
-                if proc.poll() is not None:
-                    pytest.fail(f"alertmanager exited: {(tmp_path / 'am.log').read_text()}")
-                try:
-                    async with session.get(f"{url}/-/ready") as resp:
-                        return resp.status == 200
-                except aiohttp.ClientError:
-                    return False
 
-            await wait_for(ready, timeout=60, interval=0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def _statuses(hook: WebhookReceiver, alertname: str) -> list[str]:
+    return [status for status, _ in hook.alerts(alertname)]
 
 
 async def _am_alerts(http, url):
@@ -125,7 +58,7 @@ async def test_latency_anomaly_reaches_alertmanager_and_webhooks_then_resolves(s
     base, am_hook, own_hook = receivers
     # The windows run on a clock the test advances; alert times stay real, since Alertmanager compares
     # endsAt with its own clock.
-    clock = FakeClock()
+    clock = ManualClock()
     config = quiet_config(
         detectors={"window": "1m", "latency": {"threshold_s": 0.5, "for_s": 5, "min_count": 5}},
         alerting={
@@ -148,24 +81,25 @@ async def test_latency_anomaly_reaches_alertmanager_and_webhooks_then_resolves(s
     await post([0.1] * 10)
     clock.advance(1)
     await post([3.0] * 30)  # the injected anomaly
-    await wait_for(lambda: state.book.counts()["pending"] == 1)
+    await apoll(lambda: state.book.counts()["pending"] == 1)
     clock.advance(6)
 
-    (am_alert,) = await wait_for(lambda: _am_alerts(http, alertmanager), timeout=30)
+    (am_alert,) = await apoll(lambda: _am_alerts(http, alertmanager), timeout=30)
     assert am_alert["labels"] == {"alertname": "HighRequestLatency", "cluster": "test", "model": "llama",
                                   "operation": "chat", "severity": "warning"}
     (ours,) = state.book.firing()
     assert am_alert["fingerprint"] == ours.fingerprint  # the same identity in both
-    await wait_for(lambda: "firing" in am_hook.statuses("HighRequestLatency"), timeout=30)
-    await wait_for(lambda: "firing" in own_hook.statuses("HighRequestLatency"), timeout=30)
-    payload, raw, headers = own_hook.posts[0]
+    await apoll(lambda: "firing" in _statuses(am_hook, "HighRequestLatency"), timeout=30)
+    await apoll(lambda: "firing" in _statuses(own_hook, "HighRequestLatency"), timeout=30)
+    first = own_hook.requests[0]
+    payload, raw, headers = first.json(), first.body, first.headers
     assert payload["version"] == "4" and payload["status"] == "firing" and payload["alerts"][0]["fingerprint"] == ours.fingerprint
     assert verify_signature(SECRET, raw, headers.get(SIGNATURE_HEADER))
 
     clock.advance(61)  # the slow minute is over; traffic is fast again
     await post([0.1] * 10)
-    await wait_for(lambda: "resolved" in own_hook.statuses("HighRequestLatency"), timeout=30)
-    await wait_for(lambda: "resolved" in am_hook.statuses("HighRequestLatency"), timeout=60)
+    await apoll(lambda: "resolved" in _statuses(own_hook, "HighRequestLatency"), timeout=30)
+    await apoll(lambda: "resolved" in _statuses(am_hook, "HighRequestLatency"), timeout=60)
     assert await _am_alerts(http, alertmanager) == []
     async with http.get(server.make_url("/api/v1/alerts")) as resp:
         body = await resp.json()

@@ -11,7 +11,9 @@ from sidecar.config import DetectorsConfig
 from sidecar.evaluation import ALERT_ANOMALY, ALERT_ERRORS, ALERT_GPU_MEMORY, ALERT_HOST_MEMORY, ALERT_LATENCY, ALERT_THROUGHPUT, Evaluator
 from sidecar.monitor import PerformanceMonitor
 from sidecar.otlp import REQUEST, SpanSample
-from sidecar_helpers import FakeClock, RecordingSink, SpanFactory, encode, quiet_config, wait_for
+from sidecar_helpers import RecordingSink, SpanFactory, encode, quiet_config
+from support.clock import ManualClock
+from support.waiting import apoll
 
 PB = {"Content-Type": "application/x-protobuf"}
 
@@ -31,30 +33,30 @@ async def _active(http, server, alertname, state):
 
 
 async def test_latency_anomaly_fires_then_resolves(start_sidecar, http):
-    clock = FakeClock()
+    clock = ManualClock()
     sink = RecordingSink()
     config = quiet_config(detectors={"window": "1m", "latency": {"threshold_s": 0.5, "for_s": 10, "min_count": 5}})
     server, state = await start_sidecar(config, clock=clock, wall_clock=clock.wall, extra_sinks=[sink])
 
     await _post(http, server, [0.1] * 20)
-    await wait_for(lambda: state.evaluator.ticks > 2)
+    await apoll(lambda: state.evaluator.ticks > 2)
     assert not await _active(http, server, "HighRequestLatency", "pending")
 
     clock.advance(1)
     await _post(http, server, [2.0] * 20)  # p95 of the minute is now 2 s
-    await wait_for(lambda: _active(http, server, "HighRequestLatency", "pending"))
+    await apoll(lambda: _active(http, server, "HighRequestLatency", "pending"))
     assert not sink.alerts()  # pending is never notified
 
     clock.advance(11)  # past for_s
-    (alert,) = await wait_for(lambda: _active(http, server, "HighRequestLatency", "firing"))
+    (alert,) = await apoll(lambda: _active(http, server, "HighRequestLatency", "firing"))
     assert alert["labels"] == {"alertname": "HighRequestLatency", "model": "llama", "operation": "chat", "severity": "warning"}
     assert float(alert["annotations"]["value"]) == 2.0 and alert["annotations"]["threshold"] == "0.5"
-    await wait_for(lambda: sink.alerts("firing"))
+    await apoll(lambda: sink.alerts("firing"))
     assert sink.alerts("firing")[0].labels["model"] == "llama"
 
     clock.advance(61)  # the slow minute has passed; fresh traffic is fast again
     await _post(http, server, [0.1] * 20)
-    await wait_for(lambda: sink.alerts("resolved"))
+    await apoll(lambda: sink.alerts("resolved"))
     async with http.get(server.make_url("/api/v1/alerts")) as resp:
         body = await resp.json()
     assert not body["active"]

@@ -10,7 +10,8 @@ import pytest
 
 from sidecar.collectors.gpu import GpuCollector
 from sidecar.collectors.host import HostCollector
-from sidecar_helpers import quiet_config, wait_for
+from sidecar_helpers import quiet_config
+from support.waiting import apoll
 
 
 def _nvml_works() -> bool:
@@ -27,8 +28,8 @@ async def test_without_a_gpu_the_sidecar_runs_and_says_so(start_sidecar, http, c
     caplog.clear()  # the probe above logged its own "no GPU"
     caplog.set_level(logging.WARNING, logger="sidecar.collectors.gpu")
     server, state = await start_sidecar(quiet_config(collectors={"interval_s": 0.01}))
-    await wait_for(lambda: state.host_sample is not None)
-    await wait_for(lambda: state.monitor.resource_stats("host_cpu_percent", "", state.clock()).get("1m", {}).get("samples", 0) >= 3)
+    await apoll(lambda: state.host_sample is not None)
+    await apoll(lambda: state.monitor.resource_stats("host_cpu_percent", "", state.clock()).get("1m", {}).get("samples", 0) >= 3)
     async with http.get(server.make_url("/api/v1/gpus")) as resp:
         body = await resp.json()
     assert resp.status == 200
@@ -65,7 +66,7 @@ def test_nvml_reads_every_gpu():
 @pytest.mark.gpu
 async def test_gpu_series_reach_the_api_and_metrics(start_sidecar, http):
     server, state = await start_sidecar(quiet_config(collectors={"interval_s": 0.05}))
-    await wait_for(lambda: state.gpu_samples)
+    await apoll(lambda: state.gpu_samples)
     async with http.get(server.make_url("/api/v1/gpus")) as resp:
         body = await resp.json()
     assert body["available"] is True and body["count"] >= 1
@@ -104,7 +105,7 @@ async def test_host_api(start_sidecar, http, tmp_path):
     server, state = await start_sidecar(
         quiet_config(collectors={"interval_s": 0.01, "orchestrator": {"pid_file": str(pid_file)}})
     )
-    await wait_for(lambda: state.monitor.resource_stats("orchestrator_rss_bytes", "", state.clock()).get("1m", {}).get("samples", 0) >= 2)
+    await apoll(lambda: state.monitor.resource_stats("orchestrator_rss_bytes", "", state.clock()).get("1m", {}).get("samples", 0) >= 2)
     async with http.get(server.make_url("/api/v1/host")) as resp:
         body = await resp.json()
     assert body["host"]["orchestrator"]["pid"] == os.getpid()

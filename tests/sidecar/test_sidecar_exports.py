@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
+
+from support.ports import free_port
+from support.waiting import poll
 
 import sidecar
 
@@ -35,29 +37,23 @@ def test_importing_sidecar_imports_no_engine():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=ROOT)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_process_serves_and_stops_cleanly_on_sigterm():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "--port", str(port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        def healthy() -> bool:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
                     assert resp.status == 200
-                    break
+                    return True
             except OSError:
                 assert proc.poll() is None, proc.stdout.read()
-                assert time.monotonic() < deadline, "sidecar did not come up"
-                time.sleep(0.1)
+                return False
+
+        poll(healthy, timeout=60, interval=0.1, what="the sidecar to come up")
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     finally:

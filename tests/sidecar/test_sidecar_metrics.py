@@ -9,7 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.collectors.gpu import GpuProcess, GpuSample
-from sidecar_helpers import SpanFactory, encode, quiet_config, wait_for
+from sidecar_helpers import SpanFactory, encode, quiet_config
+from support.waiting import apoll
 
 PB = {"Content-Type": "application/x-protobuf"}
 
@@ -43,8 +44,8 @@ async def test_metrics_exposition(start_sidecar, http, unused_tcp_port):
                                    framebuffer_used_bytes=10, framebuffer_free_bytes=90, framebuffer_total_bytes=100,
                                    temperature_celsius=40.0, power_watts=100.0, ecc_corrected_total=0,
                                    processes=[GpuProcess(123, 10)])]
-    await wait_for(lambda: state.host_sample is not None)
-    await wait_for(lambda: state.evaluator.ticks > 3)
+    await apoll(lambda: state.host_sample is not None)
+    await apoll(lambda: state.evaluator.ticks > 3)
 
     text = await _scrape(http, server)
     families = {f.name: f for f in text_string_to_metric_families(text)}

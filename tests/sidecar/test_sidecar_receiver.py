@@ -17,7 +17,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
 from opentelemetry.trace import SpanKind
 
-from sidecar_helpers import SpanFactory, encode, to_otlp_json, wait_for
+from sidecar_helpers import SpanFactory, encode, to_otlp_json
+from support.waiting import apoll
 
 PB = {"Content-Type": "application/x-protobuf"}
 
@@ -218,8 +219,8 @@ async def test_forwarding_reexports_batches_to_another_otlp_endpoint(start_sidec
         f.request(0.3, model="fwd")
     async with http.post(front.make_url("/v1/traces"), data=encode(f.take()), headers=PB) as resp:
         assert resp.status == 200
-    await wait_for(lambda: backend_state.monitor.samples == 7)
-    await wait_for(lambda: front_state.forwarder.sent == 1)
+    await apoll(lambda: backend_state.monitor.samples == 7)
+    await apoll(lambda: front_state.forwarder.sent == 1)
     assert front_state.forwarder.dropped == 0
 
 
@@ -237,4 +238,4 @@ async def test_forwarding_to_a_dead_endpoint_never_blocks_ingestion(start_sideca
             assert resp.status == 200
     assert state.forwarder.dropped >= 1
     assert state.monitor.samples == 10
-    await wait_for(lambda: state.forwarder.failed >= 1)
+    await apoll(lambda: state.forwarder.failed >= 1)
