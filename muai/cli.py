@@ -7,6 +7,7 @@ Heavy packages (torch, the engines, the servers) are imported only by the subcom
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -83,9 +84,10 @@ def _import(module: str, capability: str):
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args, _listen_overrides(args, "server"))
     server = _import("orchestrator.server", "the orchestrator server")
-    from muai.config import apply_update
+    from muai.config import ORCHESTRATOR_SECTIONS, apply_update
 
-    return int(server.serve(config, update_config=apply_update) or 0)
+    update = functools.partial(apply_update, sections=ORCHESTRATOR_SECTIONS)
+    return int(server.serve(config, update_config=update) or 0)
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
@@ -116,34 +118,44 @@ def cmd_up(args: argparse.Namespace) -> int:
     server_cmd = [*base, "serve", *source,
                   "--set", f"server.pid_file={pid_file}",
                   "--set", f"telemetry.tracing.endpoint={sidecar_url}/v1/traces", *user_sets]
-    children: list[subprocess.Popen] = []
+    sidecar: subprocess.Popen | None = None
+    server: subprocess.Popen | None = None
 
-    def stop(*_: object) -> None:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+    def request_stop(*_: object) -> None:
+        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, request_stop)
     try:
         print(f"muai up: sidecar on {sidecar_url}, orchestrator on {server_url} (Ctrl-C stops both)", flush=True)
-        children.append(subprocess.Popen(sidecar_cmd))
-        children.append(subprocess.Popen(server_cmd))
-        while all(child.poll() is None for child in children):
+        # Own sessions: a terminal's Ctrl-C reaches only this process, which then signals each child exactly once
+        # (a second signal would cut the orchestrator's drain short).
+        sidecar = subprocess.Popen(sidecar_cmd, start_new_session=True)
+        server = subprocess.Popen(server_cmd, start_new_session=True)
+        while sidecar.poll() is None and server.poll() is None:
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
-        stop()
-        deadline = time.monotonic() + max(config.server.drain_timeout_s, 5.0) + 5.0
-        for child in children:
-            try:
-                child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # The orchestrator first, so it drains and flushes its spans while the sidecar still listens.
+        _stop_child(server, timeout=config.server.drain_timeout_s + 10.0)
+        _stop_child(sidecar, timeout=10.0)
         signal.signal(signal.SIGTERM, previous)
-    codes = [child.returncode for child in children]
+    codes = [child.returncode for child in (sidecar, server) if child is not None]
     return 0 if all(code in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes) else 1
+
+
+def _stop_child(child: subprocess.Popen | None, *, timeout: float) -> None:
+    if child is None:
+        return
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("pid %d did not stop within %.0fs; killing it", child.pid, timeout)
+        child.kill()
+        child.wait()
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

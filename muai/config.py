@@ -348,17 +348,31 @@ def _flatten_patch(patch: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> li
     return items
 
 
-def apply_update(config: MuaiConfig, patch: Mapping[str, Any]) -> UpdateResult:
+ORCHESTRATOR_SECTIONS = ("engines", "models", "batching", "kv_cache", "server", "telemetry")
+
+
+def apply_update(
+    config: MuaiConfig, patch: Mapping[str, Any], *, sections: Iterable[str] | None = None
+) -> UpdateResult:
     """Apply non-critical changes atomically; refuse the whole patch if any key is critical, unknown or invalid.
 
     ``patch`` is nested (``{"batching": {"max_batch_size": 8}}``) or dotted (``{"batching.max_batch_size": 8}``).
     Per-model keys are addressed by model name: ``{"models": {"tiny-llama": {"inject_delay_s": 0.5}}}``.
+    ``sections`` limits the update to the sections the calling process applies (the orchestrator cannot apply the
+    sidecar's keys, so accepting them would report a change that never happens).
     """
     if not isinstance(patch, Mapping) or not patch:
         raise ConfigUpdateError("the update must be a non-empty JSON object of keys to change")
+    allowed = tuple(sections) if sections is not None else tuple(MuaiConfig.model_fields)
     doc = config.model_dump()
     changed: list[str] = []
     for path, value in _flatten_patch(patch):
+        if path[0] in MuaiConfig.model_fields and path[0] not in allowed:
+            raise ConfigUpdateError(
+                f"{'.'.join(path)}: the {path[0]!r} section belongs to another process and cannot be changed here; "
+                f"sections this process applies: {', '.join(allowed)}",
+                key=".".join(path),
+            )
         if path[0] == "models":
             if len(path) != 3:
                 raise ConfigUpdateError(
@@ -401,6 +415,7 @@ def apply_update(config: MuaiConfig, patch: Mapping[str, Any]) -> UpdateResult:
 
 
 __all__ = [
+    "ORCHESTRATOR_SECTIONS",
     "PROFILES",
     "ConfigError",
     "ConfigUpdateError",

@@ -123,6 +123,16 @@ class TestRuntimeUpdate:
         with pytest.raises(ConfigUpdateError, match="no model 'nope'"):
             apply_update(new, {"models": {"nope": {"inject_delay_s": 0}}})
 
+    def test_sections_of_another_process_are_refused(self):
+        from muai.config import ORCHESTRATOR_SECTIONS
+
+        config = load_config(env={})
+        with pytest.raises(ConfigUpdateError, match="belongs to another process") as err:
+            apply_update(config, {"sidecar": {"port": 1}}, sections=ORCHESTRATOR_SECTIONS)
+        assert err.value.key == "sidecar.port"
+        new, changed = apply_update(config, {"batching.max_batch_size": 2}, sections=ORCHESTRATOR_SECTIONS)
+        assert changed == ["batching.max_batch_size"]
+
     def test_sampling_ratio_is_runtime(self):
         new, _ = apply_update(load_config(env={}), {"telemetry": {"tracing": {"sampling_ratio": 0.5}}})
         assert new.telemetry.tracing.sampling_ratio == 0.5
