@@ -6,6 +6,8 @@ bounded buffer. A scheduler task flushes policies when their timers come due, an
 per route delivers from its buffer with retries, so a slow or failing receiver only ever delays
 itself. When a buffer is full the oldest notification is dropped and counted: a newer
 notification for a group carries that group's current state, so the newest is worth keeping.
+A notification given up after every retry goes back to its route's policy (``undelivered``, where
+the policy has it), so a receiver that was down longer than the retries still hears the state.
 """
 
 from __future__ import annotations
@@ -321,6 +323,21 @@ class Dispatcher:
             delay = max(delay, min(retry_after, self.backoff_max_s))
         return delay
 
+    def _give_back(self, lane: _Lane, batch: list[Notification]) -> None:
+        """Hand notifications the receiver never got back to the policy, which then sends that state again
+        (a Throttle would otherwise wait a whole repeat interval, believing the receiver had it). A receiver
+        that refused them (not retryable) would refuse them again, so those are not given back."""
+        undelivered = getattr(lane.route.policy, "undelivered", None)
+        if not callable(undelivered):
+            return
+        now = self._clock()
+        for note in batch:
+            try:
+                undelivered(note, now)
+            except Exception:  # a policy bug must not stop the worker
+                logger.exception("alert route %r: policy could not take back a notification", lane.route.name)
+        self._wake.set()
+
     async def _deliver(self, lane: _Lane, batch: list[Notification]) -> None:
         name = lane.route.name
         error: BaseException | None = None
@@ -346,6 +363,8 @@ class Dispatcher:
             await asyncio.sleep(self._backoff(attempt, retry_after))
         lane.stats.failed += len(batch)
         lane.stats.last_error = repr(error)[:500]
+        if retryable:
+            self._give_back(lane, batch)
         # Log once per outage, not once per notification.
         if lane.healthy:
             lane.healthy = False

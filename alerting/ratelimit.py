@@ -54,6 +54,10 @@ class Policy(Protocol):
     ``offer`` takes a firing or resolved snapshot, ``flush`` returns the notifications due at
     ``now``, ``next_due`` says when ``flush`` next has work (``None``: nothing pending), and
     ``suppressed`` counts what was held back, by reason. All synchronous and free of I/O.
+
+    A policy may also define ``undelivered(notification, now)``: the dispatcher calls it when it
+    gave up delivering a notification the policy made (the receiver stayed unreachable past every
+    retry), so the policy can send that state again rather than believe the receiver has it.
     """
 
     def offer(self, alert: Alert, now: float) -> None: ...
@@ -131,6 +135,9 @@ class Throttle:
 
     * ``rate_limited``: a due notification found the bucket empty; it is retried one
       ``group_interval_s`` later with the group's then-current state, so nothing is lost, only late.
+
+    A notification the dispatcher could not deliver comes back through :meth:`undelivered`, and the
+    group's next flush sends its then-current state again (``undelivered`` counts them).
     * ``resolved_before_notify``: an alert resolved before the receiver ever heard it fire.
     * ``group_limit`` / ``group_full``: ``max_groups`` or ``max_alerts_per_group`` reached.
     """
@@ -226,6 +233,43 @@ class Throttle:
             if not group.alerts:
                 del self._groups[key]
         return out
+
+    def undelivered(self, notification: Notification, now: float) -> None:
+        """Take back a notification the receiver never got, so its group's next flush sends the state again.
+
+        Its firing alerts are no longer counted as heard (unless a newer notification of the group, made since,
+        carries them as firing too); its resolved alerts come back, still counted as heard firing, so their
+        resolution is sent. The group keeps its schedule: the next ``group_interval_s`` tick resends.
+        """
+        self._count("undelivered")
+        resolved = [a for a in notification.alerts if a.state is AlertState.RESOLVED]
+        group = self._groups.get(notification.group_key)
+        if group is None:
+            if not resolved:
+                return  # every alert of it has resolved unheard since: nothing to tell
+            if len(self._groups) >= self.max_groups:
+                self._count("group_limit")
+                return
+            group = _Group(
+                key=notification.group_key,
+                labels=dict(notification.group_labels),
+                due=notification.created_at + self.group_interval_s,
+                last_sent=notification.created_at,
+            )
+            self._groups[notification.group_key] = group
+        newer = group.last_sent is not None and group.last_sent > notification.created_at
+        known = set(group.notified_firing)
+        for alert in notification.alerts:
+            if alert.state is not AlertState.FIRING:
+                continue
+            current = group.alerts.get(alert.fingerprint)
+            if not (newer and current is not None and current.state is AlertState.FIRING):
+                known.discard(alert.fingerprint)
+        for alert in resolved:
+            if alert.fingerprint not in group.alerts:  # a newer snapshot (it fired again) wins
+                group.alerts[alert.fingerprint] = alert
+                known.add(alert.fingerprint)
+        group.notified_firing = frozenset(known)
 
     def _flush_group(self, group: _Group, now: float) -> Notification | None:
         group.due = now + self.group_interval_s

@@ -112,10 +112,13 @@ STATE: web.AppKey[SidecarState] = web.AppKey("muai_sidecar_state", SidecarState)
 
 
 def _dispatchers(config: SidecarConfig, extra_sinks: Sequence[Sink]) -> list[Dispatcher]:
-    """One dispatcher per sink, so each sink has its own buffer and retry budget; the token bucket is shared."""
+    """One dispatcher per sink, so each sink has its own buffer, retry budget and token bucket.
+
+    A shared bucket would go to whichever sink's policy flushes first (the log's), and in a storm the webhook
+    would get what is left: each receiver is rate limited on its own.
+    """
     alerting = config.alerting
     rl = alerting.rate_limit
-    bucket = TokenBucket(capacity=rl.burst, rate_per_s=rl.rate_per_s)
 
     def throttle() -> Throttle:
         return Throttle(
@@ -123,7 +126,7 @@ def _dispatchers(config: SidecarConfig, extra_sinks: Sequence[Sink]) -> list[Dis
             group_wait_s=rl.group_wait_s,
             group_interval_s=rl.group_interval_s,
             repeat_interval_s=rl.repeat_interval_s,
-            bucket=bucket,
+            bucket=TokenBucket(capacity=rl.burst, rate_per_s=rl.rate_per_s),
         )
 
     out = []
@@ -511,6 +514,7 @@ async def _health(request: web.Request) -> web.Response:
             "alerts": state.book.counts(),
             "forwarding": None if fwd is None else {
                 "endpoint": fwd.endpoint, "sent": fwd.sent, "failed": fwd.failed, "dropped": fwd.dropped, "queued": fwd.queued,
+                "queued_bytes": fwd.queued_bytes,
             },
             "degraded": degraded,
         }

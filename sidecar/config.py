@@ -21,6 +21,10 @@ DEFAULT_PORT = 9464
 _WINDOW_NAME = re.compile(r"^[A-Za-z0-9_]{1,16}$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
+# Labels are part of an alert's fingerprint: a label changed while an alert fires would leave the old alert
+# firing for ever, so label-forming keys are never runtime.
+_SEVERITY = "`severity` label of the alert (a label, so it needs a restart)."
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -118,6 +122,10 @@ class ForwardingConfig(Section):
     queue_size: int = Field(
         256, ge=1, le=100_000, description="Batches waiting to be forwarded; when full new ones are dropped and counted."
     )
+    queue_bytes: int = Field(
+        64 * 1024**2, ge=1024, le=4 * 1024**3,
+        description="Bytes of batches waiting to be forwarded; a batch that would pass it is dropped and counted.",
+    )
     compression: Literal["gzip", "none"] = Field("gzip", description="Content-Encoding of forwarded batches.")
     headers: dict[str, str] = Field({}, description="Extra HTTP headers on every forwarded export (e.g. auth).")
 
@@ -136,8 +144,13 @@ class LatencyRuleConfig(Section):
         0.0, ge=0, description="A firing alert keeps firing until the value has been clear this long (anti-flap).",
         json_schema_extra=RUNTIME,
     )
-    min_count: int = Field(5, ge=1, description="Fewest requests in the window for the rule to judge.", json_schema_extra=RUNTIME)
-    severity: str = Field("warning", min_length=1, description="`severity` label of the alert.", json_schema_extra=RUNTIME)
+    min_count: int = Field(
+        5, ge=1,
+        description="Fewest requests in the window for the rule to judge; with fewer it keeps its state (a firing alert "
+        "stays firing). A model that stops answering is `throughput`'s to report.",
+        json_schema_extra=RUNTIME,
+    )
+    severity: str = Field("warning", min_length=1, description=_SEVERITY)
 
 
 class ErrorRateRuleConfig(Section):
@@ -146,8 +159,11 @@ class ErrorRateRuleConfig(Section):
     enabled: bool = Field(True, description="Evaluate this rule.", json_schema_extra=RUNTIME)
     threshold: float = Field(0.05, ge=0, le=1, description="Error ratio (0-1) above which the rule is breached.", json_schema_extra=RUNTIME)
     for_s: float = Field(60.0, ge=0, description="How long the breach must last before the alert fires.", json_schema_extra=RUNTIME)
-    min_count: int = Field(10, ge=1, description="Fewest requests in the window for the rule to judge.", json_schema_extra=RUNTIME)
-    severity: str = Field("critical", min_length=1, description="`severity` label of the alert.", json_schema_extra=RUNTIME)
+    min_count: int = Field(
+        10, ge=1, description="Fewest requests in the window for the rule to judge; with fewer it keeps its state.",
+        json_schema_extra=RUNTIME,
+    )
+    severity: str = Field("critical", min_length=1, description=_SEVERITY)
 
 
 class MemoryRuleConfig(Section):
@@ -156,7 +172,7 @@ class MemoryRuleConfig(Section):
     enabled: bool = Field(True, description="Evaluate this rule.", json_schema_extra=RUNTIME)
     threshold_percent: float = Field(95.0, gt=0, le=100, description="Percent of memory in use above which the rule is breached.", json_schema_extra=RUNTIME)
     for_s: float = Field(120.0, ge=0, description="How long the breach must last before the alert fires.", json_schema_extra=RUNTIME)
-    severity: str = Field("warning", min_length=1, description="`severity` label of the alert.", json_schema_extra=RUNTIME)
+    severity: str = Field("warning", min_length=1, description=_SEVERITY)
 
 
 class ThroughputRuleConfig(Section):
@@ -167,11 +183,11 @@ class ThroughputRuleConfig(Section):
         json_schema_extra=RUNTIME,
     )
     for_s: float = Field(120.0, ge=0, description="How long the breach must last before the alert fires.", json_schema_extra=RUNTIME)
-    severity: str = Field("warning", min_length=1, description="`severity` label of the alert.", json_schema_extra=RUNTIME)
+    severity: str = Field("warning", min_length=1, description=_SEVERITY)
 
 
 class EwmaConfig(Section):
-    """EWMA with a z-score band on each series' windowed p95 latency."""
+    """EWMA with a z-score band on each series' interval p95 latency."""
 
     enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
     alpha: float = Field(0.1, gt=0, le=1, description="Smoothing factor of the moving mean and variance.", json_schema_extra=RUNTIME)
@@ -180,7 +196,7 @@ class EwmaConfig(Section):
 
 
 class MadConfig(Section):
-    """Robust median / MAD detector on each series' windowed p95 latency."""
+    """Robust median / MAD detector on each series' interval p95 latency."""
 
     enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
     window: int = Field(120, ge=3, le=100_000, description="Points in the median/MAD baseline.", json_schema_extra=RUNTIME)
@@ -192,7 +208,7 @@ class MadConfig(Section):
 
 
 class CusumConfig(Section):
-    """Two-sided CUSUM for slow shifts of each series' windowed p95 latency."""
+    """Upward CUSUM for slow rises of each series' interval p95 latency."""
 
     enabled: bool = Field(False, description="Run this detector.", json_schema_extra=RUNTIME)
     k: float = Field(0.5, ge=0, description="Allowance in standard deviations before drift accumulates.", json_schema_extra=RUNTIME)
@@ -203,19 +219,39 @@ class CusumConfig(Section):
 class StatisticalConfig(Section):
     """Detectors that need no hand-set threshold; what they flag becomes a `LatencyAnomaly` alert per detector.
 
-    Each is fed one point per tick per series: the p95 latency over `detectors.window`.
+    Each is fed one point per series per `interval_s`: the p95 latency of the requests that finished in that
+    interval, so points never share requests (a sliding window's p95, read every tick, would repeat the same
+    noise dozens of times). They judge the logarithm of latency, and only a rise is anomalous: a model getting
+    faster is good news. Warm-up and MAD window are counted in points.
     """
 
-    for_s: float = Field(0.0, ge=0, description="How long verdicts must stay anomalous before the alert fires.", json_schema_extra=RUNTIME)
+    interval_s: float = Field(
+        10.0, gt=0, le=3600, description="Length of the non-overlapping interval one point summarises.", json_schema_extra=RUNTIME
+    )
+    min_rel_spread: float = Field(
+        0.1, gt=0, le=10,
+        description="Floor of the spread the detectors divide by, as a fraction of the baseline (0.1: a p95 within 10% "
+        "of normal is never more than one sigma off).",
+        json_schema_extra=RUNTIME,
+    )
+    for_s: float = Field(
+        30.0, ge=0, description="How long verdicts must stay anomalous (no normal point between) before the alert fires.",
+        json_schema_extra=RUNTIME,
+    )
     clear_after_s: float = Field(
         60.0, ge=0, description="An anomaly alert resolves after this long with no anomalous verdict.", json_schema_extra=RUNTIME
     )
-    min_count: int = Field(5, ge=1, description="Fewest requests in the window for a point to be fed.", json_schema_extra=RUNTIME)
+    min_count: int = Field(
+        5, ge=1,
+        description="Fewest requests behind one point; a quieter interval is merged with the next ones (for at most "
+        "`detectors.window`).",
+        json_schema_extra=RUNTIME,
+    )
     adapt_after: int | None = Field(
         None, ge=1, description="Accept a lasting shift as the new normal after this many anomalous points in a row; unset never.",
         json_schema_extra=RUNTIME,
     )
-    severity: str = Field("warning", min_length=1, description="`severity` label of the alert.", json_schema_extra=RUNTIME)
+    severity: str = Field("warning", min_length=1, description=_SEVERITY)
     ewma: EwmaConfig = EwmaConfig()
     mad: MadConfig = MadConfig()
     cusum: CusumConfig = CusumConfig()
@@ -277,7 +313,7 @@ class SinksConfig(Section):
 
 
 class RateLimitConfig(Section):
-    """Storm control (10.6) for the log and webhook sinks: Alertmanager-like grouping plus a global token bucket.
+    """Storm control (10.6) for the log and webhook sinks: Alertmanager-like grouping plus a token bucket per sink.
 
     Alertmanager itself groups and repeats on its own; its sink only re-posts firing alerts
     (``sinks.alertmanager.resend_interval_s``).
@@ -299,10 +335,10 @@ class RateLimitConfig(Section):
         json_schema_extra=RUNTIME,
     )
     rate_per_s: float = Field(
-        0.2, gt=0, le=1000, description="Token bucket refill: notifications per second across all groups and sinks.",
+        0.2, gt=0, le=1000, description="Token bucket refill: notifications per second across all groups, per sink.",
         json_schema_extra=RUNTIME,
     )
-    burst: int = Field(10, ge=1, le=100_000, description="Token bucket size: notifications allowed in a burst.", json_schema_extra=RUNTIME)
+    burst: int = Field(10, ge=1, le=100_000, description="Token bucket size: notifications one sink may send in a burst.", json_schema_extra=RUNTIME)
 
     @field_validator("group_by")
     @classmethod

@@ -10,9 +10,14 @@ Alerts it raises (labels beyond ``alertname`` and ``severity`` in brackets):
 * ``HighRequestLatency`` [model, operation]: a latency percentile over ``detectors.window`` above the threshold.
 * ``HighErrorRate`` [model, operation]: the error ratio above the threshold.
 * ``LowThroughput`` [model, operation]: the request rate below the floor (only once the series is a window old).
-* ``LatencyAnomaly`` [model, operation, detector]: EWMA / MAD / CUSUM on the windowed p95 latency.
+* ``LatencyAnomaly`` [model, operation, detector]: EWMA / MAD / CUSUM on the p95 latency of successive,
+  non-overlapping intervals (``statistical.interval_s``), on a log scale, scoring only rises.
 * ``HighGpuMemory`` [gpu, uuid]: framebuffer in use above the threshold percent.
 * ``HighHostMemory``: host memory in use above the threshold percent.
+
+Latency and error rules keep their state while a window holds fewer than ``min_count`` requests (NaN with
+``nan_policy="hold"``): a model so slow that few requests finish must not resolve its own latency alert. Silence
+itself is ``LowThroughput``'s to report (off until ``detectors.throughput.threshold_rps`` is set).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from alerting import Alert, AlertBook
 from detectors import (
     CusumDetector,
@@ -28,8 +35,6 @@ from detectors import (
     MadDetector,
     RuleState,
     ThresholdRule,
-    error_rate_above,
-    latency_above,
     memory_percent_above,
     throughput_below,
 )
@@ -48,6 +53,7 @@ ALERT_HOST_MEMORY = "HighHostMemory"
 
 _QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
 _NAN = math.nan
+_MIN_LATENCY_S = 1e-9  # the log of a zero duration would be -inf, which detectors ignore
 
 
 @dataclass(slots=True)
@@ -60,8 +66,35 @@ class DetectorScore:
     score: float
 
 
+class _Rise:
+    """Scores only a rise above the baseline: for latency a drop is good news, judged normal, and joins the
+    baseline (so the detector follows a model that got faster). Built on ``_judge``, the hook the detectors'
+    shared base leaves to subclasses."""
+
+    def _judge(self, x: float):
+        score, baseline, threshold, detail = super()._judge(x)
+        return (score if x > baseline else 0.0), baseline, threshold, detail
+
+
+class _RiseEwma(_Rise, EwmaDetector):
+    pass
+
+
+class _RiseMad(_Rise, MadDetector):
+    pass
+
+
+class _RiseCusum(CusumDetector):
+    """The upper CUSUM sum alone: upward drift."""
+
+    def _judge(self, x: float):
+        _, baseline, threshold, detail = super()._judge(x)
+        return self.sums[0], baseline, threshold, detail
+
+
 class _SeriesDetectors:
-    __slots__ = ("latency", "errors", "throughput", "stats", "last_anomaly", "labels")
+    __slots__ = ("latency", "errors", "throughput", "stats", "last_anomaly", "anomaly_firing", "interval_start",
+                 "labels")
 
     def __init__(self, key: SeriesKey) -> None:
         self.latency: ThresholdRule | None = None
@@ -69,6 +102,8 @@ class _SeriesDetectors:
         self.throughput: ThresholdRule | None = None
         self.stats: dict[str, object] = {}
         self.last_anomaly: dict[str, float] = {}
+        self.anomaly_firing: set[str] = set()
+        self.interval_start: float | None = None
         self.labels = {"model": key.model, "operation": key.operation}
 
 
@@ -129,17 +164,23 @@ class Evaluator:
 
     def _make_stats(self) -> dict[str, object]:
         st = self.config.statistical
+        # Points are log latencies, so an absolute floor on their spread is a relative one on latency.
+        floor = math.log1p(st.min_rel_spread)
         out: dict[str, object] = {}
         if st.ewma.enabled:
-            out["ewma"] = EwmaDetector(
-                alpha=st.ewma.alpha, z_threshold=st.ewma.z_threshold, warmup=st.ewma.warmup, adapt_after=st.adapt_after
+            out["ewma"] = _RiseEwma(
+                alpha=st.ewma.alpha, z_threshold=st.ewma.z_threshold, warmup=st.ewma.warmup, min_std=floor,
+                adapt_after=st.adapt_after, name="ewma",
             )
         if st.mad.enabled:
-            out["mad"] = MadDetector(
-                window=st.mad.window, z_threshold=st.mad.z_threshold, warmup=st.mad.warmup, adapt_after=st.adapt_after
+            out["mad"] = _RiseMad(
+                window=st.mad.window, z_threshold=st.mad.z_threshold, warmup=st.mad.warmup, min_std=floor,
+                adapt_after=st.adapt_after, name="mad",
             )
         if st.cusum.enabled:
-            out["cusum"] = CusumDetector(k=st.cusum.k, h=st.cusum.h, warmup=st.cusum.warmup, adapt_after=st.adapt_after)
+            out["cusum"] = _RiseCusum(
+                k=st.cusum.k, h=st.cusum.h, warmup=st.cusum.warmup, min_std=floor, adapt_after=st.adapt_after, name="cusum"
+            )
         return out
 
     # -- the tick ----------------------------------------------------------------------------------------
@@ -170,15 +211,16 @@ class Evaluator:
             self._latency(det, latency, enough, now, wall, out)
             self._errors(det, latency.count, error_ratio, now, wall, out)
             self._throughput(det, key, latency.rate_per_s, horizon, now, wall, out)
-            self._statistical(det, latency, now, wall, out)
+            self._statistical(det, key, horizon, now, wall, out)
         self._gpu_memory(gpus, now, wall, out)
         self._host_memory(host, now, wall, out)
         return out
 
-    def _observe(self, out: list[Alert], labels: dict, annotations: dict | None, *, wall: float, **kw) -> None:
+    def _observe(self, out: list[Alert], labels: dict, annotations: dict | None, *, wall: float, **kw) -> Alert | None:
         transition = self.book.observe(labels, annotations, now=wall, **kw)
         if transition is not None:
             out.append(transition)
+        return transition
 
     def _latency(self, det, stats, enough: bool, now: float, wall: float, out: list[Alert]) -> None:
         cfg = self.config.latency
@@ -188,9 +230,10 @@ class Evaluator:
                 self._observe(out, {"alertname": ALERT_LATENCY, "severity": cfg.severity, **det.labels}, None, wall=wall, active=False)
             return
         if det.latency is None:
-            det.latency = latency_above(
-                cfg.threshold_s, quantile=_QUANTILES[cfg.quantile], for_s=cfg.for_s,
-                keep_firing_for_s=cfg.keep_firing_for_s, name=ALERT_LATENCY,
+            # "hold": too few requests in the window is no evidence that latency recovered.
+            det.latency = ThresholdRule(
+                name=ALERT_LATENCY, threshold=cfg.threshold_s, above=True, for_s=cfg.for_s,
+                keep_firing_for_s=cfg.keep_firing_for_s, nan_policy="hold", signal=f"{cfg.quantile} latency (s)",
             )
         value = getattr(stats, cfg.quantile) if enough else _NAN
         state = det.latency.evaluate(value, now)
@@ -214,7 +257,9 @@ class Evaluator:
                 self._observe(out, labels, None, wall=wall, active=False)
             return
         if det.errors is None:
-            det.errors = error_rate_above(cfg.threshold, for_s=cfg.for_s, name=ALERT_ERRORS)
+            det.errors = ThresholdRule(
+                name=ALERT_ERRORS, threshold=cfg.threshold, above=True, for_s=cfg.for_s, nan_policy="hold", signal="error ratio"
+            )
         value = ratio if count >= cfg.min_count else _NAN
         state = det.errors.evaluate(value, now)
         ann = None
@@ -249,28 +294,73 @@ class Evaluator:
         self._observe(out, labels, ann, wall=wall, state=state,
                       value=value if math.isfinite(value) else None, threshold=cfg.threshold_rps)
 
-    def _statistical(self, det, stats, now: float, wall: float, out: list[Alert]) -> None:
+    def _interval_p95(self, det: _SeriesDetectors, key: SeriesKey, horizon: float, now: float) -> float | None:
+        """The p95 of the requests that finished since the previous point, once per ``interval_s``; None otherwise.
+
+        A quiet interval (under ``min_count`` requests) is merged with the next ones, for at most one
+        ``detectors.window``, after which its requests are dropped and a new interval starts.
+        """
+        st = self.config.statistical
+        if det.interval_start is None:
+            self.monitor.take_fresh(key)  # starts collecting this series' latencies
+            det.interval_start = now
+            return None
+        elapsed = now - det.interval_start
+        if elapsed < st.interval_s:
+            return None
+        if self.monitor.fresh_count(key) < st.min_count:
+            if elapsed >= max(st.interval_s, horizon):
+                self.monitor.take_fresh(key)
+                det.interval_start = now
+            return None
+        values = self.monitor.take_fresh(key)
+        det.interval_start = now
+        return float(np.quantile(values, 0.95))
+
+    def _statistical(
+        self, det: _SeriesDetectors, key: SeriesKey, horizon: float, now: float, wall: float, out: list[Alert]
+    ) -> None:
         st = self.config.statistical
         if not det.stats and (st.ewma.enabled or st.mad.enabled or st.cusum.enabled):
             det.stats = self._make_stats()
-        if stats.count < st.min_count or not math.isfinite(stats.p95):
+
+        def labels(name: str) -> dict:
+            return {"alertname": ALERT_ANOMALY, "severity": st.severity, "detector": name, **det.labels}
+
+        for name in [n for n in det.last_anomaly if n not in det.stats]:  # turned off at runtime: its alert goes too
+            del det.last_anomaly[name]
+            det.anomaly_firing.discard(name)
+            self._observe(out, labels(name), None, wall=wall, active=False)
+        if not det.stats:
             return
+        p95 = self._interval_p95(det, key, horizon, now)
+        if p95 is None:
+            return
+        point = math.log(max(p95, _MIN_LATENCY_S))
         for name, detector in det.stats.items():
-            verdict = detector.update(stats.p95, now)
-            labels = {"alertname": ALERT_ANOMALY, "severity": st.severity, "detector": name, **det.labels}
+            verdict = detector.update(point, now)
             if verdict is not None and verdict.anomalous:
                 det.last_anomaly[name] = now
+                value, baseline = math.exp(verdict.value), math.exp(verdict.baseline)
                 ann = {
-                    "summary": f"p95 latency of {det.labels['model']}/{det.labels['operation']} is unusual: {_fmt(verdict.value)} s "
-                    f"(expected about {_fmt(verdict.baseline)} s)",
-                    "description": verdict.reason,
+                    "summary": f"p95 latency of {det.labels['model']}/{det.labels['operation']} is unusual: {_fmt(value)} s "
+                    f"(expected about {_fmt(baseline)} s)",
+                    "description": f"{name}: the latest interval's p95 is {_fmt(value / baseline)}x its baseline; "
+                    f"score {verdict.score:.2f} above {verdict.threshold:g} (sigmas of log latency)",
                     "score": _fmt(verdict.score),
                 }
-                self._observe(out, labels, ann, wall=wall, active=True, for_s=st.for_s,
-                              value=verdict.value, threshold=verdict.threshold)
-            elif name in det.last_anomaly and now - det.last_anomaly[name] >= st.clear_after_s:
+                fired = self._observe(out, labels(name), ann, wall=wall, active=True, for_s=st.for_s,
+                                      value=value, threshold=verdict.threshold)
+                if fired is not None:
+                    det.anomaly_firing.add(name)
+            elif name in det.last_anomaly and (
+                # A pending anomaly needs anomalous points throughout for_s; a firing one clears after clear_after_s.
+                (verdict is not None and name not in det.anomaly_firing)
+                or now - det.last_anomaly[name] >= st.clear_after_s
+            ):
                 del det.last_anomaly[name]
-                self._observe(out, labels, None, wall=wall, active=False)
+                det.anomaly_firing.discard(name)
+                self._observe(out, labels(name), None, wall=wall, active=False)
 
     def _gpu_memory(self, gpus: Sequence[GpuSample], now: float, wall: float, out: list[Alert]) -> None:
         cfg = self.config.gpu_memory

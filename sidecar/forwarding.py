@@ -1,7 +1,8 @@
 """Re-export received span batches to another OTLP/HTTP endpoint.
 
 Ingestion hands each batch (the ExportTraceServiceRequest protobuf bytes) to :meth:`Forwarder.submit`, which
-never waits: a bounded queue takes it or it is dropped and counted. One worker task drains the queue.
+never waits: a queue bounded in batches (``queue_size``) and in bytes (``queue_bytes``; one batch may be tens
+of MiB) takes it or it is dropped and counted. One worker task drains the queue.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Forwarder:
         self.config = config
         self.endpoint = config.endpoint
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=config.queue_size)
+        self.max_bytes = config.queue_bytes
+        self.queued_bytes = 0
         self.sent = 0
         self.failed = 0
         self.dropped = 0
@@ -40,12 +43,16 @@ class Forwarder:
         return self._queue.qsize()
 
     def submit(self, payload: bytes) -> bool:
-        """Queue one batch; ``False`` (and a count) when the queue is full."""
+        """Queue one batch; ``False`` (and a count) when the queue is full, in batches or in bytes."""
+        if self.queued_bytes + len(payload) > self.max_bytes:
+            self.dropped += 1
+            return False
         try:
             self._queue.put_nowait(payload)
         except asyncio.QueueFull:
             self.dropped += 1
             return False
+        self.queued_bytes += len(payload)
         return True
 
     async def run(self) -> None:
@@ -57,6 +64,7 @@ class Forwarder:
         async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
             while True:
                 payload = await self._queue.get()
+                self.queued_bytes -= len(payload)
                 if self.config.compression == "gzip":
                     payload = await asyncio.to_thread(gzip.compress, payload, 1)
                 await self._send(session, payload)

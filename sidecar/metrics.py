@@ -2,8 +2,10 @@
 
 Counters the sidecar bumps as it works live in :class:`SidecarMetrics`; everything derived (windowed
 percentiles, throughput, error ratios, GPU and host gauges, alert and notification counts, detector scores)
-is computed at scrape time by :class:`_DerivedCollector` from the sidecar's state, so a scrape always shows the
-windows as of that instant.
+is computed at scrape time by :class:`_DerivedCollector` from the sidecar's state. The per-series window
+statistics (series x windows percentile selections, the costly part) are computed at most once per
+``SERIES_CACHE_S`` of the sidecar's clock and reused by scrapes within it: scraping runs on the event loop
+that ingests spans, so many or frequent scrapers must not multiply that work.
 
 Names: ``muai_sidecar_*`` for the sidecar's own series and the statistics it derives, ``muai_gpu_*`` for
 per-GPU gauges with DCGM's meanings, ``muai_host_*`` for the host, ``muai_orchestrator_process_*`` for the
@@ -25,6 +27,7 @@ from sidecar.otlp import INFERENCE, REQUEST
 if TYPE_CHECKING:
     from sidecar.app import SidecarState
 
+SERIES_CACHE_S = 1.0
 _QUANTILES = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
 _SERIES_LABELS = ["model", "operation", "window"]
 _GPU_LABELS = ["gpu", "uuid", "name"]
@@ -84,13 +87,8 @@ def _finite(x: float | None) -> bool:
     return x is not None and not math.isnan(x)
 
 
-def _summary(family: SummaryMetricFamily, labels: list[str], count: int, total: float, stats) -> None:
-    """One summary child: windowed quantiles (``stats``), cumulative ``_count``/``_sum`` since start.
-
-    That is the client-library summary convention (Go's summaries also compute quantiles over a sliding
-    window), so ``rate(x_sum) / rate(x_count)`` works and promtool accepts the ``quantile`` label.
-    """
-    family.add_metric(labels, count, total)
+def _quantiles(family: SummaryMetricFamily, labels: list[str], stats) -> None:
+    """The windowed quantiles of one summary child (labels: model, operation, window)."""
     names = dict(zip(family._labelnames, labels))
     for q, attr in _QUANTILES:
         v = getattr(stats, attr)
@@ -98,11 +96,24 @@ def _summary(family: SummaryMetricFamily, labels: list[str], count: int, total: 
             family.samples.append(Sample(family.name, {**names, "quantile": q}, v))
 
 
+def _totals(family: SummaryMetricFamily, model: str, operation: str, count: int, total: float) -> None:
+    """Cumulative ``_count``/``_sum`` since start, once per series and without a ``window`` label.
+
+    Repeating them for every window would multiply ``sum(rate(x_count[5m]))`` by the number of windows;
+    ``rate(x_sum) / rate(x_count)`` is the mean latency, as with any client-library summary.
+    """
+    labels = {"model": model, "operation": operation}
+    family.samples.append(Sample(family.name + "_count", labels, count))
+    family.samples.append(Sample(family.name + "_sum", labels, total))
+
+
 class _DerivedCollector:
     """Reads the sidecar's state at scrape time."""
 
     def __init__(self, state: Callable[[], SidecarState | None]) -> None:
         self._state = state
+        self._series_cache: list | None = None
+        self._series_at = 0.0
 
     def describe(self):
         # Nothing to pre-register: names are fixed and the registry needs no duplicate check for them.
@@ -112,7 +123,7 @@ class _DerivedCollector:
         state = self._state()
         if state is None:
             return
-        yield from self._series(state)
+        yield from self._cached_series(state)
         yield from self._gpus(state)
         yield from self._host(state)
         yield from self._alerting(state)
@@ -120,22 +131,31 @@ class _DerivedCollector:
 
     # -- request statistics ----------------------------------------------------------------------------
 
-    def _series(self, state):
-        monitor = state.monitor
+    def _cached_series(self, state) -> list:
         now = state.clock()
+        if self._series_cache is None or not self._series_at <= now < self._series_at + SERIES_CACHE_S:
+            self._series_cache = list(self._series(state, now))
+            self._series_at = now
+        return self._series_cache
+
+    def _series(self, state, now: float):
+        monitor = state.monitor
         latency = SummaryMetricFamily(
             "muai_sidecar_latency_seconds",
-            "Request latency: quantiles over the rolling window (span duration, or gen_ai.latency.e2e); count and sum since start.",
+            "Request latency: quantiles over the rolling window (span duration, or gen_ai.latency.e2e); "
+            "count and sum since start (no window label).",
             labels=_SERIES_LABELS,
         )
         ttft = SummaryMetricFamily(
             "muai_sidecar_time_to_first_token_seconds",
-            "Time to first token (gen_ai.latency.time_to_first_token): quantiles over the rolling window; count and sum since start.",
+            "Time to first token (gen_ai.latency.time_to_first_token): quantiles over the rolling window; "
+            "count and sum since start (no window label).",
             labels=_SERIES_LABELS,
         )
         inference = SummaryMetricFamily(
             "muai_sidecar_inference_latency_seconds",
-            "Inference span latency (spans below the request span): quantiles over the rolling window; count and sum since start.",
+            "Inference span latency (spans below the request span): quantiles over the rolling window; "
+            "count and sum since start (no window label).",
             labels=_SERIES_LABELS,
         )
         window_requests = GaugeMetricFamily(
@@ -163,12 +183,13 @@ class _DerivedCollector:
             "muai_sidecar_request_errors", "Failed requests seen since the sidecar started.", labels=["model", "operation"]
         )
         for key in monitor.keys(scope=None):
+            s = None
             for window in monitor.windows:
                 s = monitor.series_stats(key, window, now)
                 labels = [key.model, key.operation, window]
                 if key.scope == INFERENCE:
                     inference_rate.add_metric(labels, s.throughput_rps)
-                    _summary(inference, labels, s.requests_total, s.latency_sum_total, s.latency)
+                    _quantiles(inference, labels, s.latency)
                     continue
                 window_requests.add_metric(labels, s.requests)
                 throughput.add_metric(labels, s.throughput_rps)
@@ -176,9 +197,17 @@ class _DerivedCollector:
                     error_ratio.add_metric(labels, s.error_ratio)
                 tokens_in.add_metric(labels, s.input_tokens_per_s)
                 tokens_out.add_metric(labels, s.output_tokens_per_s)
-                _summary(latency, labels, s.requests_total, s.latency_sum_total, s.latency)
+                _quantiles(latency, labels, s.latency)
                 if s.ttft is not None:
-                    _summary(ttft, labels, s.ttft_count_total, s.ttft_sum_total, s.ttft)
+                    _quantiles(ttft, labels, s.ttft)
+            if s is None:
+                continue
+            if key.scope == INFERENCE:
+                _totals(inference, key.model, key.operation, s.requests_total, s.latency_sum_total)
+                continue
+            _totals(latency, key.model, key.operation, s.requests_total, s.latency_sum_total)
+            if s.ttft is not None:
+                _totals(ttft, key.model, key.operation, s.ttft_count_total, s.ttft_sum_total)
         for key, requests, errors in monitor.totals():
             if key.scope == REQUEST:
                 requests_total.add_metric([key.model, key.operation], requests)
@@ -315,7 +344,8 @@ class _DerivedCollector:
         families = (
             ("muai_sidecar_forwarded_batches", "Span batches forwarded to forwarding.endpoint.", fwd.sent),
             ("muai_sidecar_forward_failures", "Span batches that could not be forwarded after retries.", fwd.failed),
-            ("muai_sidecar_forward_dropped_batches", "Span batches dropped because the forwarding queue was full.", fwd.dropped),
+            ("muai_sidecar_forward_dropped_batches", "Span batches dropped because the forwarding queue was full (batches or bytes).",
+             fwd.dropped),
         )
         for name, doc, value in families:
             c = CounterMetricFamily(name, doc)
@@ -326,4 +356,4 @@ class _DerivedCollector:
         yield q
 
 
-__all__ = ["SidecarMetrics"]
+__all__ = ["SERIES_CACHE_S", "SidecarMetrics"]

@@ -12,9 +12,12 @@ spans for seconds, and the sidecar's clock is the only one every sample agrees o
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from detectors.window import MultiRatioWindow, MultiWindow, WindowStats
 
@@ -90,7 +93,7 @@ class SeriesStats:
 
 class _Series:
     __slots__ = ("latency", "errors", "ttft", "input_tokens", "output_tokens", "requests_total", "errors_total",
-                 "latency_sum", "ttft_count", "ttft_sum", "first_seen", "last_seen")
+                 "latency_sum", "ttft_count", "ttft_sum", "first_seen", "last_seen", "fresh")
 
     def __init__(self, windows: Mapping[str, float], max_samples: int) -> None:
         self.latency = MultiWindow(windows, max_samples=max_samples)
@@ -106,6 +109,8 @@ class _Series:
         self.ttft_sum = 0.0
         self.first_seen = math.inf
         self.last_seen = -math.inf
+        # Latencies since the last take_fresh(); kept only once someone has asked for them.
+        self.fresh: deque[float] | None = None
 
 
 def _sum_rate(window: MultiWindow | None, name: str, now: float) -> float:
@@ -151,6 +156,8 @@ class PerformanceMonitor:
                 self.untracked += 1
                 return False
         series.latency.add(sample.duration_s, now)
+        if series.fresh is not None:
+            series.fresh.append(sample.duration_s)
         series.errors.add(not sample.error, now)
         series.requests_total += 1
         series.latency_sum += sample.duration_s
@@ -215,6 +222,22 @@ class PerformanceMonitor:
         """The two inputs the detectors read each tick: the latency window and the error ratio."""
         series = self._series[key]
         return series.latency.snapshot(window, now), series.errors.ratio(window, now)
+
+    def fresh_count(self, key: SeriesKey) -> int:
+        """Latency samples of ``key`` recorded since the last :meth:`take_fresh` (0 before the first)."""
+        fresh = self._series[key].fresh
+        return 0 if fresh is None else len(fresh)
+
+    def take_fresh(self, key: SeriesKey) -> np.ndarray:
+        """Latency samples of ``key`` recorded since the previous call, emptied (the newest ``max_samples``).
+
+        The first call only starts the collection (and returns nothing), so series nobody asks about cost nothing.
+        Consecutive calls see disjoint samples: the statistical detectors' non-overlapping points.
+        """
+        series = self._series[key]
+        fresh = series.fresh
+        series.fresh = deque(maxlen=self.max_samples)
+        return np.fromiter(() if fresh is None else fresh, dtype=float)
 
     def series_stats(self, key: SeriesKey, window: str, now: float) -> SeriesStats:
         """Statistics of one series over one window (KeyError for an unknown series or window)."""

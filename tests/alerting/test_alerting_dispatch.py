@@ -261,3 +261,30 @@ async def test_policies_run_on_the_injected_clock(clock) -> None:
         clock.advance(1.0)
         d.pump()
         await apoll(lambda: len(recorder.notifications) == 1, what="the group after group_wait")
+
+
+async def test_a_receiver_down_past_the_retries_still_hears_the_alert_fire_before_it_resolves() -> None:
+    """Given up after every retry, a notification goes back to its Throttle, which sends the group's state again
+    at the next group interval, instead of waiting a repeat interval believing the receiver had it."""
+    port = free_port()
+    book = AlertBook()
+    sink = WebhookSink(f"http://127.0.0.1:{port}/hook", timeout_s=1.0)
+    throttle = quick_throttle(group_wait_s=0.0, group_interval_s=0.1, repeat_interval_s=3600.0)
+    async with Dispatcher([Route(sink, policy=throttle)], max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.02) as d:
+        labels = {"alertname": "HighLatency", "model": "llama"}
+        fired = book.observe(labels, active=True, now=1_795_750_800.0)
+        assert fired is not None
+        d.submit(fired)
+        # Nothing listens: the first notification and at least one resend are given up.
+        await apoll(lambda: d.stats()["webhook"].failed >= 2, what="two deliveries given up")
+        assert throttle.suppressed.get("undelivered", 0) >= 2
+        receiver = await WebhookReceiver().start(port)  # the subscriber comes back
+        try:
+            await apoll(lambda: receiver.alerts("HighLatency"), what="the firing alert once the receiver is up")
+            resolved = book.observe(labels, active=False, now=1_795_750_900.0)
+            assert resolved is not None
+            d.submit(resolved)
+            await apoll(lambda: any(s == "resolved" for s, _ in receiver.alerts("HighLatency")), what="the resolution")
+            assert [status for status, _ in receiver.alerts("HighLatency")] == ["firing", "resolved"]
+        finally:
+            await receiver.stop()

@@ -131,6 +131,54 @@ def test_fired_and_resolved_before_anyone_heard_is_not_sent() -> None:
     assert th.group_count == 0
 
 
+def test_an_undelivered_firing_notification_is_sent_again_at_the_next_interval() -> None:
+    th = _throttle()
+    th.offer(make_alert(gpu="0", at=0.0), 0.0)
+    (note,) = th.flush(30.0)
+    assert th.flush(330.0) == []  # believed heard: nothing until the repeat interval
+    th.undelivered(note, 340.0)  # the dispatcher gave up on it
+    (again,) = th.flush(630.0)  # the group's next interval
+    assert [(a.labels["gpu"], a.status) for a in again.alerts] == [("0", "firing")]
+    assert th.flush(930.0) == []
+    assert th.suppressed == {"undelivered": 1}
+
+
+def test_an_undelivered_resolution_comes_back_even_after_its_group_was_forgotten() -> None:
+    th = _throttle()
+    th.offer(make_alert(gpu="0", at=0.0), 0.0)
+    th.flush(30.0)
+    th.offer(make_alert(gpu="0", state=AlertState.RESOLVED, at=0.0, ends=100.0), 100.0)
+    (resolved,) = th.flush(330.0)
+    assert th.group_count == 0
+    th.undelivered(resolved, 350.0)
+    (again,) = th.flush(630.0)
+    assert [(a.labels["gpu"], a.status) for a in again.alerts] == [("0", "resolved")]
+    assert th.group_count == 0 and th.flush(10_000.0) == []
+
+
+def test_an_alert_whose_firing_was_never_delivered_resolves_silently() -> None:
+    th = _throttle()
+    th.offer(make_alert(gpu="0", at=0.0), 0.0)
+    th.offer(make_alert(gpu="1", at=0.0), 0.0)
+    (note,) = th.flush(30.0)
+    th.offer(make_alert(gpu="0", state=AlertState.RESOLVED, at=0.0, ends=40.0), 40.0)
+    th.undelivered(note, 50.0)
+    (again,) = th.flush(330.0)
+    # The receiver never heard gpu 0 fire: no "resolved" for it, only gpu 1's firing state again.
+    assert [(a.labels["gpu"], a.status) for a in again.alerts] == [("1", "firing")]
+    assert th.suppressed == {"undelivered": 1, "resolved_before_notify": 1}
+
+
+def test_a_newer_notification_already_carrying_the_alert_is_not_repeated() -> None:
+    th = _throttle()
+    th.offer(make_alert(gpu="0", at=0.0), 0.0)
+    (first,) = th.flush(30.0)
+    th.offer(make_alert(gpu="1", at=40.0), 40.0)
+    (second,) = th.flush(330.0)  # carries gpu 0 and gpu 1, both firing
+    th.undelivered(first, 340.0)
+    assert th.flush(630.0) == []
+
+
 def test_bucket_defers_a_group_to_its_next_interval_and_counts_it() -> None:
     th = _throttle(burst=1, rate_per_s=1 / 200)
     th.offer(make_alert("A", at=0.0), 0.0)

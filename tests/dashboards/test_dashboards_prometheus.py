@@ -138,12 +138,17 @@ def test_rules_mirror_the_sidecar_detectors_names_thresholds_durations_and_sever
         assert (seconds(rule["for"]), rule["labels"]["severity"]) == (cfg.for_s, cfg.severity), alert
 
     low = r[evaluation.ALERT_THROUGHPUT]  # the sidecar's floor is unset by default; ours is an example
-    assert [op for op, _ in comparisons(low["expr"])] == ["<"]
+    # The floor, then the guard that keeps idle series (no request for a long while) from firing.
+    assert comparisons(low["expr"])[0][0] == "<"
+    assert comparisons(low["expr"])[1:] == [(">", 0.0)]
     assert (seconds(low["for"]), low["labels"]["severity"]) == (d.throughput.for_s, d.throughput.severity)
 
-    for name in (evaluation.ALERT_LATENCY, evaluation.ALERT_ERRORS, evaluation.ALERT_THROUGHPUT):
+    for name in (evaluation.ALERT_LATENCY, evaluation.ALERT_ERRORS):
         ranges = set(re.findall(r"\[(\w+)\]", r[name]["expr"]))
         assert {seconds(x) for x in ranges} == {horizon_s}, name
+    rate_range, *guard = re.findall(r"\[(\w+)\]", low["expr"])
+    assert seconds(rate_range) == horizon_s
+    assert [seconds(x) > horizon_s for x in guard] == [True]
 
     assert r["MuaiTargetDown"]["labels"]["severity"] == "critical"
     assert 'job=~"muai-orchestrator|muai-sidecar"' in r["MuaiTargetDown"]["expr"]

@@ -84,7 +84,9 @@ def test_statistical_detectors_flag_a_step_and_clear_after_recovery():
         window="10s",
         latency={"enabled": False},
         error_rate={"enabled": False},
-        statistical={"min_count": 1, "clear_after_s": 5, "ewma": {"warmup": 10}, "mad": {"warmup": 10, "window": 20}},
+        # One point per 1 s tick, firing on the first anomalous one (the defaults are 10 s points and for_s=30).
+        statistical={"interval_s": 1, "for_s": 0, "min_count": 1, "clear_after_s": 5,
+                     "ewma": {"warmup": 10}, "mad": {"warmup": 10, "window": 20}},
     )
     mon, book = _mon(), AlertBook()
     ev = Evaluator(config, monitor=mon, book=book)
@@ -129,3 +131,91 @@ def test_error_rate_throughput_and_memory_rules():
     assert resolved == {ALERT_ERRORS, ALERT_GPU_MEMORY}
     assert {a.labels["alertname"] for a in book.firing()} == {ALERT_THROUGHPUT, ALERT_HOST_MEMORY}
     assert ALERT_LATENCY not in {a.labels["alertname"] for a in book.active()}
+
+
+def test_latency_and_error_alerts_hold_while_too_few_requests_finish():
+    """A model so slow that under min_count requests finish per window keeps its alerts (no data is no recovery)."""
+    config = DetectorsConfig(
+        window="1m",
+        latency={"threshold_s": 0.5, "for_s": 5, "min_count": 5},
+        error_rate={"threshold": 0.2, "for_s": 0, "min_count": 5},
+        statistical={"ewma": {"enabled": False}, "mad": {"enabled": False}},
+    )
+    mon, book = _mon(), AlertBook()
+    ev = Evaluator(config, monitor=mon, book=book)
+    transitions = []
+
+    def run(until: float, *, every: float = 0.0, values=(), errors=0) -> None:
+        t = run.t
+        while t < until:
+            t += 1.0
+            if every and t % every == 0:
+                _feed(mon, t, list(values), error_every=errors)
+            transitions.extend(ev.tick(t, 1e9 + t))
+        run.t = t
+
+    run.t = 0.0
+    _feed(mon, 0.0, [2.0] * 10, error_every=1)  # ten slow failures
+    run(10)
+    assert {(a.labels["alertname"], a.status) for a in transitions} == {(ALERT_LATENCY, "firing"), (ALERT_ERRORS, "firing")}
+    # Then only two slow failures every 30 s: never min_count in a minute. Both alerts stay firing.
+    run(300, every=30, values=[2.0, 2.0], errors=1)
+    assert [a.status for a in transitions] == ["firing", "firing"]
+    assert {a.labels["alertname"] for a in book.firing()} == {ALERT_LATENCY, ALERT_ERRORS}
+    # Enough fast, successful requests to judge again: both resolve.
+    run(400)
+    run(401, every=401, values=[0.1] * 10)
+    assert sorted((a.labels["alertname"], a.status) for a in transitions[2:]) == [(ALERT_ERRORS, "resolved"), (ALERT_LATENCY, "resolved")]
+    assert not book.firing()
+
+
+def test_a_detector_turned_off_at_runtime_resolves_its_alert():
+    config = DetectorsConfig(
+        window="10s",
+        latency={"enabled": False},
+        error_rate={"enabled": False},
+        statistical={"interval_s": 1, "for_s": 0, "min_count": 1, "ewma": {"warmup": 10}, "mad": {"enabled": False}},
+    )
+    mon, book = _mon(), AlertBook()
+    ev = Evaluator(config, monitor=mon, book=book)
+    rng = np.random.default_rng(2)
+    fired = []
+    for step in range(40):
+        _feed(mon, float(step), list((3.0 if step >= 30 else 1.0) * rng.lognormal(0, 0.05, size=3)))
+        fired += ev.tick(float(step), 1e9 + step)
+    assert [(a.labels["detector"], a.status) for a in fired] == [("ewma", "firing")]
+    off = config.statistical.model_copy(update={"ewma": config.statistical.ewma.model_copy(update={"enabled": False})})
+    ev.reconfigure(config.model_copy(update={"statistical": off}))
+    (resolved,) = ev.tick(40.0, 1e9 + 40)
+    assert (resolved.labels["detector"], resolved.status) == ("ewma", "resolved")
+    assert not book.active()
+
+
+async def test_each_sink_has_its_own_token_bucket(start_sidecar, http):
+    """In a storm the log sink (whose dispatcher is built first) must not take the webhook's tokens."""
+    from support.receiver import WebhookReceiver
+
+    async with WebhookReceiver() as hook:
+        config = quiet_config(
+            detectors={"latency": {"threshold_s": 0.5, "for_s": 0, "min_count": 1}},
+            alerting={"sinks": {"log": {"enabled": True}, "webhook": {"url": hook.url}},
+                      "rate_limit": {"group_by": ["..."], "burst": 2, "rate_per_s": 0.001}},
+        )
+        server, state = await start_sidecar(config)
+        for i in range(6):  # six models turn slow at once: six alerts, six groups
+            await _post(http, server, [2.0] * 3, model=f"m{i}")
+        await apoll(lambda: state.book.counts()["firing"] == 6, what="six firing alerts")
+
+        async def sinks():
+            async with http.get(server.make_url("/api/v1/alerts")) as resp:
+                return (await resp.json())["sinks"]
+
+        body = await apoll(lambda: _both_sent(sinks, 2), what="two notifications through each sink")
+        assert body["log"]["suppressed"].get("rate_limited", 0) >= 1
+        assert body["webhook"]["suppressed"].get("rate_limited", 0) >= 1
+        assert len(hook.accepted) == 2
+
+
+async def _both_sent(sinks, n):
+    body = await sinks()
+    return body if body["log"]["sent"] == n and body["webhook"]["sent"] == n else None

@@ -69,3 +69,27 @@ def test_every_field_is_documented_and_thresholds_are_runtime():
     assert fields["detectors.throughput.threshold_rps"] is True
     assert fields["port"] is False
     assert fields["receiver.max_body_bytes"] is False
+
+
+def test_label_forming_keys_are_not_runtime():
+    """Labels are part of an alert's fingerprint: changing one while an alert fires would orphan it."""
+
+    def walk(model_cls, prefix=""):
+        for name, field in model_cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, SidecarConfig.__mro__[1]):
+                yield from walk(ann, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", name, (field.json_schema_extra or {}).get("runtime", False)
+
+    severities = [(path, runtime) for path, name, runtime in walk(SidecarConfig) if name == "severity"]
+    assert len(severities) == 6  # latency, error_rate, gpu_memory, host_memory, throughput, statistical
+    assert [path for path, runtime in severities if runtime] == []
+    fields = {path: runtime for path, _, runtime in walk(SidecarConfig)}
+    assert fields["alerting.external_labels"] is False
+
+
+def test_detector_defaults_are_quiet_on_noise():
+    st = SidecarConfig().detectors.statistical
+    assert st.for_s > 0 and st.interval_s >= 10 and st.min_rel_spread >= 0.1
+    assert SidecarConfig().forwarding.queue_bytes == 64 * 1024**2

@@ -65,9 +65,22 @@ async def test_metrics_exposition(start_sidecar, http, unused_tcp_port):
     ratio = [s.value for s in families["muai_sidecar_error_ratio"].samples if s.labels["window"] == "1m"]
     assert ratio == [pytest.approx(0.2)]
     assert "muai_sidecar_requests_total" in text and "muai_gpu_xid_errors_total" in text
-    counts = {s.labels["window"]: s.value for s in families["muai_sidecar_latency_seconds"].samples
-              if s.name.endswith("_count") and s.labels["model"] == "llama"}
-    assert counts == {"10s": 5, "1m": 5, "5m": 5}  # cumulative since start, whatever the window
+    # Cumulative since start, once per series and without a window label (not repeated per window, which
+    # made sum(rate(..._count)) count every request once per window).
+    for family in ("muai_sidecar_latency_seconds", "muai_sidecar_inference_latency_seconds",
+                   "muai_sidecar_time_to_first_token_seconds"):
+        totals = [(s.name, s.labels) for s in families[family].samples
+                  if s.name.endswith(("_count", "_sum")) and s.labels["model"] == "llama"]
+        assert totals == [(family + "_count", {"model": "llama", "operation": "chat"}),
+                          (family + "_sum", {"model": "llama", "operation": "chat"})], family
+    counts = [s.value for s in families["muai_sidecar_latency_seconds"].samples
+              if s.name.endswith("_count") and s.labels["model"] == "llama"]
+    assert counts == [5]
+    (latency_sum,) = [s.value for s in families["muai_sidecar_latency_seconds"].samples
+                      if s.name.endswith("_sum") and s.labels["model"] == "llama"]
+    assert latency_sum == pytest.approx(1.5)
+    assert {s.labels["window"] for s in families["muai_sidecar_latency_seconds"].samples if "quantile" in s.labels} == {
+        "10s", "1m", "5m"}
 
     if shutil.which("promtool") is None:
         pytest.skip("promtool is not installed (Debian package prometheus, installed by scripts/bootstrap.sh)")
@@ -85,3 +98,38 @@ async def test_two_sidecars_in_one_process_share_no_registry(start_sidecar, http
         assert resp.status == 200
     assert "only-a" in await _scrape(http, a)
     assert "only-a" not in await _scrape(http, b)
+
+
+def _window_requests(text: str, model: str, window: str = "1m") -> float | None:
+    for family in text_string_to_metric_families(text):
+        if family.name == "muai_sidecar_window_requests":
+            for s in family.samples:
+                if s.labels["model"] == model and s.labels["window"] == window:
+                    return s.value
+    return None
+
+
+async def test_window_statistics_are_computed_at_most_once_per_second_of_scrapes(start_sidecar, http):
+    """Scrapes run on the loop that ingests spans: within SERIES_CACHE_S they share one computation of the
+    series x windows statistics (live counters stay live)."""
+    from sidecar.metrics import SERIES_CACHE_S
+    from support.clock import ManualClock
+
+    clock = ManualClock()
+    server, _ = await start_sidecar(quiet_config(), clock=clock, wall_clock=clock.wall)
+
+    async def post(n: int) -> None:
+        f = SpanFactory()
+        for _ in range(n):
+            f.request(0.1, model="cached")
+        async with http.post(server.make_url("/v1/traces"), data=encode(f.take()), headers=PB) as resp:
+            assert resp.status == 200
+
+    await post(3)
+    assert _window_requests(await _scrape(http, server), "cached") == 3
+    await post(2)
+    text = await _scrape(http, server)
+    assert _window_requests(text, "cached") == 3  # the same second: the cached statistics
+    assert "muai_sidecar_spans_received_total 5.0" in text
+    clock.advance(SERIES_CACHE_S)
+    assert _window_requests(await _scrape(http, server), "cached") == 5

@@ -239,3 +239,30 @@ async def test_forwarding_to_a_dead_endpoint_never_blocks_ingestion(start_sideca
     assert state.forwarder.dropped >= 1
     assert state.monitor.samples == 10
     await apoll(lambda: state.forwarder.failed >= 1)
+
+
+async def test_forwarding_queue_is_bounded_in_bytes_too(start_sidecar):
+    """queue_size counts batches, and one batch may be tens of MiB: queue_bytes bounds the memory it holds."""
+    from sidecar.config import ForwardingConfig
+    from sidecar.forwarding import Forwarder
+
+    backend, backend_state = await start_sidecar()
+    f = SpanFactory()
+    for _ in range(4):
+        f.request(0.2, model="bytes", attributes={"padding": "x" * 200})
+    batch = encode(f.take())
+    forwarder = Forwarder(ForwardingConfig(endpoint=str(backend.make_url("/v1/traces")), queue_size=100, queue_bytes=4096))
+    fits = 4096 // len(batch)
+    assert 1 <= fits < 6
+    assert [forwarder.submit(batch) for _ in range(6)] == [True] * fits + [False] * (6 - fits)
+    assert (forwarder.queued, forwarder.queued_bytes, forwarder.dropped) == (fits, fits * len(batch), 6 - fits)
+    worker = asyncio.create_task(forwarder.run())
+    try:
+        await apoll(lambda: forwarder.sent == fits, what="the queued batches forwarded")
+        assert forwarder.queued_bytes == 0
+        assert forwarder.submit(batch)  # room again once the worker has taken them
+        await apoll(lambda: forwarder.sent == fits + 1)
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+    assert backend_state.monitor.samples == 4 * (fits + 1)
