@@ -574,7 +574,7 @@ def sidecar_alerts() -> dict:
     b.add(stat("Requests seen by the sidecar", target("sum(muai_sidecar_requests_total)")), w=6, h=4)
     b.add(timeseries("Detector scores",
                      target(f"muai_sidecar_detector_score{{{M}}}", "{{detector}} {{model}} {{operation}}"),
-                     min_=None, description="EWMA / MAD / CUSUM on each series' windowed p95; larger is more anomalous."))
+                     min_=None, description="EWMA / MAD / CUSUM on each series' p95 per detector interval (log latency, rises only); larger is more anomalous."))
     b.add(timeseries("Alerts firing and pending",
                      target("muai_sidecar_alerts_firing", "firing (sidecar)"),
                      target("muai_sidecar_alerts_pending", "pending (sidecar)"),
