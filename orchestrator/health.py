@@ -3,15 +3,23 @@
 ``/health/ready`` is 200 only when every *required* model can be served, the server is not draining and the engines
 are making progress. It answers JSON either way, so an operator sees why:
 
-- ``models``: per model, the engine serving it, its state (``loading``, ``ready``, ``failed``, ``unloaded``), whether
-  it is required, and its degraded reasons (fallbacks taken);
+- ``models``: per model, the engine serving it, its state (``loading``, ``ready``, ``failed``, ``unloaded``, or
+  ``unavailable``: loaded, but every engine of its fallback chain has failed since), whether it is required, and its
+  degraded reasons (fallbacks taken);
 - ``engines``: per engine, whether it is available here and why not;
 - ``degraded``: reasons the server serves in a reduced way (a fallback engine, a failing trace exporter, a metrics
   port that could not be bound, a collector that raised) -- degraded is still ready;
-- ``reasons``: why it is not ready: a required model not servable, preload still running, draining, or a stuck
-  engine: requests in flight and no token or result for ``server.stuck_after_s`` (vLLM does not check this).
+- ``reasons``: why it is not ready: a required model not servable (failed to load, or ``unavailable``), preload
+  still running, draining, or a stuck engine: requests in flight and no token or result for
+  ``server.stuck_after_s`` (vLLM does not check this).
 
-A required model that is not preloaded counts as servable unless it failed. :class:`HealthState` collects the
+Stuck means *no output at all*: only a streamed token or a finished result (an engine error included) counts as
+progress; a request that times out (504), is cancelled or is refused does not, so an engine that wedges while
+requests keep timing out does turn readiness 503. The flip side: a single non-streamed generation that runs longer
+than ``server.stuck_after_s`` with nothing else finishing meanwhile also reads as stuck, because nothing comes out
+until it ends. Set ``server.stuck_after_s`` above the longest non-streamed generation you expect (or stream).
+
+A required model that is not preloaded counts as servable unless it failed or became unavailable. :class:`HealthState` collects the
 problems telemetry components report from any thread.
 """
 
@@ -124,6 +132,10 @@ def evaluate_readiness(
         elif state == "failed":
             detail = out_models[req.name].get("error")
             reasons.append(f"required model {req.name} failed to load" + (f": {detail}" if detail else ""))
+        elif state == UNAVAILABLE:
+            detail = "; ".join(model_degraded)
+            reasons.append(f"required model {req.name} is unavailable: no engine serves it"
+                           + (f" ({detail})" if detail else ""))
         elif req.preload and state != "ready":
             reasons.append(f"required model {req.name} is {state}")
     engines = manager_status.get("engines") if isinstance(manager_status.get("engines"), Mapping) else {}

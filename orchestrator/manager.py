@@ -56,6 +56,7 @@ from orchestrator.errors import (
 log = logging.getLogger(__name__)
 
 ModelState = Literal["unloaded", "loading", "ready", "failed"]
+"""A model's lifecycle state. ``status()`` also reports ``unavailable``: ready, but no engine serves it now."""
 EventKind = Literal["load_start", "load_ok", "load_fail", "unload", "fallback"]
 TRACER_NAME = "muai.orchestrator"
 OP_GENERATE = "text_completion"
@@ -440,8 +441,10 @@ class ModelManager:
         )
 
     def _batcher_for(self, m: ManagedModel) -> Batcher | None:
-        b = m.batcher
-        if b is None or m.chain.capabilities.continuous_batching:
+        # Read once: an unload on a worker thread may clear m.chain between two reads. Without a chain the
+        # request goes direct, where _infer answers ModelNotReadyError.
+        b, chain = m.batcher, m.chain
+        if b is None or chain is None or chain.capabilities.continuous_batching:
             return None
         loop = b.loop
         # A batcher serves the loop it started on; a caller on another loop (the blocking API) goes direct.
@@ -463,7 +466,8 @@ class ModelManager:
         return result
 
     async def embed(self, name: str, texts: Sequence[str]) -> list[EmbeddingResult]:
-        """Embed ``texts`` (one request); raises the first text's ``EngineError`` when one failed."""
+        """Embed ``texts`` (one request); raises the first text's ``EngineError`` when one failed. The engine gets
+        them in calls of at most its ``capabilities.max_batch_size`` texts."""
         m = self._ready(name)
         if m.task != "embed":
             raise ModelNotReadyError(name, m.state, f"model {name!r} is a {m.task} model; it does not embed")
@@ -483,6 +487,8 @@ class ModelManager:
         if m.task != "generate":
             raise ModelNotReadyError(name, m.state, f"model {name!r} is an {m.task} model; it does not generate")
         chain = m.chain
+        if chain is None:  # unloaded since _ready()
+            raise ModelNotReadyError(name, m.state, m.error or "")
         engine_before = chain.engine_name
         span = self.tracer.start_span(f"{OP_GENERATE} {name}", kind=SpanKind.INTERNAL)
         recording = span.is_recording()
@@ -541,7 +547,7 @@ class ModelManager:
                 n_results = len(results)
             else:
                 flat = [t for texts in payloads for t in texts]
-                vectors = list(await chain.embed(flat)) if flat else []
+                vectors = await _embed_chunked(chain, flat)
                 n_results = len(vectors)
                 results, i = [], 0
                 if n_results == len(flat):
@@ -720,12 +726,21 @@ class ModelManager:
         return out
 
     def status(self) -> dict[str, Any]:
-        """Per model: state, engine, degraded reasons, batching; per engine: availability and why not."""
+        """Per model: state, engine, degraded reasons, batching; per engine: availability and why not.
+
+        A model's reported ``state`` is ``unavailable`` (and ``servable`` False) when it was loaded but no engine of
+        its chain serves it now (all failed; the chain retries them after their back-off)."""
         models: dict[str, Any] = {}
         for m in list(self._models.values()):
             chain = m.chain
+            state = m.state
+            if state == "ready" and (chain is None or not chain.loaded):
+                # Loaded once, but every engine of its chain has failed since: requests get 503 until an engine
+                # comes back (the chain re-probes), so readiness must not call it ready.
+                state = "unavailable"
             entry: dict[str, Any] = {
-                "state": m.state,
+                "state": state,
+                "servable": state == "ready",
                 "task": m.task,
                 "engine": chain.engine_name if chain is not None else None,
                 "degraded_reasons": list(getattr(chain, "degraded_reasons", []) or []) if chain is not None else [],
@@ -833,6 +848,20 @@ class ModelManager:
                     log.exception("closing an ad-hoc chain failed")
             self._adhoc.clear()
         self._sync.close()
+
+
+async def _embed_chunked(chain: Any, texts: list[str]) -> list[Any]:
+    """``chain.embed`` in calls of at most the engine's ``max_batch_size`` texts, so that one request with many
+    inputs (or a batch of them) never hands the engine more than it says it takes at once."""
+    if not texts:
+        return []
+    size = max(1, int(getattr(chain.capabilities, "max_batch_size", 0) or len(texts)))
+    if len(texts) <= size:
+        return list(await chain.embed(texts))
+    out: list[Any] = []
+    for start in range(0, len(texts), size):
+        out.extend(await chain.embed(texts[start:start + size]))
+    return out
 
 
 def _batch_result_error(result: Any) -> BaseException | None:

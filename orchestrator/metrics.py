@@ -10,7 +10,8 @@ time from the admission state (``set_function``), never pushed per request.
 
 Background. Process CPU/memory (psutil) and GPU memory (NVML when present, else torch's CUDA stats when torch is
 already imported and CUDA initialised, else absent) are sampled by :class:`ResourceSampler` in the server's
-background loop; engine statistics (KV cache, vLLM prefix cache) likewise. Scrapes only read the last snapshot.
+background loop; engine statistics (KV cache, vLLM prefix cache, vLLM's running/waiting requests, preemptions and
+KV-cache usage as ``muai_engine_*{model}``) likewise. Scrapes only read the last snapshot.
 A sampler or collector that fails is logged once, counted, reported to the health state and skipped: the rest of
 the exposition and serving go on (15.4).
 
@@ -55,6 +56,7 @@ OPERATIONS = ("chat", "text_completion", "embeddings", "workflow")
 STATUSES = ("ok", "error", "invalid", "timeout", "cancelled")
 REJECT_REASONS = ("queue_full", "draining", "invalid", "too_large", "unknown_model")
 LIFECYCLE_EVENTS = ("load_start", "load_ok", "load_fail", "unload")
+SPAN_DROP_REASONS = ("queue_full", "export_failed", "shutdown")
 THROUGHPUT_WINDOW_S = 60.0
 _MAX_LABEL = 64
 
@@ -99,6 +101,13 @@ class ModelMetrics:
             self.ttft.observe(max(0.0, ttft_s))
         if tpot_s is not None:
             self.tpot.observe(max(0.0, tpot_s))
+
+    def observe_failed(self, *, e2e_s: float, queue_s: float | None = None) -> None:
+        """A request that did not end ``ok`` (error, timeout, cancelled): its latency, and its queue time when it
+        got a running slot; no tokens."""
+        self.latency.observe(max(0.0, e2e_s))
+        if queue_s is not None:
+            self.queue.observe(max(0.0, queue_s))
 
 
 class ThroughputWindow:
@@ -213,6 +222,16 @@ _ENGINE_STATS: dict[str, tuple[str, str, str]] = {
     "kv_cache_entries": ("muai_kv_cache_entries", "gauge", "Conversations held in the KV cache."),
     "prefix_cache_hits": ("muai_prefix_cache_hits", "counter", "Prompt tokens served from the engine's prefix cache (vLLM)."),
     "prefix_cache_queries": ("muai_prefix_cache_queries", "counter", "Prompt tokens looked up in the engine's prefix cache (vLLM)."),
+    # vLLM's own scheduler view (VllmEngine.stats()), with vLLM's meanings: its num_requests_running/waiting are
+    # inside the engine's scheduler, unlike muai_requests_running/waiting, which are this server's admission queue.
+    "num_requests_running": ("muai_engine_requests_running", "gauge",
+                             "Requests in the engine's running batch (vLLM's num_requests_running)."),
+    "num_requests_waiting": ("muai_engine_requests_waiting", "gauge",
+                             "Requests waiting in the engine's own scheduler queue (vLLM's num_requests_waiting)."),
+    "num_preemptions": ("muai_engine_preemptions", "counter",
+                        "Requests preempted by the engine to free KV-cache blocks (vLLM's num_preemptions)."),
+    "kv_cache_usage": ("muai_engine_kv_cache_usage_ratio", "gauge",
+                       "Share of the engine's KV-cache blocks in use, 0 to 1 (vLLM's kv_cache_usage_perc)."),
 }
 _STAT_ALIASES = {
     "hits": "kv_cache_hits",
@@ -225,7 +244,9 @@ _STAT_ALIASES = {
 
 
 def normalise_engine_stats(stats: Mapping[str, Any]) -> dict[str, float]:
-    """Map an engine's ``stats()`` keys (``CacheStats`` names or ``kv_cache_*``/``prefix_cache_*``) to ours."""
+    """Map an engine's ``stats()`` keys (``CacheStats`` names, ``kv_cache_*``/``prefix_cache_*``, and vLLM's
+    ``num_requests_running``, ``num_requests_waiting``, ``num_preemptions``, ``kv_cache_usage``) to ours. Token
+    counts an engine reports are left out: ``muai_prompt_tokens``/``muai_generation_tokens`` already count them."""
     out: dict[str, float] = {}
     for key, value in stats.items():
         key = _STAT_ALIASES.get(key, key)
@@ -318,7 +339,9 @@ class ServerMetrics:
         r = self.registry
         me = ["model", "engine"]
         self.request_latency = Histogram(
-            "muai_request_latency_seconds", "End-to-end request latency, admission to last byte (vLLM's e2e_request_latency).",
+            "muai_request_latency_seconds",
+            "End-to-end latency of admitted requests, admission to last byte, whatever their outcome "
+            "(vLLM's e2e_request_latency).",
             me, registry=r, buckets=LATENCY_BUCKETS,
         )
         self.request_queue = Histogram(
@@ -368,8 +391,16 @@ class ServerMetrics:
             "muai_rejected_requests", "Requests refused before running, by reason.", ["reason"], registry=r,
         )
         self.export_failures = Counter(
-            "muai_telemetry_export_failures", "Telemetry exports that failed (spans dropped), by signal.",
+            "muai_telemetry_export_failures",
+            "Telemetry export calls (batches) that failed, by signal; the spans they carried are counted in "
+            "muai_telemetry_spans_dropped_total{reason=\"export_failed\"}.",
             ["signal"], registry=r,
+        )
+        self.spans_dropped = Counter(
+            "muai_telemetry_spans_dropped",
+            "Spans that never reached the trace collector, by reason: queue_full (the export queue was full), "
+            "export_failed (in a batch the exporter could not deliver), shutdown (ended after or queued at shutdown).",
+            ["reason"], registry=r,
         )
         self.collector_errors = Counter(
             "muai_telemetry_collector_errors", "Metric samplers or collectors that raised, by component.",
@@ -389,6 +420,7 @@ class ServerMetrics:
         self._lock = threading.Lock()
         self.rejected_children = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         self.export_failures_traces = self.export_failures.labels("traces")
+        self._spans_dropped = {reason: self.spans_dropped.labels(reason) for reason in SPAN_DROP_REASONS}
         self.registry.register(_SnapshotCollector(self))
         try:
             from importlib.metadata import version
@@ -423,6 +455,20 @@ class ServerMetrics:
         if child is None:
             child = self.rejected_children[reason] = self.rejected.labels(_label(reason))
         child.inc()
+
+    def trace_export_failed(self, spans: int) -> None:
+        """One export call (a batch of ``spans`` spans) failed: a failure, and that many spans dropped."""
+        self.export_failures_traces.inc()
+        self.on_spans_dropped(spans, "export_failed")
+
+    def on_spans_dropped(self, count: int, reason: str) -> None:
+        """``count`` spans lost for ``reason`` (``SPAN_DROP_REASONS``); thread safe (the export worker calls it)."""
+        if count <= 0:
+            return
+        child = self._spans_dropped.get(reason)
+        if child is None:
+            child = self.spans_dropped.labels(_label(reason))
+        child.inc(count)
 
     def bind_queue_gauges(self, model: str, waiting: Callable[[], float], running: Callable[[], float]) -> None:
         """Queue depth and running requests of ``model`` are read from the admission state at scrape time."""
@@ -513,6 +559,7 @@ __all__ = [
     "OPERATIONS",
     "QUEUE_BUCKETS",
     "REJECT_REASONS",
+    "SPAN_DROP_REASONS",
     "STATUSES",
     "TPOT_BUCKETS",
     "TTFT_BUCKETS",

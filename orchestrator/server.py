@@ -26,7 +26,10 @@ resource and throughput gauges are sampled by a background loop, never on the re
 
 Shutdown (``serve``): SIGTERM or SIGINT stops admitting (new requests get 503 + ``Retry-After``, readiness 503),
 waits up to ``server.drain_timeout_s`` for every admitted request (streams included) to finish, then closes the
-listener, the models and flushes the spans; the exit status is 0. A second signal skips the wait.
+listener, gives open connections what is left of the drain timeout (at least a second) before cancelling their
+handlers, closes the models and flushes the spans; the exit status is 0. A second signal (logged) skips the waits:
+requests still running are cancelled. A client that disconnects has its request cancelled (out of the queue or its
+batch) as soon as aiohttp notices.
 """
 
 from __future__ import annotations
@@ -202,8 +205,9 @@ def create_app(
     tracing = build_tracing(
         config.telemetry.tracing,
         tracer_provider=tracer_provider,
-        on_export_failure=(lambda n: metrics.export_failures_traces.inc()) if metrics is not None else None,
+        on_export_failure=metrics.trace_export_failed if metrics is not None else None,
         on_health=lambda problem: health.report("traces", problem),
+        on_spans_dropped=metrics.on_spans_dropped if metrics is not None else None,
     )
     state_ref: list[ServerState] = []
     on_event = _make_event_hook(state_ref)
@@ -492,12 +496,14 @@ class _Call:
                 raise err.unavailable(str(exc), server.retry_after_s) from None
             raise err.queue_full(str(exc), server.retry_after_s) from None
         self.ticket = ticket
+        # Marked before waiting for a slot: a request that times out in the queue is still an admitted request
+        # to the sidecar (its 504 counts), not an invisible one.
+        self._mark_admitted()
         limit = server.request_timeout_s
         try:
             async with asyncio.timeout(limit):
                 try:
                     self.queue_s = await state.admission.start(ticket)
-                    self._mark_admitted()
                     yield
                 except TimeoutError:
                     # Our deadline surfaces as CancelledError in here (TimeoutError only at the block's exit),
@@ -513,12 +519,15 @@ class _Call:
             self.status = "cancelled"
             raise
         except Exception as exc:
+            if isinstance(exc, EngineError):
+                state.admission.progress()  # the engine answered, if with an error: it is not stuck
             mapped = map_exception(exc, state.config.server.retry_after_s)
             self.status = "error" if mapped.status >= 500 else "invalid"
             raise mapped from exc
         finally:
+            # No progress() here: a timeout or a cancellation is not output, and counting it would hide an engine
+            # that is stuck while requests keep timing out (see orchestrator.health).
             state.admission.finish(ticket)
-            state.admission.progress()
             self._record()
 
     def _mark_admitted(self) -> None:
@@ -554,10 +563,15 @@ class _Call:
         label = self.model or (self.ticket.model if self.ticket else "")
         if metrics is not None:
             metrics.request_done(label, self.operation, self.status)
+            bound: ModelMetrics = metrics.model(label, self.engine or self.state.engine_of(label))
             if self.status == "ok":
-                bound: ModelMetrics = metrics.model(label, self.engine or self.state.engine_of(label))
                 bound.observe(e2e_s=e2e, queue_s=self.queue_s, prompt_tokens=self.prompt_tokens,
                               completion_tokens=self.completion_tokens, ttft_s=ttft, tpot_s=tpot)
+            else:
+                # Every admitted outcome is in the latency histogram (timeouts and errors are the slow tail an
+                # operator needs to see); muai_requests_total says how each ended. Queue time only once measured.
+                queue_s = self.queue_s if self.ticket is not None and self.ticket.started_at is not None else None
+                bound.observe_failed(e2e_s=e2e, queue_s=queue_s)
         if self.recording:
             # Kept short: every attribute costs on the request path and again when encoded for export. The
             # engine, batch size and finish reasons are on the inference span below.
@@ -727,7 +741,15 @@ async def _generate_all(call: _Call, model: str, requests: list[GenerationReques
     if len(requests) == 1:
         results = [await manager.generate(model, requests[0])]
     else:
-        results = list(await asyncio.gather(*(manager.generate(model, r) for r in requests)))
+        tasks = [asyncio.ensure_future(manager.generate(model, r)) for r in requests]
+        try:
+            results = list(await asyncio.gather(*tasks))
+        except BaseException:
+            # gather leaves the other choices running after the first error; their answer has nowhere to go.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
     for i, result in enumerate(results):
         if result.error is not None:
             raise result.error
@@ -893,13 +915,15 @@ async def _workflow(call: _Call) -> web.StreamResponse:
             call.span.set_attribute("muai.workflow.models", models)
     async with call.admitted(f"workflow:{name}"):
         result = await workflow.run(parameters)
-        usage_doc = (result.result or {}).get("usage") if isinstance(result.result, dict) else None
-        if isinstance(usage_doc, dict):
-            call.result(int(usage_doc.get("prompt_tokens", 0)), int(usage_doc.get("completion_tokens", 0)), None)
-        else:
-            call.state.admission.progress()
         if result.status == "failed":
+            _raise_workflow_failure(call, name, result)
             call.status = "error"
+        else:
+            usage_doc = (result.result or {}).get("usage") if isinstance(result.result, dict) else None
+            if isinstance(usage_doc, dict):
+                call.result(int(usage_doc.get("prompt_tokens", 0)), int(usage_doc.get("completion_tokens", 0)), None)
+            else:
+                call.state.admission.progress()
     payload = {
         "workflow": name,
         "status": result.status,
@@ -913,6 +937,22 @@ async def _workflow(call: _Call) -> web.StreamResponse:
             call.span.set_attribute("error.type", "workflow_failed")
         return web.json_response(payload, status=500)
     return web.json_response(payload)
+
+
+def _raise_workflow_failure(call: _Call, name: str, result: Any) -> None:
+    """A failed step whose error has a status of its own (a bad request, a model not ready, draining) answers with
+    it, as the same error would outside a workflow; an engine error or a bug stays a 500 ``workflow_failed``."""
+    cause = getattr(result, "exception", None)
+    if isinstance(cause, EngineError):
+        call.state.admission.progress()  # the engine answered, if with an error
+    if cause is None:
+        return
+    mapped = map_exception(cause, call.state.config.server.retry_after_s)
+    if mapped.status == 500:
+        return
+    # Admitted already: not a rejection, so no reject_reason.
+    raise ApiError(mapped.status, f"workflow {name!r}: {result.error or mapped.message}", type_=mapped.type,
+                   code=mapped.code, param=mapped.param, headers=mapped.headers)
 
 
 def _jsonable(value: Any) -> Any:
@@ -1140,6 +1180,49 @@ def _dumps(payload: Any) -> str:
 # serve()
 
 
+MIN_SHUTDOWN_GRACE_S = 1.0
+"""Least time open connections get to finish once the listener closes (a response being written, a health check)."""
+
+
+def shutdown_grace(deadline: float | None, now: float, *, hurried: bool) -> float:
+    """How long open connections may take to finish after the drain: what is left of ``server.drain_timeout_s``,
+    at least :data:`MIN_SHUTDOWN_GRACE_S`, and only that minimum after a second signal. Pure.
+
+    Without it aiohttp waits up to its ``shutdown_timeout`` per connection on top of the drain, twice (once for
+    the handler, once more after cancelling it), so shutdown could take three times the drain timeout."""
+    if hurried or deadline is None:
+        return MIN_SHUTDOWN_GRACE_S
+    return max(MIN_SHUTDOWN_GRACE_S, deadline - now)
+
+
+async def _close_connections(runner: web.AppRunner, grace: float, hurry: asyncio.Event) -> None:
+    """Stop listening, then let open connections finish within ``grace`` seconds before their handlers are
+    cancelled; a (further) signal setting ``hurry`` ends the wait at once. ``runner.cleanup()`` then finds them
+    closed, or cancels what is left within its own ``shutdown_timeout``."""
+    for site in list(runner.sites):
+        await site.stop()
+    server = runner.server
+    if server is None:
+        return
+    await asyncio.sleep(0)  # let requests that arrived just before the listener closed start (as cleanup() does)
+    pre_shutdown = getattr(server, "pre_shutdown", None)  # aiohttp >= 3.10
+    if pre_shutdown is not None:
+        pre_shutdown()  # idle keep-alive connections close now instead of holding the wait
+    closing = asyncio.create_task(server.shutdown(grace))
+    if hurry.is_set():  # hurried during the drain already: the minimum grace, no more waiting to cut short
+        await closing
+        return
+    hurried = asyncio.create_task(hurry.wait())
+    try:
+        await asyncio.wait({closing, hurried}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hurried.cancel()
+    if not closing.done():
+        log.warning("second signal: cancelling the requests still open instead of waiting for them")
+        closing.cancel()
+        await asyncio.gather(closing, return_exceptions=True)
+
+
 def serve(config: Any, *, update_config: UpdateConfig | None = None) -> int:
     """Run the server until SIGTERM/SIGINT, drain, and return the exit status (0 after a clean drain)."""
     if not logging.getLogger().handlers:
@@ -1151,7 +1234,10 @@ async def _serve(config: Any, update_config: UpdateConfig | None) -> int:
     server_cfg = config.server
     app = create_app(config, update_config=update_config)
     state = app[STATE]
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=max(1.0, server_cfg.drain_timeout_s))
+    # handler_cancellation: a client that disconnects has its handler cancelled, so its request leaves the queue
+    # or its batch (aiohttp's default is to let it run on; its TestServer cancels, so tests alone would not show
+    # it). shutdown_timeout is the last resort for connections _close_connections could not finish.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=MIN_SHUTDOWN_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, server_cfg.host, server_cfg.port)
     try:
@@ -1179,9 +1265,11 @@ async def _serve(config: Any, update_config: UpdateConfig | None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     log.info("serving on http://%s:%d", server_cfg.host, server_cfg.port)
+    deadline: float | None = None
     try:
         await stop.wait()
         state.admission.drain()
+        deadline = loop.time() + server_cfg.drain_timeout_s
         in_flight = state.admission.state.in_flight
         log.info("draining: %d admitted requests in flight, waiting up to %gs", in_flight, server_cfg.drain_timeout_s)
         idle = asyncio.create_task(state.admission.wait_idle(server_cfg.drain_timeout_s))
@@ -1194,6 +1282,8 @@ async def _serve(config: Any, update_config: UpdateConfig | None) -> int:
         else:
             log.info("drained")
     finally:
+        grace = shutdown_grace(deadline, loop.time(), hurried=hurry.is_set())
+        await _close_connections(runner, grace, hurry)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await runner.cleanup()

@@ -5,10 +5,15 @@
   Never a ``SimpleSpanProcessor``: that would put the export on the request path.
 - **Sampling**: ``ParentBased(root=ratio)``: a sampled incoming ``traceparent`` is always followed; new traces are
   sampled at ``sampling_ratio``, which can change at runtime (:class:`AdjustableRatioSampler`).
-- **Failures** (15.5): :class:`ObservedSpanExporter` wraps the real exporter, counts each failed export
-  (``muai_telemetry_export_failures_total{signal="traces"}``), logs at most once per ``log_period_s``, and reports
-  "exporter failing" to the health state until an export succeeds again. The OTLP exporter's own per-attempt log
-  lines are rate limited the same way. With the collector down, requests are served as before.
+- **Failures** (15.5): :class:`ObservedSpanExporter` wraps the real exporter, counts each failed export call (a
+  batch: ``muai_telemetry_export_failures_total{signal="traces"}``) and the spans it carried, logs at most once per
+  ``log_period_s``, and reports "exporter failing" to the health state until an export succeeds again. The OTLP
+  exporter's own per-attempt log lines are rate limited the same way. With the collector down, requests are served
+  as before.
+- **Drops**: every span that never reaches the exporter's far end is counted by reason
+  (``muai_telemetry_spans_dropped_total{reason}``): ``queue_full`` (:class:`CountingSpanProcessor` turned it away
+  because the batch queue was full), ``export_failed`` (in a batch the exporter could not deliver), ``shutdown``
+  (ended after shutdown, or still queued when the worker stopped).
 - **Propagation** (5.6): W3C trace context in (:func:`extract_context`) and out (:func:`inject_headers`), with an
   explicit propagator so that no process-global state is needed (two servers in one process each keep their own
   provider).
@@ -30,7 +35,7 @@ from urllib.parse import urlsplit
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, SamplingResult, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -194,6 +199,127 @@ class ObservedSpanExporter(SpanExporter):
             return False
 
 
+DROP_QUEUE_FULL = "queue_full"
+DROP_EXPORT_FAILED = "export_failed"
+DROP_SHUTDOWN = "shutdown"
+
+
+class _HandOff(SpanExporter):
+    """The batch processor's exporter: tells the counting processor how many spans left the queue, then exports."""
+
+    def __init__(self, inner: SpanExporter, taken: Callable[[int], None]) -> None:
+        self.inner = inner
+        self._taken = taken
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self._taken(len(spans))
+        return self.inner.export(spans)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class CountingSpanProcessor(SpanProcessor):
+    """A ``BatchSpanProcessor`` that counts the spans it cannot take instead of dropping them silently.
+
+    The SDK's batch queue, when full, drops its oldest span with nothing but a log line per span. Here the spans the
+    batch processor holds are counted (in when a sampled span ends, out when the worker hands a batch to the
+    exporter); at ``max_queue_size`` a new span is turned away and reported to ``on_drop(1, "queue_full")``, so
+    the inner queue never overflows and every loss is counted. Spans ending after shutdown, or still queued when
+    the worker stopped, are reported as ``"shutdown"``. Drops are logged at most once per ``log_period_s``.
+    ``on_drop`` runs on the thread that ended the span; it must be thread safe (prometheus_client's is).
+    """
+
+    def __init__(
+        self,
+        exporter: SpanExporter,
+        *,
+        max_queue_size: int = 2048,
+        max_export_batch_size: int = 512,
+        export_timeout_millis: float = 30000,
+        schedule_delay_millis: float | None = None,
+        on_drop: Callable[[int, str], None] | None = None,
+        log_period_s: float = LOG_PERIOD_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._capacity = max_queue_size
+        self._held = 0
+        self._closed = False
+        self._lock = threading.Lock()
+        self._on_drop = on_drop
+        self._period = log_period_s
+        self._clock = clock
+        self._last_log: float | None = None
+        self._unlogged = 0
+        self.dropped: dict[str, int] = {}
+        self._inner = BatchSpanProcessor(
+            _HandOff(exporter, self._taken),
+            max_queue_size=max_queue_size,
+            max_export_batch_size=max_export_batch_size,
+            export_timeout_millis=export_timeout_millis,
+            schedule_delay_millis=schedule_delay_millis,
+        )
+
+    def _taken(self, count: int) -> None:
+        # Called just after the worker popped the batch, so for a moment we count more than the queue holds:
+        # at worst a span is turned away (and counted) that would have fitted; the inner queue never drops.
+        with self._lock:
+            self._held = max(0, self._held - count)
+
+    def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+        self._inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not (span.context and span.context.trace_flags.sampled):
+            return
+        with self._lock:
+            if self._closed:
+                reason: str | None = DROP_SHUTDOWN
+            elif self._held >= self._capacity:
+                reason = DROP_QUEUE_FULL
+            else:
+                reason = None
+                self._held += 1
+        if reason is None:
+            self._inner.on_end(span)
+        else:
+            self._drop(1, reason)
+
+    def _drop(self, count: int, reason: str) -> None:
+        with self._lock:
+            self.dropped[reason] = self.dropped.get(reason, 0) + count
+            now = self._clock()
+            log_now = self._last_log is None or now - self._last_log >= self._period
+            if log_now:
+                self._last_log, suppressed, self._unlogged = now, self._unlogged, 0
+            else:
+                self._unlogged += count
+        if log_now:
+            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            log.warning("%d spans dropped (%s)%s; serving continues; logged at most every %gs",
+                        count, reason, more, self._period)
+        if self._on_drop is not None:
+            try:
+                self._on_drop(count, reason)
+            except Exception as exc:  # a metrics hook must never break the span path
+                log.debug("span drop hook failed: %r", exc)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._inner.shutdown()
+        with self._lock:
+            left, self._held = self._held, 0
+        if left:
+            self._drop(left, DROP_SHUTDOWN)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
 def make_exporter(config: Any) -> SpanExporter:
     """The real OTLP exporter for ``telemetry.tracing`` (http/protobuf or grpc)."""
     endpoint = config.endpoint
@@ -263,12 +389,16 @@ def build_tracing(
     on_export_failure: Callable[[int], None] | None = None,
     on_health: Callable[[str | None], None] | None = None,
     log_period_s: float = LOG_PERIOD_S,
+    on_spans_dropped: Callable[[int, str], None] | None = None,
 ) -> Tracing:
     """Tracing for one app from ``telemetry.tracing``.
 
     ``tracer_provider`` given: use it as is (the caller owns it). Tracing disabled: a no-op tracer, nothing
-    recorded or exported. Otherwise a new SDK provider with the parent-based ratio sampler and a batch processor
-    around the OTLP exporter (or ``exporter``, wrapped the same way).
+    recorded or exported. Otherwise a new SDK provider with the parent-based ratio sampler and a
+    :class:`CountingSpanProcessor` around the OTLP exporter (or ``exporter``, wrapped the same way).
+    ``on_export_failure(spans)`` is called once per failed export call (a batch) with the number of spans it
+    carried; ``on_spans_dropped(count, reason)`` for spans the processor could not take (``queue_full``,
+    ``shutdown``). A failed batch is not reported to ``on_spans_dropped``: ``on_export_failure`` has its count.
     """
     if tracer_provider is not None:
         return Tracing(tracer_provider, tracer_provider.get_tracer(INSTRUMENTATION_NAME), owned=False)
@@ -284,11 +414,13 @@ def build_tracing(
     )
     queue = config.max_queue_size
     provider.add_span_processor(
-        BatchSpanProcessor(
+        CountingSpanProcessor(
             observed,
             max_queue_size=queue,
             max_export_batch_size=min(512, queue),
             export_timeout_millis=config.export_timeout_s * 1000,
+            on_drop=on_spans_dropped,
+            log_period_s=log_period_s,
         )
     )
     return Tracing(provider, provider.get_tracer(INSTRUMENTATION_NAME), sampler, observed, owned=True)
@@ -306,8 +438,12 @@ def inject_headers(headers: MutableMapping[str, str], context: Context | None = 
 
 
 __all__ = [
+    "DROP_EXPORT_FAILED",
+    "DROP_QUEUE_FULL",
+    "DROP_SHUTDOWN",
     "INSTRUMENTATION_NAME",
     "AdjustableRatioSampler",
+    "CountingSpanProcessor",
     "ObservedSpanExporter",
     "Tracing",
     "TracingConfigError",

@@ -39,6 +39,9 @@ class WorkflowResult:
     status: WorkflowStatus = "success"
     error: str | None = None
     execution_time: float = 0.0
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+    """The exception of the step that failed the workflow (status ``failed``), so that a server can answer with
+    the status it deserves (a model not ready is a 503, a bad request a 4xx); not part of ``to_dict``."""
 
     @property
     def ok(self) -> bool:
@@ -109,6 +112,7 @@ class Workflow(ABC):
         step_meta: list[dict[str, Any]] = []
         status: WorkflowStatus = "success"
         error: str | None = None
+        failure: BaseException | None = None
         with self.tracer.start_as_current_span(f"workflow {self.name}", record_exception=False, set_status_on_exception=False) as wf_span:
             if wf_span.is_recording():
                 wf_span.set_attribute("muai.workflow", self.name)
@@ -136,6 +140,7 @@ class Workflow(ABC):
                             status = "partial"
                         else:
                             status = "failed"
+                            failure = exc
                     step_meta.append({"name": step.name, "status": outcome, "duration_s": time.perf_counter() - t0})
                 if status == "failed":
                     break
@@ -150,6 +155,7 @@ class Workflow(ABC):
             status=status,
             error=error,
             execution_time=time.perf_counter() - started,
+            exception=failure,
         )
 
     def execute(self, parameters: Mapping[str, Any] | None) -> WorkflowResult:

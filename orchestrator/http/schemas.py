@@ -28,11 +28,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 256  # OpenAI has no bound here; MuAI caps an unset max_tokens at this
 MAX_N = 16
+MAX_ITEMS = 256
+"""Most prompts x ``n`` (completions) or texts (embeddings) one request may carry: a request holds one admission
+slot, so without a cap one request could bring more work than the whole queue bound allows."""
 
 
 class _Request(BaseModel):
@@ -92,6 +95,16 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _bounded(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if isinstance(value, list):
+            n = info.data.get("n", 1)  # validated before prompt (field order)
+            if len(value) * n > MAX_ITEMS:
+                raise ValueError(f"{len(value)} prompts x n={n} is more than {MAX_ITEMS} completions per request; "
+                                 "split it into several requests")
+        return value
+
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
@@ -121,6 +134,13 @@ class EmbeddingRequest(_Request):
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
+
+    @field_validator("input")
+    @classmethod
+    def _bounded(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) > MAX_ITEMS:
+            raise ValueError(f"{len(value)} inputs is more than {MAX_ITEMS} per request; split it into several requests")
+        return value
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
@@ -180,6 +200,8 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 __all__ = [
     "DEFAULT_CHAT_MAX_TOKENS",
     "DEFAULT_COMPLETION_MAX_TOKENS",
+    "MAX_ITEMS",
+    "MAX_N",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",

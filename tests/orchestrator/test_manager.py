@@ -199,6 +199,74 @@ async def test_unload_fails_waiting_requests_and_stops_serving():
     await m.aclose()
 
 
+async def test_a_model_unloaded_mid_request_is_not_ready_not_a_crash():
+    m = ModelManager(echo_config())
+    await m.aload_model("echo-a")
+    managed = m.get_model("echo-a")
+    # What a request on the loop can find while an unload runs on a worker thread: it passed the readiness check,
+    # then the chain went (the batcher not yet). It must be told "not ready", not hit an AttributeError.
+    managed.chain = None
+    assert managed.batcher is not None
+    with pytest.raises(ModelNotReadyError):
+        await m.generate("echo-a", req("x"))
+    with pytest.raises(ModelNotReadyError):
+        await m.embed("echo-a", ["x"])
+    with pytest.raises(ModelNotReadyError):
+        async for _ in m.generate_stream("echo-a", req("x")):
+            pass
+    await m.aclose()
+
+
+async def test_a_loaded_model_whose_engines_all_failed_is_reported_unavailable():
+    faults = EchoFaults()
+
+    def factory(name, settings):
+        if name == "echo":
+            return EchoEngine({**settings, "faults": faults})
+        from adapters.registry import create_engine
+
+        return create_engine(name, settings)
+
+    # echo, then torch behind it, which cannot load the (missing) path: once echo fails, nothing serves.
+    m = ModelManager(echo_config(), engine_factory=factory)
+    await m.aload_model("echo-a")
+    entry = m.status()["models"]["echo-a"]
+    assert entry["state"] == "ready" and entry["servable"] is True
+    faults.fail_generate_always = True
+    with pytest.raises(Exception):
+        await m.generate("echo-a", req("x"))
+    entry = m.status()["models"]["echo-a"]
+    assert entry["state"] == "unavailable" and entry["servable"] is False
+    assert m.is_loaded("echo-a")  # still registered as loaded: the chain re-probes its engines later
+    await m.aclose()
+
+
+@pytest.mark.parametrize("batching", [True, False])
+async def test_embeddings_reach_the_engine_in_chunks_of_its_max_batch_size(batching):
+    from adapters.base import Capabilities
+    from adapters.echo import hash_vector
+
+    sizes: list[int] = []
+
+    class SmallBatchEcho(EchoEngine):
+        """The echo engine declaring that it takes at most 3 texts per call, and recording each call's size."""
+
+        capabilities = Capabilities(streaming=True, max_batch_size=3)
+
+        async def embed(self, texts):
+            sizes.append(len(texts))
+            return await super().embed(texts)
+
+    m = ModelManager(echo_config(batching={"enabled": batching}),
+                     engine_factory=lambda name, settings: SmallBatchEcho(settings))
+    await m.aload_model("echo-emb")
+    texts = [f"text {i}" for i in range(8)]
+    results = await m.embed("echo-emb", texts)
+    assert [r.vector for r in results] == [hash_vector(t) for t in texts]
+    assert sizes and max(sizes) <= 3 and sum(sizes) == 8
+    await m.aclose()
+
+
 async def test_stream_yields_chunks_then_finishes():
     m = ModelManager(echo_config())
     await m.aload_model("echo-a")

@@ -121,6 +121,32 @@ def test_resources_and_engine_stats_exposed_from_snapshots(metrics):
         assert value(metrics, "muai_gpu_memory_used_bytes", gpu="0") is None
 
 
+VLLM_STATS = {  # VllmEngine.stats(): counters accumulated, gauges latest
+    "prefix_cache_queries": 10, "prefix_cache_hits": 4, "num_requests_running": 3, "num_requests_waiting": 2,
+    "max_requests_running": 8, "num_preemptions": 1, "kv_cache_usage": 0.25, "prompt_tokens": 100,
+    "generation_tokens": 50, "requests_finished": 7,
+}
+
+
+def test_vllm_scheduler_stats_are_exported_per_model_with_vllms_meanings(metrics):
+    metrics.set_engine_stats("m", VLLM_STATS)
+    assert value(metrics, "muai_engine_requests_running", model="m") == 3
+    assert value(metrics, "muai_engine_requests_waiting", model="m") == 2
+    assert value(metrics, "muai_engine_preemptions_total", model="m") == 1
+    assert value(metrics, "muai_engine_kv_cache_usage_ratio", model="m") == 0.25
+    assert value(metrics, "muai_prefix_cache_hits_total", model="m") == 4
+    # Tokens are already counted per request (muai_prompt_tokens_total): the engine's own count is not doubled.
+    assert "prompt_tokens" not in normalise_engine_stats(VLLM_STATS)
+
+
+def test_span_drops_are_counted_by_reason_and_failed_batches_as_failures(metrics):
+    metrics.trace_export_failed(7)
+    metrics.on_spans_dropped(2, "queue_full")
+    assert value(metrics, "muai_telemetry_export_failures_total", signal="traces") == 1
+    assert value(metrics, "muai_telemetry_spans_dropped_total", reason="export_failed") == 7
+    assert value(metrics, "muai_telemetry_spans_dropped_total", reason="queue_full") == 2
+
+
 def test_normalise_engine_stats_maps_cache_stats_names():
     assert normalise_engine_stats({"hits": 1, "bytes_held": 5, "bogus": 3, "entries": True}) == {
         "kv_cache_hits": 1.0, "kv_cache_bytes": 5.0}
@@ -166,6 +192,9 @@ def test_exposition_passes_promtool(metrics):
     metrics.bind_queue_gauges("m", lambda: 0, lambda: 1)
     metrics.set_resources(ResourceSampler().sample())
     metrics.set_engine_stats("m", {"kv_cache_hits": 1, "prefix_cache_hits": 2, "prefix_cache_queries": 3})
+    metrics.set_engine_stats("v", VLLM_STATS)
+    metrics.trace_export_failed(3)
+    metrics.on_spans_dropped(1, "queue_full")
     metrics.sample_throughput(0.0)
     out = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(metrics.registry),
                          capture_output=True, timeout=60)

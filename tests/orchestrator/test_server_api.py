@@ -140,6 +140,10 @@ BAD = [
     ("/v1/embeddings", json.dumps({"model": "echo-embed", "input": "x", "dimensions": 4}).encode(), 422, "dimensions"),
     ("/v1/workflows/chat", json.dumps({"parameters": {"model": "echo"}}).encode(), 422, "parameters"),
     ("/v1/workflows/chat", json.dumps({"parameters": "x"}).encode(), 422, "parameters"),
+    # One request holds one admission slot: its prompts x n and its inputs are capped (MAX_ITEMS = 256).
+    ("/v1/completions", json.dumps({"model": "echo", "prompt": ["x"] * 17, "n": 16}).encode(), 422, "prompt"),
+    ("/v1/completions", json.dumps({"model": "echo", "prompt": ["x"] * 257}).encode(), 422, "prompt"),
+    ("/v1/embeddings", json.dumps({"model": "echo-embed", "input": ["x"] * 257}).encode(), 422, "input"),
 ]
 
 
@@ -229,6 +233,72 @@ async def test_request_timeout_gives_504_and_frees_the_slot(tmp_path):
             "muai_requests_total", {"model": "echo", "operation": "text_completion", "status": "timeout"}) == 1
 
 
+async def test_a_request_timing_out_in_the_queue_is_admitted_measured_and_not_a_sign_of_life(tmp_path):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    config = echo_config(tmp_path, batching={"enabled": False}, server={"request_timeout_s": 0.3, "stuck_after_s": 0.2})
+    async with running_app(config, tracer_provider=provider) as (client, state):
+        # Batching off: one echo request runs at a time. Hold that slot, as a wedged request would.
+        holder = state.admission.admit("echo")
+        await state.admission.start(holder)
+        try:
+            error = await error_of(await client.post("/v1/completions", json={"model": "echo", "prompt": "x"}), 504)
+            assert error["type"] == "timeout_error"
+            # Admitted (it waited in the queue), so the sidecar sees it as a request: it counts that 504.
+            root = next(sp for sp in exporter.get_finished_spans() if sp.name == "POST /v1/completions")
+            assert root.attributes["muai.request"] is True
+            assert root.attributes["gen_ai.operation.name"] == "text_completion"
+            assert root.attributes["gen_ai.request.model"] == "echo"
+            # Its latency is in the histogram like any admitted request's (the outcome is on muai_requests_total).
+            reg = state.metrics.registry
+            assert reg.get_sample_value("muai_request_latency_seconds_count", {"model": "echo", "engine": "echo"}) == 1
+            assert reg.get_sample_value("muai_requests_total", {"model": "echo", "operation": "text_completion",
+                                                                "status": "timeout"}) == 1
+            # A timeout is not output: busy for longer than stuck_after_s with nothing out is stuck.
+            resp = await client.get("/health/ready")
+            body = await resp.json()
+            assert resp.status == 503 and any(r.startswith("stuck:") for r in body["reasons"]), body
+            assert body["requests"]["stalled_s"] >= 0.3
+        finally:
+            state.admission.finish(holder)
+
+
+async def test_the_other_choices_stop_when_one_fails(tmp_path):
+    from adapters.base import InvalidRequestError
+    from adapters.echo import EchoEngine
+
+    held: list[str] = []
+    cancelled: list[str] = []
+    release = asyncio.Event()  # never set: a choice only ends by cancellation
+
+    class PickyEcho(EchoEngine):
+        """The echo engine refusing prompts with "boom" at once and holding the others until released."""
+
+        async def generate(self, batch):
+            if any("boom" in r.prompt for r in batch):
+                raise InvalidRequestError("boom is refused", engine=self.name)
+            held.extend(r.prompt for r in batch)
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                cancelled.extend(r.prompt for r in batch)
+                raise
+            return await super().generate(batch)
+
+    config = echo_config(tmp_path, batching={"enabled": False})
+    async with running_app(config, engine_factory=lambda name, settings: PickyEcho(settings)) as (client, state):
+        resp = await client.post("/v1/completions", json={"model": "echo", "prompt": ["slow one", "boom"]})
+        error = await error_of(resp, 400)
+        assert "boom is refused" in error["message"]
+        await poll(lambda: cancelled == ["slow one"], what="the other choice to be cancelled")
+        assert held == ["slow one"] and state.admission.state.in_flight == 0
+
+
 async def test_engine_failure_is_a_json_500_not_a_crash(tmp_path):
     faults = EchoFaults()
     config = echo_config(tmp_path, models=[{"name": "echo", "path": str(tmp_path), "engine": "echo"}],
@@ -268,6 +338,35 @@ async def test_readiness_follows_preload_failure_and_recovery(tmp_path):
         resp = await client.get("/health/ready")
         body = await resp.json()
         assert resp.status == 200 and body["models"]["echo"]["engine"] == "echo"
+
+
+async def test_readiness_is_503_when_no_engine_serves_a_required_model(tmp_path):
+    faults = EchoFaults()
+    config = echo_config(tmp_path, models=[{"name": "echo", "path": str(tmp_path), "engine": "echo"}],
+                         engines={"preference": ["echo"]})
+    async with running_app(config, faults=faults) as (client, state):
+        # One inference failure: echo is benched, and torch behind it cannot load an empty directory.
+        faults.fail_generate_times = 1
+        resp = await client.post("/v1/completions", json={"model": "echo", "prompt": "a b"})
+        assert resp.status >= 500
+        resp = await client.get("/health/ready")
+        body = await resp.json()
+        assert resp.status == 503 and body["status"] == "unavailable", body
+        assert body["models"]["echo"]["state"] == "unavailable"
+        assert any(r.startswith("required model echo is unavailable") for r in body["reasons"])
+
+
+async def test_a_workflow_failing_on_a_model_not_ready_answers_503_not_500(tmp_path):
+    config = echo_config(tmp_path, models=[
+        {"name": "echo", "path": str(tmp_path), "engine": "echo", "preload": False, "required": False}])
+    async with running_app(config) as (client, state):
+        resp = await client.post("/v1/workflows/chat", json={"parameters": {"prompt": "hi"}})
+        error = await error_of(resp, 503)
+        assert error["code"] == "model_not_ready" and resp.headers["Retry-After"] == "1"
+        assert error["message"].startswith("workflow 'chat': step 'generate' failed")
+        assert state.metrics.registry.get_sample_value(
+            "muai_requests_total", {"model": "chat", "operation": "workflow", "status": "error"}) == 1
+        assert state.admission.state.in_flight == 0
 
 
 async def test_readiness_shows_degradation_after_fallback(tmp_path):

@@ -59,6 +59,17 @@ def test_required_model_without_preload_is_servable_unless_failed():
     assert not evaluate(status(a="failed"), models=models).ready
 
 
+def test_a_required_model_no_engine_serves_is_not_ready_preloaded_or_not():
+    st = status(a="unavailable")
+    st["models"]["a"]["degraded_reasons"] = ["no engine can serve model 'a'"]
+    for models in ((ModelRequirement("a"),), (ModelRequirement("a", preload=False),)):
+        result = evaluate(st, models=models)
+        assert not result.ready and result.status == UNAVAILABLE
+        assert result.body["reasons"] == ["required model a is unavailable: no engine serves it "
+                                          "(no engine can serve model 'a')"]
+    assert evaluate(st, models=(ModelRequirement("a", required=False),)).ready
+
+
 def test_degraded_is_ready_and_says_why():
     st = status(a="ready")
     st["models"]["a"]["degraded_reasons"] = ["vllm failed: injected"]

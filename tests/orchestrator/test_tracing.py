@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from test_server_support import OtlpReceiver, attrs, echo_config, free_port, poll, running_app
@@ -17,6 +19,7 @@ from test_server_support import OtlpReceiver, attrs, echo_config, free_port, pol
 from orchestrator.config import TracingConfig
 from orchestrator.tracing import (
     AdjustableRatioSampler,
+    CountingSpanProcessor,
     ObservedSpanExporter,
     build_tracing,
     extract_context,
@@ -95,6 +98,44 @@ async def test_export_failures_are_counted_logged_once_and_recover(receiver, cap
     assert health[-1] is None and not up.failing
     down.shutdown()
     up.shutdown()
+
+
+class GatedExporter(SpanExporter):
+    """Our sink in front of the SDK's in-memory exporter: each export waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.memory = InMemorySpanExporter()
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def export(self, spans):
+        self.entered.set()
+        self.gate.wait(30)
+        return self.memory.export(spans)
+
+    def shutdown(self) -> None:
+        self.memory.shutdown()
+
+
+def test_a_full_span_queue_counts_every_span_it_turns_away():
+    exporter = GatedExporter()
+    drops: list[tuple[int, str]] = []
+    processor = CountingSpanProcessor(exporter, max_queue_size=2, max_export_batch_size=2, schedule_delay_millis=600_000,
+                                      on_drop=lambda n, reason: drops.append((n, reason)))
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("t")
+    for name in ("a", "b"):  # a full batch: the worker takes it and blocks in the exporter
+        tracer.start_span(name).end()
+    assert exporter.entered.wait(30)
+    for name in ("c", "d", "e", "f"):  # room for two more while the exporter is stuck
+        tracer.start_span(name).end()
+    assert drops == [(1, "queue_full"), (1, "queue_full")] and processor.dropped == {"queue_full": 2}
+    exporter.gate.set()
+    provider.shutdown()
+    assert sorted(s.name for s in exporter.memory.get_finished_spans()) == ["a", "b", "c", "d"]
+    tracer.start_span("late").end()  # after shutdown: nowhere to go, counted
+    assert drops[-1] == (1, "shutdown")
 
 
 def traced_config(tmp_path, endpoint: str, **extra):
@@ -191,3 +232,5 @@ async def test_serving_is_unaffected_with_the_collector_down(tmp_path):
         assert body["ready"] is True
         failures = state.metrics.registry.get_sample_value("muai_telemetry_export_failures_total", {"signal": "traces"})
         assert failures >= 1
+        dropped = state.metrics.registry.get_sample_value("muai_telemetry_spans_dropped_total", {"reason": "export_failed"})
+        assert dropped >= failures  # every failed batch carried at least one span
