@@ -153,7 +153,10 @@ class ServerConfig(Section):
     max_body_bytes: int = Field(4 * 1024**2, ge=1024, description="Largest request body; larger gets 413.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long admitted requests may take to finish.")
     stuck_after_s: float = Field(
-        60.0, gt=0, description="Readiness turns 503 when requests are in flight but nothing came out for this long.",
+        60.0, gt=0,
+        description="Readiness turns 503 when requests are in flight but no token or result came out for this long "
+        "(timeouts and cancellations are not output). A non-streamed generation longer than this also reads as stuck: "
+        "set it above your longest non-streamed generation.",
         json_schema_extra=RUNTIME,
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After header on 429 and 503.")
