@@ -83,6 +83,12 @@ class EnginesConfig(Section):
     reprobe_after_s: float = Field(
         60.0, gt=0, description="After an engine fails, try it again for a model after this long (doubling, capped at 1 h)."
     )
+    resident_budget_bytes: int | None = Field(
+        None, ge=1,
+        description="Bytes of model weights (their files on disk) that may be loaded at once. Loading past it first "
+        "unloads the least recently used models that are neither `preload` nor `required`; such a model loads again "
+        "on its next request. Unset: no limit.",
+    )
     torch: TorchEngineConfig = TorchEngineConfig()
     onnxruntime: OnnxEngineConfig = OnnxEngineConfig()
     deepspeed: DeepSpeedEngineConfig = DeepSpeedEngineConfig()

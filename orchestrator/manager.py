@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from opentelemetry import context as otel_context
@@ -93,7 +94,15 @@ class ManagedModel:
     batcher: Batcher | None = None
     load_duration_s: float | None = None
     preference: tuple[str, ...] = ()
+    weights_bytes: int = 0
+    last_used: float = 0.0
+    evicted: bool = False
+    """Unloaded to make room under ``engines.resident_budget_bytes``: the next request loads it again."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def evictable(self) -> bool:
+        return not (self.config.preload or self.config.required)
 
     @property
     def name(self) -> str:
@@ -186,6 +195,9 @@ class ModelManager:
         self._sync = _SyncRunner()
         self._adhoc: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._probed: dict[str, tuple[float, dict[str, Any]]] = {}
+        # Taken before any model's own lock by every load, so a load that evicts another model never waits on a
+        # load that would evict it back.
+        self._residency_lock = threading.Lock()
         # One byte budget for every model's conversation state (requirement 7.3), shared by their engines.
         self._kv_cache = self._shared_kv_cache(config)
         for model in config.models:
@@ -315,18 +327,20 @@ class ModelManager:
         """Load ``name`` (blocking) on the first engine of its chain that works; a loaded model is reloaded only
         when ``device`` or ``backend_override`` asks for something else. Raises ``ModelLoadFailedError``."""
         m = self._managed(name)
-        with m.lock:
+        with self._residency_lock, m.lock:
             preference = tuple(self.preference_for(m.config, backend_override))
             if m.state == "ready" and device is None and (backend_override is None or m.preference == preference):
                 return m
             if m.state == "ready":
                 self._unload_locked(m)
-            m.state, m.error = "loading", None
+            m.state, m.error, m.evicted = "loading", None, False
             self._emit(ModelEvent("load_start", name))
             started = self._clock()
             chain = None
             try:
                 spec = self._spec(m.config, device)
+                m.weights_bytes = _weights_bytes(spec.path)
+                self._make_room(m)
                 chain = self._new_chain(spec, preference)
                 chain.load()
             except Exception as exc:
@@ -347,10 +361,44 @@ class ModelManager:
             m.spec, m.chain, m.preference = spec, chain, preference
             m.load_duration_s = duration
             m.batcher = self._new_batcher(m) if self.config.batching.enabled else None
-            m.state = "ready"
+            m.state, m.last_used = "ready", self._clock()
             log.info("model %s loaded on %s in %.2fs", name, chain.engine_name, duration)
             self._emit(ModelEvent("load_ok", name, chain.engine_name, duration_s=duration))
             return m
+
+    def _make_room(self, m: ManagedModel) -> None:
+        """Unload least recently used evictable models until ``m`` fits the resident budget (residency lock held)."""
+        budget = self.config.engines.resident_budget_bytes
+        if budget is None:
+            return
+        others = [o for o in self._models.values() if o is not m and o.state == "ready"]
+        resident = sum(o.weights_bytes for o in others)
+        for victim in sorted((o for o in others if o.evictable), key=lambda o: o.last_used):
+            if resident + m.weights_bytes <= budget:
+                break
+            with victim.lock:
+                if self._unload_locked(victim):
+                    victim.evicted = True
+                    resident -= victim.weights_bytes
+                    log.info("model %s unloaded to make room for %s (engines.resident_budget_bytes=%d)",
+                             victim.name, m.name, budget)
+        if resident + m.weights_bytes > budget:
+            held = ", ".join(f"{o.name} {o.weights_bytes / 2**20:.1f} MiB" for o in others if o.state == "ready")
+            raise ModelLoadFailedError(
+                m.name,
+                f"needs {m.weights_bytes / 2**20:.1f} MiB but engines.resident_budget_bytes is {budget / 2**20:.1f} MiB "
+                f"and the loaded models that may not be unloaded hold {resident / 2**20:.1f} MiB ({held or 'none'}); "
+                "raise the budget, or mark a model preload: false and required: false",
+            )
+
+    async def _serving(self, name: str) -> ManagedModel:
+        """The ready model, loading it again first when the resident budget had unloaded it."""
+        m = self._models.get(name)
+        if m is not None and m.evicted and m.state == "unloaded":
+            await self.aload_model(name)
+        m = self._ready(name)
+        m.last_used = self._clock()
+        return m
 
     async def aload_model(self, name: str, device: str | None = None, backend_override: str | None = None) -> ManagedModel:
         """``load_model`` on a worker thread, so the event loop keeps serving other models meanwhile."""
@@ -454,7 +502,7 @@ class ModelManager:
 
     async def generate(self, name: str, request: GenerationRequest) -> GenerationResult:
         """Generate for one request; raises the request's own ``EngineError`` when it failed."""
-        m = self._ready(name)
+        m = await self._serving(name)
         if m.task != "generate":
             raise ModelNotReadyError(name, m.state, f"model {name!r} is an {m.task} model; it does not generate")
         b = self._batcher_for(m)
@@ -468,7 +516,7 @@ class ModelManager:
     async def embed(self, name: str, texts: Sequence[str]) -> list[EmbeddingResult]:
         """Embed ``texts`` (one request); raises the first text's ``EngineError`` when one failed. The engine gets
         them in calls of at most its ``capabilities.max_batch_size`` texts."""
-        m = self._ready(name)
+        m = await self._serving(name)
         if m.task != "embed":
             raise ModelNotReadyError(name, m.state, f"model {name!r} is a {m.task} model; it does not embed")
         texts = list(texts)
@@ -483,7 +531,7 @@ class ModelManager:
 
     async def generate_stream(self, name: str, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         """Stream one request's completion (not batched); one inference span covers the whole stream."""
-        m = self._ready(name)
+        m = await self._serving(name)
         if m.task != "generate":
             raise ModelNotReadyError(name, m.state, f"model {name!r} is an {m.task} model; it does not generate")
         chain = m.chain
@@ -748,6 +796,8 @@ class ModelManager:
                 "required": m.config.required,
                 "preload": m.config.preload,
                 "load_duration_s": m.load_duration_s,
+                "weights_bytes": m.weights_bytes,
+                "evicted": m.evicted,
             }
             entry["degraded"] = bool(entry["degraded_reasons"])
             if chain is not None:
@@ -862,6 +912,20 @@ async def _embed_chunked(chain: Any, texts: list[str]) -> list[Any]:
     for start in range(0, len(texts), size):
         out.extend(await chain.embed(texts[start:start + size]))
     return out
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".gguf")
+
+
+def _weights_bytes(path: str) -> int:
+    """Size of a model directory's weight files: the resident budget's measure, known before loading."""
+    root = Path(path)
+    if root.is_file():
+        return root.stat().st_size
+    try:
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+    except OSError:
+        return 0
 
 
 def _batch_result_error(result: Any) -> BaseException | None:

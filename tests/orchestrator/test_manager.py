@@ -426,6 +426,57 @@ async def test_all_models_share_one_kv_cache_budget(tiny_llama_path):
     await m.aclose()
 
 
+async def test_resident_budget_unloads_the_least_recently_used_on_demand_model(tiny_llama_path):
+    from orchestrator.manager import _weights_bytes
+
+    size = _weights_bytes(tiny_llama_path)
+    assert size > 0
+    on_demand = {"path": tiny_llama_path, "preload": False, "required": False}
+    cfg = MuaiConfig(
+        models=[{"name": "a", **on_demand}, {"name": "b", **on_demand}, {"name": "c", **on_demand}],
+        engines={"preference": ["torch"], "resident_budget_bytes": int(size * 2.5)},
+    )
+    m = ModelManager(cfg)
+    await m.aload_model("a")
+    await m.aload_model("b")
+    await m.generate("a", req("a is used last"))
+    await m.aload_model("c")  # two fit: b, the least recently used, makes room
+    assert [m.is_loaded(n) for n in "abc"] == [True, False, True]
+    assert m.status()["models"]["b"]["evicted"] is True
+    result = await m.generate("b", req("b comes back on demand"))  # loads b again, evicting a
+    assert result.completion_tokens == 4
+    assert [m.is_loaded(n) for n in "abc"] == [False, True, True]
+    await m.aclose()
+
+
+async def test_resident_budget_never_unloads_preloaded_or_required_models(tiny_llama_path):
+    cfg = MuaiConfig(
+        models=[{"name": "pinned", "path": tiny_llama_path}, {"name": "extra", "path": tiny_llama_path, "preload": False}],
+        engines={"preference": ["torch"], "resident_budget_bytes": 1024},
+    )
+    m = ModelManager(cfg)
+    with pytest.raises(ModelLoadFailedError, match="resident_budget_bytes"):
+        await m.aload_model("pinned")
+    cfg = MuaiConfig(
+        models=cfg.model_dump()["models"],
+        engines={"preference": ["torch"], "resident_budget_bytes": int(1.5 * _size(tiny_llama_path))},
+    )
+    m2 = ModelManager(cfg)
+    await m2.aload_model("pinned")
+    with pytest.raises(ModelLoadFailedError, match="may not be unloaded hold") as err:
+        await m2.aload_model("extra")
+    assert "pinned" in str(err.value)
+    assert m2.is_loaded("pinned")
+    await m.aclose()
+    await m2.aclose()
+
+
+def _size(path):
+    from orchestrator.manager import _weights_bytes
+
+    return _weights_bytes(path)
+
+
 def test_engine_preference_per_call(tiny_llama_path):
     cfg = MuaiConfig(models=[{"name": "llama", "path": tiny_llama_path, "engine": "echo"}])
     m = ModelManager(cfg)
