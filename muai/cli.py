@@ -172,9 +172,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_docs(args: argparse.Namespace) -> int:
-    from muai.docs import render_configuration_reference
+    from muai.docs import render_configuration_reference, render_metrics_reference
 
-    text = render_configuration_reference()
+    text = render_metrics_reference() if args.metrics else render_configuration_reference()
     if args.output == "-":
         sys.stdout.write(text)
     else:
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config_show)
     p = cfg_sub.add_parser("docs", help="write the configuration reference (docs/configuration.md)")
     p.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
+    p.add_argument("--metrics", action="store_true",
+                   help="write the Prometheus metrics reference (docs/metrics.md) instead")
     p.set_defaults(func=cmd_config_docs)
 
     models = sub.add_parser("models", help="build the embedded tiny models")

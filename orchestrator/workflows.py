@@ -213,10 +213,12 @@ def _sampling(params: Mapping[str, Any], *, workflow: str) -> SamplingParams:
 
 
 def render_messages(messages: Sequence[Mapping[str, Any]]) -> str:
-    """A plain chat transcript ("role: content" lines, then "assistant:") for models without a chat template."""
-    lines = [f"{m['role']}: {m['content']}" for m in messages]
-    lines.append("assistant:")
-    return "\n".join(lines)
+    """The one chat template, for models without one of their own (the tiny models have none): each message as
+    ``<|role|>\ncontent\n``, then ``<|assistant|>\n``. ``/v1/chat/completions`` and the ``chat`` workflow both use it,
+    so the same conversation gives the same prompt (and the same KV-cache prefix) on either path."""
+    parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages]
+    parts.append("<|assistant|>\n")
+    return "".join(parts)
 
 
 def _usage(result: Any) -> dict[str, int]:

@@ -30,6 +30,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from orchestrator.workflows import render_messages
+
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 256  # OpenAI has no bound here; MuAI caps an unset max_tokens at this
 MAX_N = 16
@@ -153,10 +155,8 @@ class WorkflowRequest(_Request):
 
 
 def render_chat(messages: list[ChatMessage]) -> str:
-    """The documented chat template (module docstring)."""
-    parts = [f"<|{m.role}|>\n{m.text()}\n" for m in messages]
-    parts.append("<|assistant|>\n")
-    return "".join(parts)
+    """The documented chat template (module docstring), shared with the ``chat`` workflow."""
+    return render_messages([{"role": m.role, "content": m.text()} for m in messages])
 
 
 _ID_PREFIX = uuid.uuid4().hex[:12]
