@@ -9,7 +9,9 @@ gives the engines, so they behave the same way:
 - ``encode_batch``: left-padded ids, attention mask and the matching position ids;
 - ``context_length`` / ``check_lengths``: the model's context and the request's fit in it;
 - ``StopTracker``: stop-sequence trimming that also works token by token (holds back a possible stop prefix);
-- ``choose_next_token``: greedy, or temperature + top-p sampling with a per-request generator;
+- ``choose_next_token``: greedy, or temperature + top-p sampling with a per-request generator; ``greedy_tokens``:
+  the argmax of every row of a batch in one transfer;
+- ``is_out_of_memory``: the allocator ran out (a per-request failure, not a broken engine);
 - ``mean_pool``: mean pooling + L2 normalisation for encoder embeddings.
 """
 
@@ -40,7 +42,10 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".gguf")
 
 
 def check_model_dir(spec: ModelSpec, *, engine: str) -> Path:
-    """Resolve ``builtin:`` names and check that ``spec.path`` is a model directory; ModelLoadError otherwise."""
+    """Resolve ``builtin:`` names and check that ``spec.path`` is a model directory; ModelLoadError otherwise.
+
+    These errors are ``fatal``: no engine can load what is not there, so the fallback chain stops at them.
+    """
     path = spec.path
     if path.startswith("builtin:"):
         from adapters.tiny import resolve_model_path
@@ -48,21 +53,22 @@ def check_model_dir(spec: ModelSpec, *, engine: str) -> Path:
         try:
             path = resolve_model_path(path)
         except (FileNotFoundError, RuntimeError) as exc:
-            raise ModelLoadError(str(exc), engine=engine, model=spec.name, retryable=False) from exc
+            raise ModelLoadError(str(exc), engine=engine, model=spec.name, retryable=False, fatal=True) from exc
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(
-            f"model {spec.name!r}: path {path} does not exist", engine=engine, model=spec.name, retryable=False
+            f"model {spec.name!r}: path {path} does not exist", engine=engine, model=spec.name, retryable=False,
+            fatal=True,
         )
     if not p.is_dir() or not (p / "config.json").is_file():
         raise ModelLoadError(
             f"model {spec.name!r}: {path} holds no model (expected a save_pretrained directory with config.json)",
-            engine=engine, model=spec.name, retryable=False,
+            engine=engine, model=spec.name, retryable=False, fatal=True,
         )
     if not any(f.name.endswith(_WEIGHT_SUFFIXES) for f in p.iterdir()):
         raise ModelLoadError(
             f"model {spec.name!r}: {path} has a config.json but no weights (*.safetensors / *.bin)",
-            engine=engine, model=spec.name, retryable=False,
+            engine=engine, model=spec.name, retryable=False, fatal=True,
         )
     return p
 
@@ -288,6 +294,24 @@ def choose_next_token(logits: Any, sampling: SamplingParams, generator: Any = No
         choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
         return int(order[choice].item())
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def greedy_tokens(logits: Any) -> list[int]:
+    """The argmax of every row of ``logits`` (batch x vocab), with one device-to-host transfer for the batch."""
+    return logits.argmax(dim=-1).tolist()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when ``exc`` says an allocator ran out of memory: ``torch.OutOfMemoryError`` (CUDA and other
+    accelerators), ``MemoryError``, or the RuntimeError torch's CPU allocator (or ONNX Runtime's arena) raises.
+    Checked by name and message, so nothing is imported."""
+    if isinstance(exc, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__):
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc).lower()
+        return any(s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory",
+                                       "not enough memory", "failed to allocate memory"))
+    return False
 
 
 def mean_pool(last_hidden: Any, attention_mask: Any) -> Any:

@@ -22,14 +22,19 @@ class EngineError(RuntimeError):
     """The one error type engines raise; the engine's own exception is kept as ``__cause__``.
 
     ``engine`` and ``model`` say where it happened; ``retryable`` tells the fallback chain whether the next engine
-    may succeed where this one failed (a malformed request is not retryable; an engine crash is).
+    may succeed where this one failed (a malformed request is not retryable; an engine crash is). ``fatal`` marks
+    a model no engine can load (its path is missing or holds no model): the chain stops at once instead of trying
+    the next engine. An engine's own configuration error is not fatal: that engine sits out, the next one serves.
     """
 
-    def __init__(self, message: str, *, engine: str = "", model: str = "", retryable: bool = True) -> None:
+    def __init__(
+        self, message: str, *, engine: str = "", model: str = "", retryable: bool = True, fatal: bool = False
+    ) -> None:
         super().__init__(message)
         self.engine = engine
         self.model = model
         self.retryable = retryable
+        self.fatal = fatal
 
 
 class EngineUnavailableError(EngineError):
@@ -200,7 +205,23 @@ class Engine(ABC):
             from concurrent.futures import ThreadPoolExecutor
 
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"muai-{self.name}")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except RuntimeError as exc:
+            if "after shutdown" not in str(exc):
+                raise
+            raise self._closed_error() from exc
+        except asyncio.CancelledError:
+            if _caller_cancelled():
+                raise
+            # ``close()`` dropped this call before it ran: the caller's task was not cancelled, so it must get an
+            # answer (the server's 503), not a CancelledError nobody asked for.
+            raise self._closed_error() from None
+
+    def _closed_error(self) -> EngineUnavailableError:
+        model = self.spec.name if self.spec is not None else ""
+        return EngineUnavailableError(f"engine {self.name} was unloaded before the request finished", engine=self.name,
+                                      model=model)
 
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """One result per request, in order."""
@@ -221,8 +242,16 @@ class Engine(ABC):
         return False
 
     def close(self) -> None:
+        """Unload, and drop calls still queued for the worker thread (their callers get EngineUnavailableError)."""
         self.unload()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+
+def _caller_cancelled() -> bool:
+    """Inside an ``except CancelledError``: True when the current task itself is being cancelled (so the error must
+    propagate), False when only an awaited future was cancelled under it (an engine dropped the call)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 

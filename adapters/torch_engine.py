@@ -10,6 +10,14 @@ padded row computes what it would alone. Requests that carry a ``conversation_id
 on run one at a time (a batch of one): their cached states have different lengths, and keeping them apart keeps
 the cache bookkeeping simple; the other requests of the batch still run together.
 
+Streaming and stop sequences need the text of the completion after every token. It is decoded incrementally
+(the "prefix offset" trick: decode the last few tokens with one token of context before them and keep the new
+part), so a step costs the same at token 10 and token 10,000; the text equals a full decode of the tokens.
+
+Failures: an out-of-memory error (CUDA or CPU allocator) fails the batch with a non-retryable ``InferenceError``:
+the engine is fine and the next engine would run out too, so the fallback chain gives the error to the caller
+instead of moving the model. Any other error is retryable: the chain moves the model to the next engine.
+
 torch and transformers are imported only inside methods.
 """
 
@@ -61,6 +69,11 @@ class _Row:
     text: str = ""
     delta: str = ""
     """Text decoded since a stream last took it."""
+    decoded: str = ""
+    """Incremental decode: the text of ``tokens[:read_offset]``."""
+    prefix_offset: int = 0
+    """Incremental decode: where the context window (one token before ``read_offset``) starts."""
+    read_offset: int = 0
 
 
 class TorchEngine(Engine):
@@ -169,21 +182,24 @@ class TorchEngine(Engine):
     def reconfigure(self, **changes: Any) -> None:
         """Apply runtime changes: ``inject_delay_s``, ``kv_cache_budget_bytes``, ``kv_cache_idle_ttl_s``.
 
-        Shrinking the budget evicts down to it at once. Unknown keys are ignored (other engines have other knobs).
+        Shrinking the budget evicts down to it at once. The cache is one object the owner passes in (shared by every
+        model's engine, one budget for all), so an engine started without one stays without: a budget change then
+        is logged and ignored rather than growing a private cache per engine. Unknown keys are ignored (other
+        engines have other knobs).
         """
         if "inject_delay_s" in changes:
             self._inject_delay_s = max(0.0, float(changes["inject_delay_s"] or 0.0))
         with self._kv_lock:
+            kv = self._kv
+            if kv is None:
+                if "kv_cache_budget_bytes" in changes or "kv_cache_idle_ttl_s" in changes:
+                    log.info("model %s: the conversation cache is off for this engine; ignoring %s",
+                             self._model_name, sorted(k for k in changes if k.startswith("kv_cache_")))
+                return
             if "kv_cache_budget_bytes" in changes:
-                budget = int(changes["kv_cache_budget_bytes"])
-                if self._kv is None:
-                    if budget > 0 and self.spec is not None and self.spec.task == "generate":
-                        self._kv = ConversationCache(budget_bytes=budget, clock=self._clock)
-                        self.capabilities = replace(self.capabilities, conversation_cache=True)
-                else:
-                    self._kv.set_budget(budget)
-            if "kv_cache_idle_ttl_s" in changes and self._kv is not None:
-                self._kv.set_idle_ttl(changes["kv_cache_idle_ttl_s"])
+                kv.set_budget(int(changes["kv_cache_budget_bytes"]))
+            if "kv_cache_idle_ttl_s" in changes:
+                kv.set_idle_ttl(changes["kv_cache_idle_ttl_s"])
 
     def end_conversation(self, conversation_id: str) -> bool:
         with self._kv_lock:
@@ -239,8 +255,7 @@ class TorchEngine(Engine):
         except EngineError:
             raise
         except Exception as exc:
-            raise InferenceError(f"model {self._model_name}: generation failed: {_hf.first_line(exc)}",
-                                 engine=self.name, model=self._model_name) from exc
+            raise self._failure("generation", exc) from exc
 
     def _generate_locked(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
         self._require_loaded("generate")
@@ -365,12 +380,18 @@ class TorchEngine(Engine):
                             past_key_values=kv, use_cache=True, logits_to_keep=1)
                 kv = out.past_key_values
                 logits = out.logits[:, -1, :]
+                # One argmax and one transfer for the batch's greedy rows, not a sync per row.
+                best = _hf.greedy_tokens(logits) if any(r.finish is None and r.sampling.greedy for r in rows) \
+                    else None
                 nxt = []
                 for i, row in enumerate(rows):
                     if row.finish is not None:
                         nxt.append(pad)
                         continue
-                    token = _hf.choose_next_token(logits[i], row.sampling, row.generator)
+                    if row.sampling.greedy and best is not None:
+                        token = int(best[i])
+                    else:
+                        token = _hf.choose_next_token(logits[i], row.sampling, row.generator)
                     row.tokens.append(token)
                     nxt.append(token)
                     self._advance(row, token, stream or bool(row.tracker.stops))
@@ -395,7 +416,7 @@ class TorchEngine(Engine):
         if token in self._eos:
             row.finish = "stop"
         elif incremental:
-            row.delta += row.tracker.update(self._decode_text(row.tokens))
+            row.delta += row.tracker.update(self._decode_so_far(row))
             if row.tracker.stopped:
                 row.finish = "stop"
         if row.finish is None and len(row.tokens) >= row.sampling.max_new_tokens:
@@ -403,6 +424,29 @@ class TorchEngine(Engine):
 
     def _decode_text(self, tokens: list[int]) -> str:
         return self._tok.decode(tokens, skip_special_tokens=True)
+
+    def _decode_so_far(self, row: _Row) -> str:
+        """``_decode_text(row.tokens)``, decoding only the tokens since the last complete character (plus one token
+        of context, so tokenizers that treat the first token of a decode specially still join up right).
+
+        The window ``tokens[prefix_offset:]`` is decoded and the part after ``tokens[prefix_offset:read_offset]``
+        kept; the offsets move on once that part ends in a complete character (no trailing U+FFFD). Tokenizers
+        that clean up spaces across token boundaries, or a window that does not extend its prefix, take the full
+        decode: the text must equal it exactly.
+        """
+        tokens = row.tokens
+        if getattr(self._tok, "clean_up_tokenization_spaces", False):
+            return self._decode_text(tokens)
+        prefix = self._decode_text(tokens[row.prefix_offset:row.read_offset])
+        window = self._decode_text(tokens[row.prefix_offset:])
+        if not window.startswith(prefix):
+            return self._decode_text(tokens)
+        new = window[len(prefix):]
+        if not new or new.endswith("\ufffd"):
+            return row.decoded + new  # an incomplete character: keep the window until it completes
+        row.decoded += new
+        row.prefix_offset, row.read_offset = row.read_offset, len(tokens)
+        return row.decoded
 
     # ------------------------------------------------------------------------------------------ streaming
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
@@ -421,7 +465,20 @@ class TorchEngine(Engine):
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 emit(exc)
 
-        future = loop.run_in_executor(self._ensure_executor(), work)
+        try:
+            future = loop.run_in_executor(self._ensure_executor(), work)
+        except RuntimeError as exc:  # closed between the two lines above
+            raise self._closed_error() from exc
+
+        def dropped(f: asyncio.Future[Any]) -> None:
+            # ``close()`` cancels work still queued behind the running batch: ``work`` never runs and would never
+            # put anything on the queue, so the consumer gets the error from here instead of waiting forever.
+            if f.cancelled():
+                queue.put_nowait(self._closed_error())
+            else:
+                f.exception()  # retrieved, so an error the consumer already saw is not logged again
+
+        future.add_done_callback(dropped)
         try:
             while True:
                 item = await queue.get()
@@ -432,8 +489,6 @@ class TorchEngine(Engine):
                 yield item
         finally:
             cancel.set()
-            if not future.done():
-                future.add_done_callback(lambda f: f.exception())
 
     def _stream_sync(self, request: GenerationRequest, emit: Callable[[Any], None], cancel: threading.Event) -> None:
         self._before_inference("generate")
@@ -465,8 +520,7 @@ class TorchEngine(Engine):
         except EngineError:
             raise
         except Exception as exc:
-            raise InferenceError(f"model {self._model_name}: streaming failed: {_hf.first_line(exc)}",
-                                 engine=self.name, model=self._model_name) from exc
+            raise self._failure("streaming", exc) from exc
 
     def _ensure_executor(self) -> Any:
         if self._executor is None:
@@ -484,8 +538,7 @@ class TorchEngine(Engine):
         except EngineError:
             raise
         except Exception as exc:
-            raise InferenceError(f"model {self._model_name}: embedding failed: {_hf.first_line(exc)}",
-                                 engine=self.name, model=self._model_name) from exc
+            raise self._failure("embedding", exc) from exc
 
     def _embed_locked(self, texts: Sequence[str]) -> list[EmbeddingResult]:
         import torch
@@ -534,6 +587,17 @@ class TorchEngine(Engine):
         if op == "embed" and self.spec.task != "embed":
             raise InvalidRequestError(f"model {self.spec.name!r} is a generation model; it does not embed",
                                       engine=self.name, model=self.spec.name)
+
+    def _failure(self, what: str, exc: Exception) -> InferenceError:
+        """An error of the forward pass as our error; running out of memory is this batch's failure, not the
+        engine's, so it is not retryable (see the module docstring)."""
+        oom = _hf.is_out_of_memory(exc)
+        if oom and self._device is not None and self._device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()  # give the failed batch's blocks back before the next one
+        return InferenceError(f"model {self._model_name}: {what} failed: {_hf.first_line(exc)}",
+                              engine=self.name, model=self._model_name, retryable=not oom)
 
     def _before_inference(self, op: str) -> None:
         delay = self._inject_delay_s

@@ -7,8 +7,18 @@ thread the manager uses. So the engine owns **a dedicated event-loop thread**: `
 a test's), submit coroutines to it with ``asyncio.run_coroutine_threadsafe`` and await them through
 ``asyncio.wrap_future``. Requests from all callers meet in one ``AsyncLLM`` and so in vLLM's continuous batching;
 cancelling a caller's await cancels the coroutine on the engine loop, which aborts the vLLM request. ``unload``
-shuts vLLM down on its own loop, then stops and joins the thread. Sync callers get ``_generate_sync`` /
-``_embed_sync``, which block on the same futures.
+shuts vLLM down on its own loop, then stops and joins the thread; a request it cuts short gets
+``EngineUnavailableError`` (never a bare CancelledError its caller did not ask for). Sync callers get
+``_generate_sync`` / ``_embed_sync``, which block on the same futures.
+
+``AsyncLLM.from_engine_args`` blocks for the whole start, so it runs on a worker thread, not on the engine loop:
+the loop stays free, and when ``load`` gives up waiting (``start_timeout_s``) the loop and its thread stop at once
+and the engine, once its start returns, is shut down rather than left running with its EngineCore process. Its
+output handler starts on the engine loop with the first request.
+
+Tracing: each request carries the caller's W3C trace context (``traceparent``, taken where the caller awaits, since
+the engine loop's thread has no context of its own) as vLLM's ``trace_headers``, so the spans vLLM records when
+it is started with an OTLP endpoint join the request's trace instead of starting new ones.
 
 ``AsyncLLM`` always runs the scheduler and model in an ``EngineCore`` process of its own, started with ``spawn`` on
 CPU (the importing script must be import-safe, as pytest and the ``muai`` CLI are). With one rank the model runs
@@ -56,6 +66,7 @@ from adapters.base import (
     ModelSpec,
     SamplingParams,
     StreamChunk,
+    _caller_cancelled,
 )
 from adapters.parallel import ParallelConfigError, cpu_thread_binding, resolve_tp_size, visible_gpu_count
 
@@ -150,6 +161,77 @@ def _scoped_env(updates: Mapping[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _trace_headers() -> dict[str, str] | None:
+    """The current OpenTelemetry context as W3C headers (``traceparent``, ``tracestate``), when a span is active."""
+    try:
+        from opentelemetry import propagate, trace
+    except ImportError:  # tracing is optional
+        return None
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier or None
+
+
+def _shutdown_quietly(llm: Any) -> None:
+    try:
+        llm.shutdown()
+    except Exception as exc:  # shutting down must not fail the caller; the process exits anyway
+        log.warning("vllm: shutdown raised %s", _hf.first_line(exc))
+
+
+class _Start:
+    """One ``AsyncLLM`` start on a worker thread: handed to ``load``, or shut down when ``load`` gave up on it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._llm: Any = None
+
+    def build(self, loop: asyncio.AbstractEventLoop, args_kw: dict[str, Any], stats: VllmStats,
+              env: Mapping[str, str]) -> None:
+        """Start vLLM (on a worker thread); ``take()`` hands the engine over.
+
+        The environment vLLM reads while it starts is set here, for exactly as long as the start runs (a start
+        that ``load`` gave up on keeps it, and keeps other starts waiting, until it is over).
+        """
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # Whatever asks for "the" event loop while vLLM builds its clients gets the engine loop they will run on.
+        asyncio.set_event_loop(loop)
+        try:
+            with _ENV_LOCK, _scoped_env(env):
+                llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args_kw),
+                                                stat_loggers=[_stat_logger_factory(stats)])
+        finally:
+            asyncio.set_event_loop(None)
+        # The engine is handed over through ``self`` and not kept in this frame: vLLM keeps tracebacks of imports
+        # it tried while starting, and through them this frame, which would keep the engine alive after unload.
+        with self._lock:
+            if not self._abandoned:
+                self._llm, llm = llm, None
+                return
+        log.warning("vllm: a start that timed out finished after all; shutting it down")
+        _shutdown_quietly(llm)
+        llm = None
+
+    def take(self) -> Any:
+        with self._lock:
+            llm, self._llm = self._llm, None
+        if llm is None:
+            raise RuntimeError("vLLM returned no engine")
+        return llm
+
+    def abandon(self) -> Any:
+        """Give up on the start; returns the engine when it was built already (the caller shuts it down)."""
+        with self._lock:
+            self._abandoned = True
+            llm, self._llm = self._llm, None
+        return llm
+
+
 def _finish(reason: str | None) -> str:
     if reason in ("stop", "length"):
         return reason
@@ -161,8 +243,9 @@ class VllmEngine(Engine):
 
     Settings (``VllmEngineConfig``): ``tensor_parallel_size`` (default: visible GPUs, 1 on CPU; a model's own
     ``tensor_parallel_size`` > 1 wins), ``pipeline_parallel_size``, ``kv_cache_memory_bytes``,
-    ``enable_prefix_caching``, ``enforce_eager``, ``gpu_memory_utilization`` (GPU only), ``max_model_len``.
-    Per-model options (``ModelSpec.options``, falling back to settings): ``ignore_eos`` (generate exactly
+    ``enable_prefix_caching``, ``enforce_eager``, ``gpu_memory_utilization`` (GPU only), ``max_model_len``,
+    ``start_timeout_s``, ``otlp_traces_endpoint`` (vLLM's own spans; vLLM then sets the process's global tracer
+    provider). Per-model options (``ModelSpec.options``, falling back to settings): ``ignore_eos`` (generate exactly
     ``max_new_tokens``), ``inject_delay_s``, ``max_num_seqs``.
     """
 
@@ -226,6 +309,9 @@ class VllmEngine(Engine):
             args_kw["max_num_seqs"] = int(max_num_seqs)
         if spec.task == "embed":
             args_kw["runner"] = "pooling"
+        if self.settings.get("otlp_traces_endpoint"):
+            # vLLM's own request spans; they join our traces through the trace headers each request carries.
+            args_kw["otlp_traces_endpoint"] = str(self.settings["otlp_traces_endpoint"])
         if gpus:
             args_kw["gpu_memory_utilization"] = float(self.settings.get("gpu_memory_utilization") or 0.85)
         self._stats = VllmStats()
@@ -235,14 +321,21 @@ class VllmEngine(Engine):
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name=f"muai-vllm-{spec.name}", daemon=True)
         thread.start()
+        start = _Start()
+        timeout = float(self.settings.get("start_timeout_s") or _START_TIMEOUT_S)
         try:
-            with _ENV_LOCK, _scoped_env(env):
-                fut = asyncio.run_coroutine_threadsafe(self._start(args_kw, self._stats), loop)
-                llm = fut.result(timeout=float(self.settings.get("start_timeout_s") or _START_TIMEOUT_S))
+            fut = asyncio.run_coroutine_threadsafe(self._start(start, args_kw, self._stats, env), loop)
+            fut.result(timeout=timeout)
+            llm = start.take()
         except Exception as exc:  # vLLM fails start-up with many types (RuntimeError, ValueError, OSError, ...)
+            orphan = start.abandon()
             _stop_loop(loop, thread)
-            raise ModelLoadError(f"model {spec.name!r}: vLLM engine failed to start: {_hf.first_line(exc)}",
-                                 engine=self.name, model=spec.name) from exc
+            if orphan is not None:
+                _shutdown_quietly(orphan)
+            why = f"did not start within {timeout:g} s" if isinstance(exc, TimeoutError) else \
+                f"failed to start: {_hf.first_line(exc)}"
+            raise ModelLoadError(f"model {spec.name!r}: vLLM engine {why}", engine=self.name,
+                                 model=spec.name) from exc
         elapsed = time.monotonic() - started
         cfg = llm.vllm_config
         import vllm
@@ -287,12 +380,10 @@ class VllmEngine(Engine):
         return env
 
     @staticmethod
-    async def _start(args_kw: dict[str, Any], stats: VllmStats) -> Any:
-        """Create the AsyncLLM inside the engine loop, so its output handler runs there."""
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args_kw), stat_loggers=[_stat_logger_factory(stats)])
+    async def _start(start: _Start, args_kw: dict[str, Any], stats: VllmStats, env: Mapping[str, str]) -> None:
+        """Build the AsyncLLM on a worker thread while the engine loop keeps running (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, start.build, loop, args_kw, stats, env)
 
     def unload(self) -> None:
         llm, loop, thread = self._llm, self._loop, self._thread
@@ -334,17 +425,31 @@ class VllmEngine(Engine):
             raise InferenceError("vllm engine: no model loaded", engine=self.name)
         return asyncio.run_coroutine_threadsafe(coro, loop)
 
+    async def _await(self, fut: concurrent.futures.Future[Any]) -> Any:
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            if _caller_cancelled():
+                raise
+            raise self._closed_error() from None  # unload cancelled it on the engine loop
+
+    def _wait(self, fut: concurrent.futures.Future[Any]) -> Any:
+        try:
+            return fut.result()
+        except concurrent.futures.CancelledError:
+            raise self._closed_error() from None
+
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return await asyncio.wrap_future(self._submit(self._generate_batch(batch)))
+        return await self._await(self._submit(self._generate_batch(batch, _trace_headers())))
 
     def _generate_sync(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return self._submit(self._generate_batch(batch)).result()
+        return self._wait(self._submit(self._generate_batch(batch, _trace_headers())))
 
     async def embed(self, texts: Sequence[str]) -> list[EmbeddingResult]:
-        return await asyncio.wrap_future(self._submit(self._embed_batch(texts)))
+        return await self._await(self._submit(self._embed_batch(texts, _trace_headers())))
 
     def _embed_sync(self, texts: Sequence[str]) -> list[EmbeddingResult]:
-        return self._submit(self._embed_batch(texts)).result()
+        return self._wait(self._submit(self._embed_batch(texts, _trace_headers())))
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         """A chunk per engine step (vLLM's DELTA outputs); the last one carries the finish reason."""
@@ -356,14 +461,18 @@ class VllmEngine(Engine):
 
         async def produce() -> None:
             try:
-                async for chunk in self._stream(request):
+                async for chunk in self._stream(request, headers):
                     put(chunk)
                 put(_DONE)
+            except asyncio.CancelledError:
+                # The consumer left (nobody reads the queue any more) or unload cut the request short: then the
+                # consumer is still waiting, and gets an answer rather than a CancelledError it did not ask for.
+                put(self._closed_error())
+                raise
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 put(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
 
+        headers = _trace_headers()
         fut = self._submit(produce())
         try:
             while True:
@@ -381,7 +490,8 @@ class VllmEngine(Engine):
     def _require(self, task: str) -> tuple[Any, ModelSpec]:
         llm, spec = self._llm, self.spec
         if llm is None or spec is None:
-            raise InferenceError("vllm engine: no model loaded", engine=self.name)
+            # ``_submit`` refuses work while nothing is loaded, so this request was queued here before ``unload``.
+            raise self._closed_error()
         if spec.task != task:
             what = "an embedding model; it does not generate" if task == "generate" else \
                 "a generation model; it does not embed"
@@ -411,17 +521,23 @@ class VllmEngine(Engine):
     def _map_error(self, exc: BaseException, spec: ModelSpec) -> EngineError:
         from vllm.exceptions import VLLMClientError
 
+        if self._llm is None and not isinstance(exc, InvalidRequestError):
+            # ``unload`` shut vLLM down under this request (vLLM says EngineDeadError): not an engine failure.
+            err: EngineError = self._closed_error()
+            err.__cause__ = exc
+            return err
         if isinstance(exc, EngineError):
             return exc
         if isinstance(exc, (VLLMClientError, ValueError, TypeError)):
-            err: EngineError = InvalidRequestError(f"vllm refused the request: {_hf.first_line(exc)}",
-                                                   engine=self.name, model=spec.name)
+            err = InvalidRequestError(f"vllm refused the request: {_hf.first_line(exc)}", engine=self.name,
+                                      model=spec.name)
         else:
             err = InferenceError(f"vllm failed: {_hf.first_line(exc)}", engine=self.name, model=spec.name)
         err.__cause__ = exc
         return err
 
-    async def _generate_one(self, request: GenerationRequest, spec: ModelSpec, llm: Any) -> GenerationResult:
+    async def _generate_one(self, request: GenerationRequest, spec: ModelSpec, llm: Any,
+                            headers: Mapping[str, str] | None) -> GenerationResult:
         from vllm.sampling_params import RequestOutputKind
 
         try:
@@ -431,7 +547,7 @@ class VllmEngine(Engine):
             return GenerationResult("", 0, 0, "error", error=self._map_error(exc, spec))
         final = None
         rid = f"{request.request_id or 'muai'}-{uuid.uuid4().hex[:16]}"
-        async for out in llm.generate(prompt, params, rid):
+        async for out in llm.generate(prompt, params, rid, trace_headers=headers):
             final = out
         if final is None or not final.outputs:
             raise InferenceError(f"vllm returned no output for request {rid}", engine=self.name, model=spec.name)
@@ -453,12 +569,15 @@ class VllmEngine(Engine):
         full = self._tok.decode(list(token_ids), skip_special_tokens=True)
         return full if full.startswith(text) else text
 
-    async def _generate_batch(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    async def _generate_batch(
+        self, batch: Sequence[GenerationRequest], headers: Mapping[str, str] | None = None
+    ) -> list[GenerationResult]:
         llm, spec = self._require("generate")
         if self._inject_delay_s > 0:
             await asyncio.sleep(self._inject_delay_s)
         # Each request goes to vLLM on its own: its scheduler batches them (and everyone else's) continuously.
-        outs = await asyncio.gather(*(self._generate_one(r, spec, llm) for r in batch), return_exceptions=True)
+        outs = await asyncio.gather(*(self._generate_one(r, spec, llm, headers) for r in batch),
+                                    return_exceptions=True)
         results: list[GenerationResult] = []
         for out in outs:
             if isinstance(out, GenerationResult):
@@ -471,7 +590,9 @@ class VllmEngine(Engine):
             results.append(GenerationResult("", 0, 0, "error", error=err))
         return results
 
-    async def _stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+    async def _stream(
+        self, request: GenerationRequest, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[StreamChunk]:
         from vllm.sampling_params import RequestOutputKind
 
         llm, spec = self._require("generate")
@@ -486,7 +607,7 @@ class VllmEngine(Engine):
         ids: list[int] = []
         sent = ""
         try:
-            async for out in llm.generate(prompt, params, rid):
+            async for out in llm.generate(prompt, params, rid, trace_headers=headers):
                 c = out.outputs[0]
                 ids.extend(c.token_ids)
                 delta = c.text
@@ -503,7 +624,9 @@ class VllmEngine(Engine):
         except Exception as exc:
             raise self._map_error(exc, spec) from exc
 
-    async def _embed_batch(self, texts: Sequence[str]) -> list[EmbeddingResult]:
+    async def _embed_batch(
+        self, texts: Sequence[str], headers: Mapping[str, str] | None = None
+    ) -> list[EmbeddingResult]:
         import vllm
 
         llm, spec = self._require("embed")
@@ -518,7 +641,8 @@ class VllmEngine(Engine):
                     engine=self.name, model=spec.name))
             final = None
             rid = f"embed-{uuid.uuid4().hex[:16]}"
-            async for out in llm.encode({"prompt_token_ids": row}, vllm.PoolingParams(task="embed"), rid):
+            async for out in llm.encode({"prompt_token_ids": row}, vllm.PoolingParams(task="embed"), rid,
+                                        trace_headers=headers):
                 final = out
             if final is None:
                 raise InferenceError(f"vllm returned no embedding for {rid}", engine=self.name, model=spec.name)

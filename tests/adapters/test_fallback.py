@@ -7,8 +7,10 @@ No engine library is mocked: "vLLM absent" is an engine whose ``available()`` sa
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
+from support.waiting import apoll
 
 from adapters import registry
 from adapters.base import (
@@ -272,3 +274,189 @@ async def test_closed_chain_refuses_requests():
         await chain.generate(REQ)
     with pytest.raises(EngineUnavailableError):
         chain.active_engine
+
+
+# -- regressions: switching never blocks status reads; config errors; out of memory; close drains -------------------
+
+
+class GatedEcho(EchoEngine):
+    """An echo engine whose load and inference wait for the test to open a gate (a slow engine, made explicit).
+
+    ``loading`` / ``running`` are set once a load / an inference is under way, so the test waits for a condition,
+    never for a duration.
+    """
+
+    def __init__(self, settings=None, *, load_gate=None, run_gate=None) -> None:
+        super().__init__(settings)
+        self.load_gate, self.run_gate = load_gate, run_gate
+        self.loading, self.running = threading.Event(), threading.Event()
+
+    def load(self, spec):
+        self.loading.set()
+        if self.load_gate is not None:
+            assert self.load_gate.wait(60), "the test never opened the load gate"
+        super().load(spec)
+
+    def _generate_sync(self, batch):
+        self.running.set()
+        if self.run_gate is not None:
+            assert self.run_gate.wait(60), "the test never opened the run gate"
+        return super()._generate_sync(batch)
+
+
+async def test_a_slow_fail_over_never_blocks_status_reads_and_waiting_requests_are_served():
+    gate, made = threading.Event(), []
+
+    def factory(name, settings):
+        engine = GatedEcho(settings, load_gate=gate if name == "b" else None)
+        made.append(engine)
+        return engine
+
+    rec = Recorder()
+    chain = FallbackChain(ModelSpec("m", "unused"), ["a", "b"], {"a": {"faults": EchoFaults(fail_generate_times=1)}},
+                          on_fallback=rec, clock=Clock(), engine_factory=factory)
+    chain.load()
+    first = asyncio.create_task(chain.generate(REQ))  # fails on a; the fail-over loads b, which waits at the gate
+    try:
+        await apoll(lambda: any(e.load_gate is gate and e.loading.is_set() for e in made), what="b's load to start")
+        # What readiness and telemetry call on the event loop answer while b is still loading.
+        status = await asyncio.wait_for(asyncio.to_thread(chain.status), 10)
+        reasons = await asyncio.wait_for(asyncio.to_thread(lambda: chain.degraded_reasons), 10)
+        assert status["engines"]["a"]["state"] == "failed" and reasons
+        second = asyncio.create_task(chain.generate([GenerationRequest("four five")]))  # waits for the switch
+    finally:
+        gate.set()
+    (res,) = await first
+    assert res.text == "one two three" and chain.engine_name == "b"
+    assert (await second)[0].text == "four five"
+    assert [(e.from_engine, e.reason) for e in rec.events] == [("a", "inference_error")]
+    chain.close()
+
+
+async def test_an_engine_config_error_makes_that_engine_unavailable_not_the_model():
+    rec = Recorder()
+    # dim 0 is refused by the echo engine with a non-retryable ModelLoadError: its settings, not the model.
+    chain = FallbackChain(ModelSpec("m", "unused"), ["a", "b"], {"a": {"dim": 0}}, on_fallback=rec, clock=Clock(),
+                          engine_factory=echo_factory)
+    chain.load()
+    assert chain.engine_name == "b"
+    assert [(e.from_engine, e.reason) for e in rec.events] == [("a", "unavailable")]
+    st = chain.status()["engines"]["a"]
+    assert st["state"] == "unavailable" and st["available"] is False and "dim must be >= 1" in st["reason"]
+    chain.close()
+
+
+def test_deepspeed_tensor_parallel_without_its_launcher_falls_back_to_the_next_engine(tmp_path):
+    pytest.importorskip("deepspeed")
+    rec = Recorder()
+    chain = FallbackChain(ModelSpec("m", str(tmp_path)), ["deepspeed", "echo"],
+                          {"deepspeed": {"tensor_parallel_size": 2}}, on_fallback=rec, clock=Clock())
+    chain.load()
+    assert chain.engine_name == "echo"
+    assert [(e.from_engine, e.to_engine, e.reason) for e in rec.events] == [("deepspeed", "echo", "unavailable")]
+    assert "deepspeed launcher" in chain.status()["engines"]["deepspeed"]["reason"]
+    chain.close()
+
+
+async def test_a_fatal_load_error_while_failing_over_is_that_engines_failure_not_the_request_answer(tmp_path):
+    """The next engine cannot load the model at run time (here: torch, and a directory with no model in it): the
+    request still gets its own error, later ones a clear "no engine can serve", and the model comes back."""
+    clock, rec = Clock(), Recorder()
+    faults = EchoFaults(fail_generate_times=1)
+    chain = FallbackChain(ModelSpec("m", str(tmp_path)), ["echo", "torch"], {"echo": {"faults": faults}},
+                          on_fallback=rec, reprobe_after_s=10.0, clock=clock)
+    chain.load()
+    with pytest.raises(InferenceError, match="injected generate failure"):
+        await chain.generate(REQ)
+    assert chain.engine_name is None and "holds no model" in chain.status()["engines"]["torch"]["reason"]
+    assert [(e.from_engine, e.reason) for e in rec.events] == [("echo", "inference_error"), ("torch", "load_error")]
+    faults.fail_load = True
+    clock.t += 10  # both back-offs over: the request re-activates, and torch's fatal error is not raised at it
+    with pytest.raises(EngineUnavailableError, match="no engine can serve model 'm'"):
+        await chain.generate(REQ)
+    faults.clear()
+    clock.t += 20
+    (res,) = await chain.generate(REQ)
+    assert res.text == "one two three" and chain.engine_name == "echo"
+    chain.close()
+
+
+class OomEcho(EchoEngine):
+    """Runs out of memory on a batch of more than ``limit`` requests, as a real allocator does."""
+
+    limit = 2
+
+    def _generate_sync(self, batch):
+        if len(batch) > self.limit:
+            import torch
+
+            torch.empty(2**62, dtype=torch.uint8)  # the real allocator's real error
+        return super()._generate_sync(batch)
+
+
+async def test_out_of_memory_on_one_batch_goes_to_the_caller_and_the_model_stays():
+    pytest.importorskip("torch")
+    rec = Recorder()
+    chain = FallbackChain(ModelSpec("m", "unused"), ["big", "small"], {}, on_fallback=rec, clock=Clock(),
+                          engine_factory=lambda name, settings: OomEcho(settings))
+    chain.load()
+    with pytest.raises(InferenceError) as info:
+        await chain.generate([GenerationRequest(f"r{i}") for i in range(3)])
+    assert not info.value.retryable and isinstance(info.value.__cause__, RuntimeError)
+    assert chain.engine_name == "big" and rec.events == [] and not chain.degraded
+    (res,) = await chain.generate([GenerationRequest("still here")])
+    assert res.text == "still here"
+    chain.close()
+
+
+def gated_chain(run_gate, **kw):
+    def factory(name, settings):
+        return GatedEcho(settings, run_gate=run_gate)
+
+    chain = FallbackChain(ModelSpec("m", "unused"), ["a"], {}, clock=Clock(), engine_factory=factory, **kw)
+    return chain, chain.load()
+
+
+async def test_close_waits_for_running_and_queued_requests_then_closes_the_engine():
+    gate = threading.Event()
+    chain, engine = gated_chain(gate)
+    running = asyncio.create_task(chain.generate([GenerationRequest("one")]))
+    await apoll(engine.running.is_set, what="the first request to run")
+    queued = asyncio.create_task(chain.generate([GenerationRequest("two")]))  # behind it on the engine's thread
+    await asyncio.sleep(0)  # let it reach the engine
+    closing = asyncio.create_task(asyncio.to_thread(chain.close))
+    await apoll(lambda: chain._closed, what="close to start")
+    with pytest.raises(EngineUnavailableError, match="not loaded"):
+        await chain.generate(REQ)  # new requests are refused at once
+    assert engine.loaded and not closing.done()
+    gate.set()
+    assert (await running)[0].text == "one" and (await queued)[0].text == "two"
+    await closing
+    assert not engine.loaded
+
+
+async def test_close_on_the_event_loop_does_not_wait_and_still_closes_once_drained():
+    gate = threading.Event()
+    chain, engine = gated_chain(gate)
+    running = asyncio.create_task(chain.generate([GenerationRequest("one")]))
+    await apoll(engine.running.is_set, what="the request to run")
+    chain.close()  # on the loop: returns at once, the engine closes when the request is done
+    assert engine.loaded
+    gate.set()
+    assert (await running)[0].text == "one"
+    await apoll(lambda: not engine.loaded, what="the engine to close")
+
+
+async def test_close_gives_up_waiting_after_the_drain_timeout_and_queued_requests_get_503_errors():
+    gate = threading.Event()
+    chain, engine = gated_chain(gate, drain_timeout_s=0.0)
+    running = asyncio.create_task(chain.generate([GenerationRequest("one")]))
+    await apoll(engine.running.is_set, what="the first request to run")
+    queued = asyncio.create_task(chain.generate([GenerationRequest("two")]))
+    await asyncio.sleep(0)
+    await asyncio.to_thread(chain.close)
+    assert not engine.loaded
+    with pytest.raises(EngineUnavailableError, match="unloaded before the request finished"):
+        await queued  # an answer, not a CancelledError in a task nobody cancelled
+    gate.set()
+    await asyncio.gather(running, return_exceptions=True)

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.waiting import apoll
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from adapters.base import (  # noqa: E402
     EngineError,
+    EngineUnavailableError,
     GenerationRequest,
+    InferenceError,
     InvalidRequestError,
     ModelLoadError,
     ModelSpec,
     SamplingParams,
 )
-from adapters.torch_engine import TorchEngine  # noqa: E402
+from adapters.torch_engine import TorchEngine, _Row  # noqa: E402
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog, and then it runs away", "A"]
 
@@ -242,3 +249,130 @@ async def test_minilm_embeddings_are_mean_pooled_and_normalised(minilm_dir):
     with pytest.raises(InvalidRequestError, match="does not generate"):
         await eng.generate([GenerationRequest("x")])
     eng.close()
+
+
+# -- regressions -----------------------------------------------------------------------------------------------------
+
+
+async def test_a_stream_queued_behind_a_batch_gets_an_error_when_the_engine_closes(tiny_llama_dir):
+    """close() drops work still queued for the engine's thread: a stream waiting there must end, not hang."""
+    eng = load(tiny_llama_dir)
+    gate, busy_running = threading.Event(), threading.Event()
+
+    def busy():  # the batch running now
+        busy_running.set()
+        gate.wait(60)
+
+    running = asyncio.ensure_future(eng._run(busy))
+    await apoll(busy_running.is_set, what="the running batch")
+    stream = asyncio.ensure_future(_drain(eng.generate_stream(GenerationRequest("Hi"))))
+    await asyncio.sleep(0)  # the stream's work is queued behind ``busy`` on the engine's one thread
+    try:
+        eng.close()
+        with pytest.raises(EngineUnavailableError, match="unloaded before the request finished"):
+            await asyncio.wait_for(stream, 10)
+    finally:
+        gate.set()
+    await running
+
+
+async def _drain(agen):
+    return [c async for c in agen]
+
+
+async def test_a_generate_queued_behind_a_batch_gets_an_error_when_the_engine_closes(tiny_llama_dir):
+    eng = load(tiny_llama_dir)
+    gate, busy_running = threading.Event(), threading.Event()
+
+    def busy():
+        busy_running.set()
+        gate.wait(60)
+
+    running = asyncio.ensure_future(eng._run(busy))
+    await apoll(busy_running.is_set, what="the running batch")
+    queued = asyncio.ensure_future(eng.generate([GenerationRequest("Hi")]))
+    await asyncio.sleep(0)
+    try:
+        eng.close()
+        with pytest.raises(EngineUnavailableError):
+            await asyncio.wait_for(queued, 10)  # an answer, not a CancelledError in a task nobody cancelled
+    finally:
+        gate.set()
+    await running
+
+
+class _OomOnLongPrompts(TorchEngine):
+    """The real decode loop, but a prompt over 8 tokens makes the real allocator fail, as a too-large batch does."""
+
+    def _decode(self, prompts, rows, **kw):
+        if max(len(p) for p in prompts) > 8:
+            torch.empty(2**62, dtype=torch.uint8)
+        return super()._decode(prompts, rows, **kw)
+
+
+async def test_out_of_memory_is_the_batchs_failure_not_the_engines(tiny_llama_dir):
+    eng = _OomOnLongPrompts({})
+    eng.load(ModelSpec("m", str(tiny_llama_dir), device="cpu"))
+    long = GenerationRequest(PROMPTS[1], SamplingParams(max_new_tokens=2))
+    with pytest.raises(InferenceError, match="generation failed") as info:
+        eng._generate_sync([long])
+    assert not info.value.retryable  # the fallback chain gives it to the caller and keeps the model here
+    with pytest.raises(InferenceError, match="streaming failed") as info:
+        [c async for c in eng.generate_stream(long)]
+    assert not info.value.retryable
+    (ok,) = await eng.generate([GenerationRequest("Hi", SamplingParams(max_new_tokens=2))])
+    assert ok.error is None and ok.completion_tokens == 2
+    eng.close()
+
+
+def test_other_inference_failures_stay_retryable(tiny_llama_dir):
+    class Broken(TorchEngine):
+        def _decode(self, prompts, rows, **kw):
+            raise RuntimeError("device-side assert triggered")
+
+    eng = Broken({})
+    eng.load(ModelSpec("m", str(tiny_llama_dir), device="cpu"))
+    with pytest.raises(InferenceError) as info:
+        eng._generate_sync([GenerationRequest("Hi")])
+    assert info.value.retryable
+    eng.close()
+
+
+class _CountingDecodes(TorchEngine):
+    """Records how many tokens each decode call is given."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.decoded_lengths: list[int] = []
+
+    def _decode_text(self, tokens):
+        self.decoded_lengths.append(len(tokens))
+        return super()._decode_text(tokens)
+
+
+async def test_streaming_decodes_a_small_window_per_token_not_the_whole_completion(tiny_llama_dir):
+    eng = _CountingDecodes({})
+    eng.load(ModelSpec("m", str(tiny_llama_dir), device="cpu"))
+    sp = SamplingParams(max_new_tokens=60, stop=("never-generated-stop",))
+    (whole,) = await eng.generate([GenerationRequest(PROMPTS[0], sp)])
+    eng.decoded_lengths.clear()
+    chunks = [c async for c in eng.generate_stream(GenerationRequest(PROMPTS[0], sp))]
+    n = chunks[-1].completion_tokens
+    assert "".join(c.text for c in chunks) == whole.text and n > 40
+    # Per token: two short windows; once at the end: the whole completion (the exact final text).
+    per_step = eng.decoded_lengths[:-1]
+    assert len(per_step) <= 2 * n and max(per_step) <= 8
+    eng.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_incremental_detokenisation_equals_a_full_decode_after_every_token(engine, data):
+    """Any token sequence (partial UTF-8 bytes, special tokens included): the incrementally decoded completion is
+    exactly ``decode(tokens)`` after each token."""
+    vocab = len(engine.tokenizer)
+    ids = data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=30))
+    row = _Row(SamplingParams(), 0)
+    for token in ids:
+        row.tokens.append(token)
+        assert engine._decode_so_far(row) == engine._decode_text(row.tokens)

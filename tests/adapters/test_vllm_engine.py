@@ -9,8 +9,11 @@ the torch engine runs to the length limit the two must agree token for token.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +31,8 @@ from adapters.torch_engine import TorchEngine  # noqa: E402
 from adapters.vllm_engine import VllmEngine, VllmStats  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
+ROOT = Path(__file__).resolve().parents[2]
+DIST = Path(__file__).parent / "dist"
 
 PROMPTS = [
     "Hello world",
@@ -228,3 +233,97 @@ async def test_embeddings_match_torch(minilm_dir):
     for g, w in zip(got, want):
         assert len(g.vector) == 384 and g.prompt_tokens == w.prompt_tokens
         assert max(abs(a - b) for a, b in zip(g.vector, w.vector)) < 1e-4
+
+
+# -- regressions: trace context, a start that times out, unload under running requests ------------------------------
+
+
+def test_trace_headers_carry_the_current_span():
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from adapters.vllm_engine import _trace_headers
+
+    assert _trace_headers() is None  # no span: vLLM gets no headers
+    with TracerProvider().get_tracer("t").start_as_current_span("request") as span:
+        headers = _trace_headers()
+    ctx = span.get_span_context()
+    assert headers is not None
+    assert headers["traceparent"].split("-")[1:3] == [f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"]
+
+
+@pytest.mark.slow
+async def test_vllms_own_spans_join_the_callers_trace(tiny_llama_dir, tmp_path):
+    from support.receiver import OtlpReceiver
+    from support.waiting import apoll
+
+    out = tmp_path / "ids.json"
+    async with OtlpReceiver() as receiver:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(DIST / "vllm_trace.py"), "--model", str(tiny_llama_dir), "--endpoint",
+            receiver.endpoint, "--out", str(out), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        log, _ = await asyncio.wait_for(proc.communicate(), 240)
+        assert proc.returncode == 0, log.decode(errors="replace")[-3000:]
+        callers = json.loads(out.read_text())
+        for caller in callers:
+            spans = await apoll(lambda c=caller: [s for s in receiver.records() if s["trace_id"] == c["trace_id"]
+                                                  and s["name"] == "llm_request"], what="vLLM's span in our trace")
+            assert spans[0]["parent_id"] == caller["span_id"]
+
+
+def _engine_processes() -> set[int]:
+    """This process's engine children: vLLM's (``VLLM::EngineCore``, ``VLLM::Worker...``) and spawned ones."""
+    import psutil
+
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(p.cmdline())
+            if p.status() != psutil.STATUS_ZOMBIE and ("VLLM::" in cmdline or "spawn_main" in cmdline):
+                out.add(p.pid)
+        except psutil.Error:  # exited while we looked
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_a_start_that_times_out_leaves_no_thread_and_no_engine_process_behind(tiny_llama_dir, caplog, monkeypatch):
+    from support.waiting import poll
+
+    from adapters import vllm_engine
+
+    # A start that outlasts the engine loop's stop timeout too (60 s by default; a large model takes minutes).
+    monkeypatch.setattr(vllm_engine, "_STOP_TIMEOUT_S", 1.0)
+    before = _engine_processes()
+    engine = VllmEngine({**SETTINGS, "start_timeout_s": 0.001})
+    with pytest.raises(ModelLoadError, match="vLLM engine did not start within 0.001 s"):
+        engine.load(ModelSpec("timing-out", str(tiny_llama_dir), max_model_len=256))
+    assert not engine.loaded
+    assert not [t for t in threading.enumerate() if t.name == "muai-vllm-timing-out"]  # the engine loop stopped
+    # The start goes on in the background; once it is done, its EngineCore is shut down rather than left running.
+    poll(lambda: "finished after all; shutting it down" in caplog.text, timeout=120,
+         what="the abandoned start to finish")
+    poll(lambda: not (_engine_processes() - before), timeout=60, what="the abandoned EngineCore process to exit")
+
+
+@pytest.mark.slow
+async def test_unloading_under_running_requests_answers_them_with_engine_unavailable(tiny_llama_dir):
+    from adapters.base import EngineUnavailableError
+
+    engine = VllmEngine(SETTINGS)
+    await asyncio.to_thread(engine.load, ModelSpec("unloading", str(tiny_llama_dir), max_model_len=512,
+                                                   options={"ignore_eos": True}))
+    long = GenerationRequest("Tell me a story", SamplingParams(max_new_tokens=480))
+    try:
+        stream = engine.generate_stream(long)
+        first = await stream.__anext__()
+        assert first.finish_reason is None
+        pending = asyncio.ensure_future(engine.generate([long]))
+        await asyncio.sleep(0)
+    finally:
+        await asyncio.to_thread(engine.close)
+    with pytest.raises(EngineUnavailableError, match="unloaded"):
+        async for _ in stream:
+            pass
+    with pytest.raises(EngineUnavailableError, match="unloaded"):
+        await pending  # an answer, not a CancelledError in a task nobody cancelled
