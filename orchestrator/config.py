@@ -70,6 +70,11 @@ class VllmEngineConfig(Section):
     enforce_eager: bool = Field(True, description="Skip graph compilation: engine start in seconds instead of a minute on CPU.")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may use (GPU only).")
     max_model_len: int | None = Field(None, ge=16, description="Context length cap; unset uses the model's.")
+    otlp_traces_endpoint: str | None = Field(
+        None, pattern=r"^https?://",
+        description="Let vLLM export its own `llm_request` spans here (e.g. the sidecar's /v1/traces), parented to "
+        "ours through the trace headers it is given; unset: vLLM exports nothing.",
+    )
 
 
 class EnginesConfig(Section):
