@@ -319,6 +319,8 @@ class ModelManager:
             self.engine_settings(),
             on_fallback=self._fallback_hook(spec.name),
             reprobe_after_s=self.config.engines.reprobe_after_s,
+            # An unload waits for running requests as long as a shutdown would.
+            drain_timeout_s=self.config.server.drain_timeout_s,
             clock=self._clock,
             engine_factory=self._engine_factory,
         )
