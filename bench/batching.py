@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from bench._report import RESULTS_DIR, emit
 
 PROMPTS = [
     "Hello world",
@@ -227,14 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="interleaved repetitions; figures are the best of them")
     p.add_argument("--latency-samples", type=int, default=300)
     p.add_argument("--overhead-rounds", type=int, default=200, help="requests per client per overhead run (echo)")
-    p.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--results-dir", default=str(RESULTS_DIR))
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     args = p.parse_args(argv)
     report = asyncio.run(_run(args))
-    line = json.dumps(report, sort_keys=False)
-    print(line, flush=True)
-    os.makedirs(args.results_dir, exist_ok=True)
-    Path(args.results_dir, "batching.json").write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.results_dir)
     if args.strict and not all(g["met"] for g in report["goals"].values()):
         return 1
     return 0

@@ -19,13 +19,13 @@ Prints one JSON line ``{"bench": "engines", "figures", "ratios", "goals"}`` and 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from bench._report import RESULTS_DIR, emit
 
 _SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -48,7 +48,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7, help="timed rounds; figures are medians (default 7)")
     p.add_argument("--threads", type=int, default=None, help="torch and ORT intra-op threads (default: theirs)")
     p.add_argument("--onnx-cache-dir", default=None, help="converted models (default: $MUAI_CACHE_DIR/onnx)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "engines.json"))
+    p.add_argument("--results-dir", default=str(RESULTS_DIR))
     return p.parse_args(argv)
 
 
@@ -178,10 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     report = run(args)
-    print(json.dumps(report), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.results_dir)
     return 0 if report["figures"]["outputs_identical"] else 1
 
 

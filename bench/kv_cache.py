@@ -20,12 +20,12 @@ Prints one JSON line ``{"bench": "kv_cache", "figures", "ratios", "goals"}`` and
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+from bench._report import RESULTS_DIR, emit
 
 _USER = (
     "User: Tell me a story about a small robot who learned to count the stars, one by one, every night, until "
@@ -44,7 +44,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=15, help="rounds; figures are medians (default 15)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kv_cache.json"))
+    p.add_argument("--results-dir", default=str(RESULTS_DIR))
     return p.parse_args(argv)
 
 
@@ -156,11 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     report = run(args)
-    line = json.dumps(report)
-    print(line, flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.results_dir)
     return 0 if report["figures"]["outputs_identical"] else 1
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -31,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench._report import RESULTS_DIR, emit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -316,13 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=512, help="spans per OTLP request (the SDK's default max batch)")
     p.add_argument("--batches", type=int, default=40, help="distinct pre-encoded bodies")
     p.add_argument("--connections", type=int, default=4)
-    p.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--results-dir", default=str(RESULTS_DIR))
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     args = p.parse_args(argv)
     report = run(args)
-    print(json.dumps(report), flush=True)
-    os.makedirs(args.results_dir, exist_ok=True)
-    Path(args.results_dir, "sidecar.json").write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.results_dir)
     if args.strict and not all(g["met"] for g in report["goals"].values()):
         return 1
     return 0

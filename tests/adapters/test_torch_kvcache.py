@@ -240,11 +240,11 @@ def test_kv_cache_benchmark_runs_and_reports(tmp_path, tiny_llama_dir, capsys):
 
     from bench import kv_cache
 
-    out = tmp_path / "kv.json"
     rc = kv_cache.main(["--model", str(tiny_llama_dir), "--repeats", "1", "--history-tokens", "60",
-                        "--new-tokens", "2", "--out", str(out)])
+                        "--new-tokens", "2", "--results-dir", str(tmp_path)])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert rc == 0 and line == json.loads(out.read_text())
+    assert rc == 0 and line == json.loads((tmp_path / "kv_cache.json").read_text())
+    assert "| kv_cache | reuse_speedup |" in (tmp_path / "SUMMARY.md").read_text()
     assert line["bench"] == "kv_cache" and line["goals"] == {"reuse_speedup": ">= 10"}
     assert line["figures"]["outputs_identical"] is True
     assert line["ratios"]["reuse_speedup"] > 0
