@@ -79,8 +79,9 @@ class MonitorConfig(Section):
         description="Window name -> horizon in seconds; every statistic is kept over each window.",
     )
     max_samples: int = Field(
-        100_000, ge=16, le=10_000_000,
-        description="Most samples one window of one series keeps; past it the oldest go first (memory stays bounded).",
+        20_000, ge=16, le=10_000_000,
+        description="Samples one window of one series keeps exactly; past it the oldest fold into a sketch with 1% "
+        "relative error (percentiles then carry that bound). Memory per series and window stays under ~16 bytes each.",
     )
     max_series: int = Field(
         256, ge=1, le=100_000,
