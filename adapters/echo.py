@@ -138,7 +138,9 @@ class EchoEngine(Engine):
     # -------------------------------------------------------------------------------------------- inference
     def _check(self, op: str) -> None:
         if self.spec is None:
-            raise InferenceError(f"echo engine: no model loaded ({op})", engine=self.name)
+            # A call queued behind the last batch can run after unload(): it gets the same answer as one
+            # close() cancelled (503), not an engine failure.
+            raise EngineUnavailableError(f"echo engine: no model loaded ({op})", engine=self.name)
         if self._delay > 0:
             time.sleep(self._delay)
         if self.faults.consume_inference_failure():

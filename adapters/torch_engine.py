@@ -580,7 +580,9 @@ class TorchEngine(Engine):
 
     def _require_loaded(self, op: str) -> None:
         if self._model is None or self.spec is None:
-            raise InferenceError(f"torch engine: no model loaded ({op})", engine=self.name)
+            # A call queued behind the last batch can run after unload(): it gets the same answer as one
+            # close() cancelled (503), not an engine failure.
+            raise EngineUnavailableError(f"torch engine: no model loaded ({op})", engine=self.name)
         if op == "generate" and self.spec.task != "generate":
             raise InvalidRequestError(f"model {self.spec.name!r} is an embedding model; it does not generate",
                                       engine=self.name, model=self.spec.name)

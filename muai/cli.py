@@ -124,7 +124,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     def request_stop(*_: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, request_stop)
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         print(f"muai up: sidecar on {sidecar_url}, orchestrator on {server_url} (Ctrl-C stops both)", flush=True)
         # Own sessions: a terminal's Ctrl-C reaches only this process, which then signals each child exactly once
@@ -136,11 +136,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Further Ctrl-C while stopping must not abandon the sidecar (it runs in its own session).
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
         # The orchestrator first, so it drains and flushes its spans while the sidecar still listens.
         _stop_child(server, timeout=config.server.drain_timeout_s + 10.0)
         _stop_child(sidecar, timeout=10.0)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     codes = [child.returncode for child in (sidecar, server) if child is not None]
     return 0 if all(code in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes) else 1
 

@@ -198,6 +198,7 @@ class ModelManager:
         # Taken before any model's own lock by every load, so a load that evicts another model never waits on a
         # load that would evict it back.
         self._residency_lock = threading.Lock()
+        self._reloads: dict[str, asyncio.Future[ManagedModel]] = {}
         # One byte budget for every model's conversation state (requirement 7.3), shared by their engines.
         self._kv_cache = self._shared_kv_cache(config)
         for model in config.models:
@@ -335,7 +336,8 @@ class ModelManager:
                 return m
             if m.state == "ready":
                 self._unload_locked(m)
-            m.state, m.error, m.evicted = "loading", None, False
+            # ``evicted`` stays set until the load succeeds: requests arriving meanwhile wait for this reload.
+            m.state, m.error = "loading", None
             self._emit(ModelEvent("load_start", name))
             started = self._clock()
             chain = None
@@ -363,7 +365,7 @@ class ModelManager:
             m.spec, m.chain, m.preference = spec, chain, preference
             m.load_duration_s = duration
             m.batcher = self._new_batcher(m) if self.config.batching.enabled else None
-            m.state, m.last_used = "ready", self._clock()
+            m.state, m.last_used, m.evicted = "ready", self._clock(), False
             log.info("model %s loaded on %s in %.2fs", name, chain.engine_name, duration)
             self._emit(ModelEvent("load_ok", name, chain.engine_name, duration_s=duration))
             return m
@@ -373,19 +375,26 @@ class ModelManager:
         budget = self.config.engines.resident_budget_bytes
         if budget is None:
             return
-        others = [o for o in self._models.values() if o is not m and o.state == "ready"]
-        resident = sum(o.weights_bytes for o in others)
-        for victim in sorted((o for o in others if o.evictable), key=lambda o: o.last_used):
-            if resident + m.weights_bytes <= budget:
-                break
-            with victim.lock:
-                if self._unload_locked(victim):
-                    victim.evicted = True
-                    resident -= victim.weights_bytes
-                    log.info("model %s unloaded to make room for %s (engines.resident_budget_bytes=%d)",
-                             victim.name, m.name, budget)
+
+        def loaded() -> list[ManagedModel]:
+            return [o for o in self._models.values() if o is not m and o.state == "ready"]
+
+        pinned = sum(o.weights_bytes for o in loaded() if not o.evictable)
+        if pinned + m.weights_bytes <= budget:
+            for victim in sorted((o for o in loaded() if o.evictable), key=lambda o: o.last_used):
+                if sum(o.weights_bytes for o in loaded()) + m.weights_bytes <= budget:
+                    break
+                # Marked first: a request arriving while the victim drains waits for a reload instead of a 503.
+                victim.evicted = True
+                with victim.lock:
+                    if self._unload_locked(victim):
+                        log.info("model %s unloaded to make room for %s (engines.resident_budget_bytes=%d)",
+                                 victim.name, m.name, budget)
+                    elif victim.state == "ready":
+                        victim.evicted = False
+        resident = sum(o.weights_bytes for o in loaded())
         if resident + m.weights_bytes > budget:
-            held = ", ".join(f"{o.name} {o.weights_bytes / 2**20:.1f} MiB" for o in others if o.state == "ready")
+            held = ", ".join(f"{o.name} {o.weights_bytes / 2**20:.1f} MiB" for o in loaded())
             raise ModelLoadFailedError(
                 m.name,
                 f"needs {m.weights_bytes / 2**20:.1f} MiB but engines.resident_budget_bytes is {budget / 2**20:.1f} MiB "
@@ -394,10 +403,18 @@ class ModelManager:
             )
 
     async def _serving(self, name: str) -> ManagedModel:
-        """The ready model, loading it again first when the resident budget had unloaded it."""
+        """The ready model, loading it again first when the resident budget had unloaded it.
+
+        One reload per model however many requests wait for it (they share its task); a waiter that goes away does
+        not cancel the reload the others wait for."""
         m = self._models.get(name)
-        if m is not None and m.evicted and m.state == "unloaded":
-            await self.aload_model(name)
+        if m is not None and m.evicted and m.state in ("unloaded", "loading"):
+            task = self._reloads.get(name)
+            if task is None or task.done():
+                task = asyncio.ensure_future(self.aload_model(name))
+                self._reloads[name] = task
+                task.add_done_callback(lambda t, n=name: self._reloads.pop(n, None) if self._reloads.get(n) is t else None)
+            await asyncio.shield(task)
         m = self._ready(name)
         m.last_used = self._clock()
         return m
@@ -431,9 +448,11 @@ class ModelManager:
             chain.close()
         except Exception:
             log.exception("model %s: engine close failed", m.name)
-        for key in [k for k in self._adhoc if k[0] == m.name]:
+        with self._lock:
+            adhoc = [self._adhoc.pop(k) for k in [k for k in self._adhoc if k[0] == m.name]]
+        for adhoc_chain in adhoc:
             try:
-                self._adhoc.pop(key).close()
+                adhoc_chain.close()
             except Exception:
                 log.exception("model %s: closing an ad-hoc chain failed", m.name)
         self._emit(ModelEvent("unload", m.name, engine))

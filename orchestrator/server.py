@@ -596,7 +596,8 @@ def map_exception(exc: BaseException, retry_after_s: int) -> ApiError:
     if isinstance(exc, ModelLoadFailedError):
         return err.unavailable(str(exc), retry_after_s, code="model_unavailable", reject_reason=None)
     if isinstance(exc, BatcherClosedError):
-        return err.unavailable("the server is shutting down", retry_after_s, reject_reason=None)
+        return err.unavailable("the model was unloaded or the server is shutting down", retry_after_s,
+                               reject_reason=None)
     if isinstance(exc, WorkflowValidationError):
         return err.invalid_field("parameters", f"parameters: {exc}")
     if isinstance(exc, InvalidRequestError):

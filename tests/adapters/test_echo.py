@@ -116,5 +116,6 @@ def test_inject_delay_sleeps_before_each_inference_and_changes_at_runtime():
 
 
 def test_not_loaded_is_an_engine_error():
-    with pytest.raises(InferenceError, match="no model loaded"):
+    # Unavailable (a 503 at the server), like a call that close() dropped: it is not the engine failing.
+    with pytest.raises(EngineUnavailableError, match="no model loaded"):
         EchoEngine()._generate_sync([GenerationRequest("a")])

@@ -449,6 +449,25 @@ async def test_resident_budget_unloads_the_least_recently_used_on_demand_model(t
     await m.aclose()
 
 
+async def test_concurrent_requests_to_an_evicted_model_share_one_reload(tiny_llama_path):
+    from orchestrator.manager import _weights_bytes
+
+    on_demand = {"path": tiny_llama_path, "preload": False, "required": False}
+    cfg = MuaiConfig(
+        models=[{"name": "a", **on_demand}, {"name": "b", **on_demand}],
+        engines={"preference": ["torch"], "resident_budget_bytes": int(_weights_bytes(tiny_llama_path) * 1.5)},
+    )
+    events: list[ModelEvent] = []
+    m = ModelManager(cfg, on_event=events.append)
+    await m.aload_model("a")
+    await m.aload_model("b")  # evicts a
+    assert not m.is_loaded("a")
+    results = await asyncio.gather(*(m.generate("a", req(f"request {i}")) for i in range(4)))
+    assert [r.completion_tokens for r in results] == [4, 4, 4, 4]
+    assert [e.kind for e in events if e.model == "a"].count("load_ok") == 2  # the first load and one reload
+    await m.aclose()
+
+
 async def test_resident_budget_never_unloads_preloaded_or_required_models(tiny_llama_path):
     cfg = MuaiConfig(
         models=[{"name": "pinned", "path": tiny_llama_path}, {"name": "extra", "path": tiny_llama_path, "preload": False}],
