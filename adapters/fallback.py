@@ -214,12 +214,13 @@ class FallbackChain:
                     "retry_in_s": max(0.0, st.retry_at - now) if st.retry_at is not None else None,
                 }
             active = self._active
+        reasons = self.degraded_reasons
         return {
             "model": self.model,
             "active_engine": self.engine_name,
             "preference": [st.name for st in self._states],
-            "degraded": self.degraded,
-            "degraded_reasons": self.degraded_reasons,
+            "degraded": bool(reasons),
+            "degraded_reasons": reasons,
             "engines": engines,
             "engine_status": active.status() if active is not None else None,
             "fallbacks": self._fallbacks,
@@ -336,16 +337,10 @@ class FallbackChain:
                     started = True
                     yield chunk
                 return
-            except EngineError as exc:
-                if started or not exc.retryable:
-                    raise
-                error: EngineError = exc
             except Exception as exc:
-                if started:
+                if started:  # the client has part of the answer: another engine cannot take over
                     raise
-                error = _wrap(engine, self.model, exc)
-                if not error.retryable:
-                    raise error from exc
+                error = _failure(engine, self.model, exc)
             finally:
                 self._leave(engine)
             if not await asyncio.to_thread(self._fail_over, engine, error):
@@ -357,14 +352,8 @@ class FallbackChain:
             engine = await self._acquire()
             try:
                 return await fn(engine)
-            except EngineError as exc:
-                if not exc.retryable:
-                    raise
-                error: EngineError = exc
             except Exception as exc:  # an engine bug still gets the next engine's chance
-                error = _wrap(engine, self.model, exc)
-                if not error.retryable:
-                    raise error from exc
+                error = _failure(engine, self.model, exc)
             finally:
                 self._leave(engine)
             if not await asyncio.to_thread(self._fail_over, engine, error):
@@ -647,6 +636,16 @@ class FallbackChain:
     def _nothing_serves_message(self) -> str:
         parts = [f"{st.name}: {st.reason or st.state}" for st in self._states]
         return f"no engine can serve model {self.model!r} ({'; '.join(parts)})"
+
+
+def _failure(engine: Engine, model: str, exc: Exception) -> EngineError:
+    """The error to fail over on; raises it instead when no other engine would do better (not retryable)."""
+    error = exc if isinstance(exc, EngineError) else _wrap(engine, model, exc)
+    if not error.retryable:
+        if error is exc:
+            raise exc
+        raise error from exc
+    return error
 
 
 def _wrap(engine: Engine, model: str, exc: BaseException) -> InferenceError:

@@ -3,6 +3,7 @@ results so far (``bench/results/SUMMARY.md``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,22 @@ def emit(report: dict[str, Any], results_dir: str | Path = RESULTS_DIR) -> Path:
     path.write_text(json.dumps(report, indent=2) + "\n")
     (results / "SUMMARY.md").write_text(render_summary(results))
     return path
+
+
+def add_output_args(parser: argparse.ArgumentParser, *, strict: bool = True) -> None:
+    """``--results-dir`` (and ``--strict`` where the benchmark's goals say whether they were met)."""
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where NAME.json and SUMMARY.md go")
+    if strict:
+        parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+
+
+def finish(report: dict[str, Any], args: argparse.Namespace) -> int:
+    """Emit ``report``; the exit status is 1 only under ``--strict`` with a goal missed."""
+    emit(report, args.results_dir)
+    goals = report.get("goals", {}).values()
+    if getattr(args, "strict", False) and not all(g.get("met", True) for g in goals if isinstance(g, dict)):
+        return 1
+    return 0
 
 
 def _goal_text(goal: Any) -> str:

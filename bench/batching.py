@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from bench._report import RESULTS_DIR, emit
+from bench._report import add_output_args, finish
 
 PROMPTS = [
     "Hello world",
@@ -226,14 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="interleaved repetitions; figures are the best of them")
     p.add_argument("--latency-samples", type=int, default=300)
     p.add_argument("--overhead-rounds", type=int, default=200, help="requests per client per overhead run (echo)")
-    p.add_argument("--results-dir", default=str(RESULTS_DIR))
-    p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    add_output_args(p)
     args = p.parse_args(argv)
     report = asyncio.run(_run(args))
-    emit(report, args.results_dir)
-    if args.strict and not all(g["met"] for g in report["goals"].values()):
-        return 1
-    return 0
+    return finish(report, args)
 
 
 if __name__ == "__main__":

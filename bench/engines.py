@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench._report import RESULTS_DIR, emit
+from bench._report import add_output_args, emit
 
 _SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -48,7 +48,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7, help="timed rounds; figures are medians (default 7)")
     p.add_argument("--threads", type=int, default=None, help="torch and ORT intra-op threads (default: theirs)")
     p.add_argument("--onnx-cache-dir", default=None, help="converted models (default: $MUAI_CACHE_DIR/onnx)")
-    p.add_argument("--results-dir", default=str(RESULTS_DIR))
+    add_output_args(p, strict=False)
     return p.parse_args(argv)
 
 

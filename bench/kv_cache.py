@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from bench._report import RESULTS_DIR, emit
+from bench._report import add_output_args, emit
 
 _USER = (
     "User: Tell me a story about a small robot who learned to count the stars, one by one, every night, until "
@@ -44,7 +44,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=15, help="rounds; figures are medians (default 15)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--results-dir", default=str(RESULTS_DIR))
+    add_output_args(p, strict=False)
     return p.parse_args(argv)
 
 

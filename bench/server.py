@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._report import RESULTS_DIR, emit
+from bench._report import add_output_args, finish
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "echo", "prompt": "the quick brown fox jumps over the lazy dog", "max_tokens": 4}
@@ -229,14 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per server (default 1)")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip the metrics-only and tracing-only servers (default: measure them too)")
-    p.add_argument("--results-dir", default=str(RESULTS_DIR))
-    p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    add_output_args(p)
     args = p.parse_args(argv)
     report = asyncio.run(_run(args))
-    emit(report, args.results_dir)
-    if args.strict and not all(g["met"] for g in report["goals"].values()):
-        return 1
-    return 0
+    return finish(report, args)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._report import RESULTS_DIR, emit
+from bench._report import add_output_args, finish
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -317,14 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=512, help="spans per OTLP request (the SDK's default max batch)")
     p.add_argument("--batches", type=int, default=40, help="distinct pre-encoded bodies")
     p.add_argument("--connections", type=int, default=4)
-    p.add_argument("--results-dir", default=str(RESULTS_DIR))
-    p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    add_output_args(p)
     args = p.parse_args(argv)
     report = run(args)
-    emit(report, args.results_dir)
-    if args.strict and not all(g["met"] for g in report["goals"].values()):
-        return 1
-    return 0
+    return finish(report, args)
 
 
 if __name__ == "__main__":

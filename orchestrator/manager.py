@@ -630,20 +630,21 @@ class ModelManager:
                     engine=chain.engine_name, model=m.name, retryable=False,
                 )
         except BaseException as exc:
+            base = self._base_attrs(m, op, engine_before, size) if any(s is not None for s in spans) else {}
             for span in spans:
                 if span is not None:
-                    span.set_attributes(self._base_attrs(m, op, engine_before, size))
+                    span.set_attributes(base)
                     span.set_attribute("error.type", _error_type(exc))
                     span.set_status(Status(StatusCode.ERROR, str(exc)))
                     span.end()
             _call_hook(self.on_batch, m.name, chain.engine_name, size)
             raise
         engine = chain.engine_name
+        base = self._base_attrs(m, op, engine_before, size) if any(s is not None for s in spans) else {}
         for i, span in enumerate(spans):
             if span is None:
                 continue
-            attrs = self._base_attrs(m, op, engine_before, size)
-            attrs["muai.engine"] = engine
+            attrs = dict(base)
             if waits is not None:
                 attrs["muai.batch_wait_s"] = waits[i]
             result = results[i]
@@ -763,19 +764,12 @@ class ModelManager:
                     log.exception("model %s: end_conversation failed", m.name)
         return released
 
-    def _engines_status(self) -> dict[str, Any]:
+    def _engines_status(self, chain_statuses: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         """Availability per engine: what the loaded models' chains found (live), and for engines no chain holds,
         a registry probe cached for a while (probing may import an engine library: not on every health check)."""
         out: dict[str, Any] = {}
-        for m in list(self._models.values()):
-            chain = m.chain
-            if chain is None:
-                continue
-            try:
-                engines = chain.status().get("engines", {})
-            except Exception:
-                continue
-            for name, st in engines.items():
+        for chain_status in chain_statuses:
+            for name, st in (chain_status.get("engines") or {}).items():
                 if name not in out and st.get("available") is not None:
                     out[name] = {"available": bool(st["available"]), "reason": st.get("reason") or None}
         wanted = [*self.config.engines.preference, *(e for m in self._models.values() for e in m.preference)]
@@ -800,6 +794,7 @@ class ModelManager:
         A model's reported ``state`` is ``unavailable`` (and ``servable`` False) when it was loaded but no engine of
         its chain serves it now (all failed; the chain retries them after their back-off)."""
         models: dict[str, Any] = {}
+        chain_statuses: list[dict[str, Any]] = []
         for m in list(self._models.values()):
             chain = m.chain
             state = m.state
@@ -807,12 +802,21 @@ class ModelManager:
                 # Loaded once, but every engine of its chain has failed since: requests get 503 until an engine
                 # comes back (the chain re-probes), so readiness must not call it ready.
                 state = "unavailable"
+            chain_status: dict[str, Any] | None = None
+            if chain is not None:
+                try:
+                    chain_status = chain.status()
+                    chain_statuses.append(chain_status)
+                except Exception as exc:
+                    chain_status = {"error": str(exc)}
+            reasons = list((chain_status or {}).get("degraded_reasons") or [])
             entry: dict[str, Any] = {
                 "state": state,
                 "servable": state == "ready",
                 "task": m.task,
                 "engine": chain.engine_name if chain is not None else None,
-                "degraded_reasons": list(getattr(chain, "degraded_reasons", []) or []) if chain is not None else [],
+                "degraded_reasons": reasons,
+                "degraded": bool(reasons),
                 "error": m.error,
                 "required": m.config.required,
                 "preload": m.config.preload,
@@ -820,12 +824,8 @@ class ModelManager:
                 "weights_bytes": m.weights_bytes,
                 "evicted": m.evicted,
             }
-            entry["degraded"] = bool(entry["degraded_reasons"])
-            if chain is not None:
-                try:
-                    entry["chain"] = chain.status()
-                except Exception as exc:
-                    entry["chain"] = {"error": str(exc)}
+            if chain_status is not None:
+                entry["chain"] = chain_status
             b = m.batcher
             if b is not None:
                 st = b.stats()
@@ -838,7 +838,7 @@ class ModelManager:
                     "requests": st.policy.dispatched,
                 }
             models[m.name] = entry
-        return {"models": models, "engines": self._engines_status()}
+        return {"models": models, "engines": self._engines_status(chain_statuses)}
 
     def batcher(self, name: str) -> Batcher | None:
         """The model's dynamic batcher (None when batching is off or the model is not loaded)."""

