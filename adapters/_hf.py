@@ -6,7 +6,8 @@ gives the engines, so they behave the same way:
 - ``check_model_dir``: a path that does not exist or holds no model becomes one clear ``ModelLoadError``;
 - ``resolve_device`` / ``resolve_dtype``: ``auto`` / ``cpu`` / ``cuda:N`` and dtype names from config;
 - ``load_tokenizer``: left padding and a pad token, always;
-- ``encode_batch``: left-padded ids, attention mask and the matching position ids;
+- ``encode_batch`` / ``left_pad``: left-padded ids, attention mask and the matching position ids (decoders);
+  ``right_pad``: right-padded ids and mask (encoders);
 - ``context_length`` / ``check_lengths``: the model's context and the request's fit in it;
 - ``StopTracker``: stop-sequence trimming that also works token by token (holds back a possible stop prefix);
 - ``choose_next_token``: greedy, or temperature + top-p sampling with a per-request generator; ``greedy_tokens``:
@@ -191,6 +192,21 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> 
     if device is not None:
         ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
     return EncodedBatch(ids, mask, pos, [len(r) for r in rows])
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any = None) -> tuple[Any, Any]:
+    """Right-padded ids and attention mask: encoders number positions from the left edge, so they pad on the right."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, : len(row)] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask
 
 
 def encode_batch(tokenizer: Any, prompts: Sequence[str], device: Any = None) -> EncodedBatch:

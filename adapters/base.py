@@ -9,8 +9,10 @@ can (``importlib.util.find_spec``) and always says why not.
 from __future__ import annotations
 
 import asyncio
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -166,7 +168,9 @@ class Engine(ABC):
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings: dict[str, Any] = dict(settings or {})
         self.spec: ModelSpec | None = None
-        self._executor: Any = None
+        self._executor: ThreadPoolExecutor | None = None
+        # Callers on two event loops (the server's, the manager's blocking API) may ask for the worker at once.
+        self._executor_lock = threading.Lock()
 
     @classmethod
     @abstractmethod
@@ -200,13 +204,16 @@ class Engine(ABC):
     def _embed_sync(self, texts: Sequence[str]) -> list[EmbeddingResult]:
         raise InvalidRequestError(f"engine {self.name!r} does not embed", engine=self.name)
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        if self._executor is None:
-            from concurrent.futures import ThreadPoolExecutor
+    def _worker(self) -> ThreadPoolExecutor:
+        """The engine's one worker thread (created on first use)."""
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"muai-{self.name}")
+            return self._executor
 
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"muai-{self.name}")
+    async def _run(self, fn: Any, *args: Any) -> Any:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._worker(), fn, *args)
         except RuntimeError as exc:
             if "after shutdown" not in str(exc):
                 raise
@@ -244,9 +251,10 @@ class Engine(ABC):
     def close(self) -> None:
         """Unload, and drop calls still queued for the worker thread (their callers get EngineUnavailableError)."""
         self.unload()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _caller_cancelled() -> bool:

@@ -1,9 +1,9 @@
 """DeepSpeed inference: ``deepspeed.init_inference`` with dtype, tensor parallelism (AutoTP) and kernel injection.
 
-The model is loaded by the torch engine's loading code on the CPU, then handed to ``init_inference``, which
-shards it (``tensor_parallel={"tp_size": N}``), optionally swaps in DeepSpeed's fused kernels
-(``replace_with_kernel_inject``, GPU only) and moves it to the accelerator. Serving then reuses the torch
-engine's decode loop on the wrapped module (``engine.module``), so greedy outputs equal the torch engine's.
+The model's parts are loaded by the family's loader (``adapters.hf_engine``) on the CPU, then the model is handed
+to ``init_inference``, which shards it (``tensor_parallel={"tp_size": N}``), optionally swaps in DeepSpeed's fused
+kernels (``replace_with_kernel_inject``, GPU only) and moves it to the accelerator. Serving runs the shared decode
+loop on the wrapped module (``engine.module``), so greedy outputs equal the torch engine's.
 
 Tensor parallelism is SPMD: every rank runs this engine and every forward pass, and ranks must see the same
 requests in the same order. With ``tp_size == 1`` it runs in-process, no launcher and no process group needed.
@@ -26,22 +26,15 @@ import importlib.util
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from adapters import _hf
-from adapters.base import (
-    Availability,
-    Capabilities,
-    GenerationRequest,
-    GenerationResult,
-    ModelLoadError,
-    ModelSpec,
-    StreamChunk,
-)
+from adapters.base import Availability, Capabilities, GenerationRequest, ModelLoadError, ModelSpec
+from adapters.hf_decode import TorchEncode, TorchForward
+from adapters.hf_engine import Backend, HfEngine, HfParts
 from adapters.parallel import ParallelConfigError, check_autotp_env, dist_env
-from adapters.torch_engine import TorchEngine
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +53,7 @@ def ensure_torch_extensions_dir() -> str:
     return folder
 
 
-class DeepSpeedEngine(TorchEngine):
+class DeepSpeedEngine(HfEngine):
     """A transformers model wrapped by ``deepspeed.init_inference``.
 
     Settings (``DeepSpeedEngineConfig``): ``tensor_parallel_size`` (AutoTP ranks; a model's own
@@ -73,8 +66,7 @@ class DeepSpeedEngine(TorchEngine):
 
     def __init__(self, settings: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
-        self._ds_engine: Any = None
-        self._ds_info: dict[str, Any] = {}
+        self._world_size = 1
 
     @classmethod
     def available(cls, settings: Mapping[str, Any] | None = None) -> Availability:
@@ -88,18 +80,17 @@ class DeepSpeedEngine(TorchEngine):
             return int(spec.tensor_parallel_size)
         return int(self.settings.get("tensor_parallel_size") or 1)
 
-    def load(self, spec: ModelSpec) -> None:
-        if self.loaded:
-            self.unload()
+    def _load_spec(self, spec: ModelSpec) -> ModelSpec:
+        """Checks the launch before anything heavy (a wrong one must fail in milliseconds, not segfault after the
+        compile); the parts load on the CPU, and init_inference shards them and moves each rank's shard to that
+        rank's device."""
         tp = self._tp_size(spec)
-        env = dist_env()
         kernel_inject = bool(self.settings.get("replace_with_kernel_inject", False))
-        # Checked before anything heavy: a wrong launch must fail in milliseconds, not segfault after the compile.
         import torch
 
         on_cpu = not torch.cuda.is_available()
         try:
-            check_autotp_env(tp, env, on_cpu=on_cpu)
+            check_autotp_env(tp, dist_env(), on_cpu=on_cpu)
         except ParallelConfigError as exc:
             raise ModelLoadError(f"model {spec.name!r}: {exc}", engine=self.name, model=spec.name,
                                  retryable=False) from exc
@@ -108,9 +99,15 @@ class DeepSpeedEngine(TorchEngine):
                 f"model {spec.name!r}: replace_with_kernel_inject needs a GPU; DeepSpeed's CPU accelerator has no "
                 "fused inference kernels", engine=self.name, model=spec.name, retryable=False,
             )
+        return replace(spec, device="cpu", dtype=self.settings.get("dtype") or spec.dtype)
+
+    def _backend(self, parts: HfParts, spec: ModelSpec) -> Backend:
+        import torch
+
+        tp = self._tp_size(spec)
+        env = dist_env()
+        kernel_inject = bool(self.settings.get("replace_with_kernel_inject", False))
         dtype_name = self.settings.get("dtype") or spec.dtype
-        # Loaded on the CPU: init_inference shards it and moves each rank's shard to that rank's device.
-        super().load(replace(spec, device="cpu", dtype=dtype_name))
         ensure_torch_extensions_dir()
         started = time.monotonic()
         try:
@@ -119,49 +116,39 @@ class DeepSpeedEngine(TorchEngine):
 
             dtype = _hf.resolve_dtype(dtype_name, engine=self.name, model=spec.name)
             ds_engine = deepspeed.init_inference(
-                self.model, dtype=dtype, tensor_parallel={"tp_size": tp}, replace_with_kernel_inject=kernel_inject
+                parts.model, dtype=dtype, tensor_parallel={"tp_size": tp}, replace_with_kernel_inject=kernel_inject
             )
             accel = get_accelerator()
             device = torch.device(accel.current_device_name())
         except Exception as exc:  # DeepSpeed raises anything from RuntimeError to AssertionError on a bad init
-            self.unload()
             raise ModelLoadError(
                 f"model {spec.name!r}: deepspeed.init_inference failed (tp_size={tp}, "
                 f"kernel_inject={kernel_inject}): {_hf.first_line(exc)}", engine=self.name, model=spec.name,
             ) from exc
         elapsed = time.monotonic() - started
-        with self._lock:
-            self._ds_engine = ds_engine
-            self._model = ds_engine.module
-            self._device = device
-            self.spec = spec
-            self._ds_info = {
-                "tensor_parallel_size": tp,
-                "rank": env.rank,
-                "world_size": env.world_size,
-                "replace_with_kernel_inject": kernel_inject,
-                "inference_dtype": str(dtype_name),
-                "accelerator": accel.device_name(),
-                "communication_backend": accel.communication_backend_name(),
-                "init_seconds": round(elapsed, 3),
-                "deepspeed_version": deepspeed.__version__,
-            }
+        self._world_size = env.world_size
+        info = {
+            "tensor_parallel_size": tp,
+            "rank": env.rank,
+            "world_size": env.world_size,
+            "replace_with_kernel_inject": kernel_inject,
+            "inference_dtype": str(dtype_name),
+            "accelerator": accel.device_name(),
+            "communication_backend": accel.communication_backend_name(),
+            "init_seconds": round(elapsed, 3),
+            "deepspeed_version": deepspeed.__version__,
+        }
         log.info("deepspeed serving %s (tp_size=%d, rank %d/%d, %s, init %.1fs)", spec.name, tp, env.rank,
                  env.world_size, accel.device_name(), elapsed)
-
-    def unload(self) -> None:
-        super().unload()
-        self._ds_engine = None
-
-    def status(self) -> dict[str, Any]:
-        out = super().status()
-        out.update(self._ds_info)
-        return out
+        module = ds_engine.module
+        if spec.task == "generate":
+            return Backend(forward=TorchForward(module), model=module, device=device, info=info, keep=ds_engine)
+        return Backend(encode=TorchEncode(module), model=module, device=device, info=info, keep=ds_engine)
 
     # ------------------------------------------------------------------------------------------ ranks agree
-    def _shared_seeds(self, batch: Sequence[GenerationRequest]) -> list[GenerationRequest]:
+    def _prepare(self, batch: Sequence[GenerationRequest]) -> list[GenerationRequest]:
         """With several ranks, unseeded sampled requests get a seed chosen by rank 0, so all ranks agree."""
-        if int(self._ds_info.get("world_size", 1)) <= 1:
+        if self._world_size <= 1:
             return list(batch)
         need = [i for i, r in enumerate(batch) if not r.sampling.greedy and r.sampling.seed is None]
         if not need:
@@ -175,11 +162,3 @@ class DeepSpeedEngine(TorchEngine):
         for i, seed in zip(need, box[0]):
             out[i] = replace(out[i], sampling=replace(out[i].sampling, seed=int(seed)))
         return out
-
-    def _generate_sync(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return super()._generate_sync(self._shared_seeds(batch))
-
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        (fixed,) = await self._run(self._shared_seeds, [request])
-        async for chunk in super().generate_stream(fixed):
-            yield chunk

@@ -25,7 +25,9 @@ from adapters.base import (  # noqa: E402
     ModelSpec,
     SamplingParams,
 )
-from adapters.torch_engine import TorchEngine, _Row  # noqa: E402
+from adapters.hf_decode import Detokenizer, Row, TorchForward  # noqa: E402
+from adapters.hf_engine import Backend  # noqa: E402
+from adapters.torch_engine import TorchEngine  # noqa: E402
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog, and then it runs away", "A"]
 
@@ -301,13 +303,19 @@ async def test_a_generate_queued_behind_a_batch_gets_an_error_when_the_engine_cl
     await running
 
 
-class _OomOnLongPrompts(TorchEngine):
-    """The real decode loop, but a prompt over 8 tokens makes the real allocator fail, as a too-large batch does."""
+class _OomOnLongInputs(TorchForward):
+    """The real forward pass, but more than 8 positions at once make the real allocator fail, as a too-large batch
+    does."""
 
-    def _decode(self, prompts, rows, **kw):
-        if max(len(p) for p in prompts) > 8:
+    def __call__(self, input_ids, attention_mask, position_ids, state):
+        if input_ids.shape[1] > 8:
             torch.empty(2**62, dtype=torch.uint8)
-        return super()._decode(prompts, rows, **kw)
+        return super().__call__(input_ids, attention_mask, position_ids, state)
+
+
+class _OomOnLongPrompts(TorchEngine):
+    def _backend(self, parts, spec):
+        return Backend(forward=_OomOnLongInputs(parts.model), model=parts.model)
 
 
 async def test_out_of_memory_is_the_batchs_failure_not_the_engines(tiny_llama_dir):
@@ -326,9 +334,13 @@ async def test_out_of_memory_is_the_batchs_failure_not_the_engines(tiny_llama_di
 
 
 def test_other_inference_failures_stay_retryable(tiny_llama_dir):
-    class Broken(TorchEngine):
-        def _decode(self, prompts, rows, **kw):
+    class BrokenForward(TorchForward):
+        def __call__(self, *args):
             raise RuntimeError("device-side assert triggered")
+
+    class Broken(TorchEngine):
+        def _backend(self, parts, spec):
+            return Backend(forward=BrokenForward(parts.model), model=parts.model)
 
     eng = Broken({})
     eng.load(ModelSpec("m", str(tiny_llama_dir), device="cpu"))
@@ -338,21 +350,16 @@ def test_other_inference_failures_stay_retryable(tiny_llama_dir):
     eng.close()
 
 
-class _CountingDecodes(TorchEngine):
-    """Records how many tokens each decode call is given."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.decoded_lengths: list[int] = []
-
-    def _decode_text(self, tokens):
-        self.decoded_lengths.append(len(tokens))
-        return super()._decode_text(tokens)
-
-
 async def test_streaming_decodes_a_small_window_per_token_not_the_whole_completion(tiny_llama_dir):
-    eng = _CountingDecodes({})
-    eng.load(ModelSpec("m", str(tiny_llama_dir), device="cpu"))
+    eng = load(tiny_llama_dir)
+    eng.decoded_lengths = []
+    decode = eng.tokenizer.decode
+
+    def counting(tokens, **kw):  # the real tokenizer's decode, counted
+        eng.decoded_lengths.append(len(tokens))
+        return decode(tokens, **kw)
+
+    eng.tokenizer.decode = counting
     sp = SamplingParams(max_new_tokens=60, stop=("never-generated-stop",))
     (whole,) = await eng.generate([GenerationRequest(PROMPTS[0], sp)])
     eng.decoded_lengths.clear()
@@ -372,7 +379,8 @@ def test_incremental_detokenisation_equals_a_full_decode_after_every_token(engin
     exactly ``decode(tokens)`` after each token."""
     vocab = len(engine.tokenizer)
     ids = data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=30))
-    row = _Row(SamplingParams(), 0)
+    detok = Detokenizer(engine.tokenizer)
+    row = Row(SamplingParams(), 0)
     for token in ids:
         row.tokens.append(token)
-        assert engine._decode_so_far(row) == engine._decode_text(row.tokens)
+        assert detok.so_far(row) == detok.full(row.tokens)

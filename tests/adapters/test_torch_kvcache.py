@@ -81,7 +81,7 @@ async def test_reuse_with_sampling_and_a_seed_matches_recompute(tiny_llama_dir):
 async def test_bytes_held_are_counted_exactly_from_the_tensors(tiny_llama_dir):
     engine = load(tiny_llama_dir)
     await run_conversation(engine, "a", USER_TURNS[:2])
-    entry = engine._kv.peek(engine._key("a"))
+    entry = engine.conversations.peek("a")
     ids, kv = entry.payload
     exact = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                 for layer in kv.layers)
@@ -101,7 +101,7 @@ async def test_a_rewritten_history_is_a_miss_and_replaces_the_entry(tiny_llama_d
     (res,) = await engine.generate([GenerationRequest(other, SP, conversation_id="c")])
     (ref,) = await engine.generate([GenerationRequest(other, SP)])
     assert not res.cache_hit and res.cached_tokens == 0 and res.text == ref.text
-    ids, _ = engine._kv.peek(engine._key("c")).payload
+    ids, _ = engine.conversations.peek("c").payload
     assert list(ids[: res.prompt_tokens]) == engine.tokenizer(other).input_ids
     st = engine.cache_stats()
     assert (st.hits, st.misses, st.entries) == (1, 2, 1)
@@ -128,7 +128,7 @@ async def test_end_conversation_releases_its_memory_at_once(tiny_llama_dir):
     await run_conversation(engine, "x", USER_TURNS[:2])
     await run_conversation(engine, "y", USER_TURNS[:1])
     held = engine.cache_stats().bytes_held
-    y_bytes = engine._kv.peek(engine._key("y")).nbytes
+    y_bytes = engine.conversations.peek("y").nbytes
     assert engine.end_conversation("x") is True
     assert engine.cache_stats().bytes_held == y_bytes < held
     assert engine.end_conversation("x") is False
@@ -148,7 +148,7 @@ async def test_lru_eviction_keeps_bytes_within_the_budget(tiny_llama_dir):
         assert engine.cache_stats().bytes_held <= engine.cache_stats().budget_bytes
     st = engine.cache_stats()
     assert st.evictions == 1 and st.entries == 2
-    assert engine._kv.conversations() == [engine._key("b"), engine._key("c")]
+    assert engine.conversations.ids() == ["b", "c"]
     (res,) = await engine.generate([GenerationRequest(USER_TURNS[0] + "x", SP, conversation_id="a")])
     assert not res.cache_hit  # evicted
     # Shrinking the budget at runtime evicts down at once.
