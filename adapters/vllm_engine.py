@@ -39,18 +39,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import importlib.util
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
-from adapters import _hf
+from adapters import _hf, vllm_runtime
 from adapters.base import (
     Availability,
     Capabilities,
@@ -68,7 +67,9 @@ from adapters.base import (
     StreamChunk,
     _caller_cancelled,
 )
+from adapters.bridge import ThreadStream
 from adapters.parallel import ParallelConfigError, cpu_thread_binding, resolve_tp_size, visible_gpu_count
+from adapters.vllm_runtime import EngineStart, VllmStats, shutdown_quietly, trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -76,160 +77,6 @@ __all__ = ["VllmEngine", "VllmStats"]
 
 DEFAULT_KV_CACHE_BYTES = 512 * 1024**2
 _START_TIMEOUT_S = 600.0
-_STOP_TIMEOUT_S = 60.0
-# vLLM reads these while it starts; they are process-global, so starts are serialised.
-_ENV_LOCK = threading.Lock()
-_DONE = object()
-
-
-@dataclass(slots=True)
-class VllmStats:
-    """vLLM's scheduler and iteration statistics, accumulated (counters) or latest (gauges). Thread-safe."""
-
-    prefix_cache_queries: int = 0
-    """Prompt tokens looked up in the prefix cache."""
-    prefix_cache_hits: int = 0
-    """Prompt tokens found there."""
-    num_requests_running: int = 0
-    num_requests_waiting: int = 0
-    max_requests_running: int = 0
-    """The most requests vLLM ran in one step so far: above 1 means requests were batched together."""
-    num_preemptions: int = 0
-    kv_cache_usage: float = 0.0
-    """Share of KV-cache blocks in use, 0..1."""
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    requests_finished: int = 0
-
-    def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
-        """Fold one update from vLLM's stat logger interface in."""
-        with _STATS_LOCK:
-            if scheduler_stats is not None:
-                self.num_requests_running = int(scheduler_stats.num_running_reqs)
-                self.num_requests_waiting = int(scheduler_stats.num_waiting_reqs)
-                self.max_requests_running = max(self.max_requests_running, self.num_requests_running)
-                self.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
-                pc = scheduler_stats.prefix_cache_stats
-                if pc is not None:
-                    self.prefix_cache_queries += int(pc.queries)
-                    self.prefix_cache_hits += int(pc.hits)
-            if iteration_stats is not None:
-                self.num_preemptions += int(iteration_stats.num_preempted_reqs)
-                self.prompt_tokens += int(iteration_stats.num_prompt_tokens)
-                self.generation_tokens += int(iteration_stats.num_generation_tokens)
-                self.requests_finished += len(iteration_stats.finished_requests)
-
-    def as_dict(self) -> dict[str, float]:
-        with _STATS_LOCK:
-            return {name: float(getattr(self, name)) for name in self.__dataclass_fields__}
-
-
-# One lock for all VllmStats: updates are rare (one per engine step) and tiny, contention is nil.
-_STATS_LOCK = threading.Lock()
-
-
-def _stat_logger_factory(stats: VllmStats) -> Any:
-    """A per-engine stat logger factory for ``AsyncLLM(stat_loggers=[...])`` that feeds ``stats``."""
-    from vllm.v1.metrics.loggers import StatLoggerBase
-
-    class _Logger(StatLoggerBase):
-        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            self.engine_index = engine_index
-
-        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
-                   engine_idx: int = 0) -> None:
-            stats.record(scheduler_stats, iteration_stats)
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-    return _Logger
-
-
-@contextlib.contextmanager
-def _scoped_env(updates: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of an engine start, then put the old values back."""
-    old = {k: os.environ.get(k) for k in updates}
-    os.environ.update(updates)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _trace_headers() -> dict[str, str] | None:
-    """The current OpenTelemetry context as W3C headers (``traceparent``, ``tracestate``), when a span is active."""
-    try:
-        from opentelemetry import propagate, trace
-    except ImportError:  # tracing is optional
-        return None
-    if not trace.get_current_span().get_span_context().is_valid:
-        return None
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return carrier or None
-
-
-def _shutdown_quietly(llm: Any) -> None:
-    try:
-        llm.shutdown()
-    except Exception as exc:  # shutting down must not fail the caller; the process exits anyway
-        log.warning("vllm: shutdown raised %s", _hf.first_line(exc))
-
-
-class _Start:
-    """One ``AsyncLLM`` start on a worker thread: handed to ``load``, or shut down when ``load`` gave up on it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._abandoned = False
-        self._llm: Any = None
-
-    def build(self, loop: asyncio.AbstractEventLoop, args_kw: dict[str, Any], stats: VllmStats,
-              env: Mapping[str, str]) -> None:
-        """Start vLLM (on a worker thread); ``take()`` hands the engine over.
-
-        The environment vLLM reads while it starts is set here, for exactly as long as the start runs (a start
-        that ``load`` gave up on keeps it, and keeps other starts waiting, until it is over).
-        """
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        # Whatever asks for "the" event loop while vLLM builds its clients gets the engine loop they will run on.
-        asyncio.set_event_loop(loop)
-        try:
-            with _ENV_LOCK, _scoped_env(env):
-                llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args_kw),
-                                                stat_loggers=[_stat_logger_factory(stats)])
-        finally:
-            asyncio.set_event_loop(None)
-        # The engine is handed over through ``self`` and not kept in this frame: vLLM keeps tracebacks of imports
-        # it tried while starting, and through them this frame, which would keep the engine alive after unload.
-        with self._lock:
-            if not self._abandoned:
-                self._llm, llm = llm, None
-                return
-        log.warning("vllm: a start that timed out finished after all; shutting it down")
-        _shutdown_quietly(llm)
-        llm = None
-
-    def take(self) -> Any:
-        with self._lock:
-            llm, self._llm = self._llm, None
-        if llm is None:
-            raise RuntimeError("vLLM returned no engine")
-        return llm
-
-    def abandon(self) -> Any:
-        """Give up on the start; returns the engine when it was built already (the caller shuts it down)."""
-        with self._lock:
-            self._abandoned = True
-            llm, self._llm = self._llm, None
-        return llm
 
 
 def _finish(reason: str | None) -> str:
@@ -263,6 +110,8 @@ class VllmEngine(Engine):
         self._info: dict[str, Any] = {}
         self._ignore_eos = False
         self._inject_delay_s = 0.0
+        self._unclean_stops = 0
+        """Engine loops that did not stop cleanly (logged each time)."""
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @classmethod
@@ -321,7 +170,7 @@ class VllmEngine(Engine):
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name=f"muai-vllm-{spec.name}", daemon=True)
         thread.start()
-        start = _Start()
+        start = EngineStart()
         timeout = float(self.settings.get("start_timeout_s") or _START_TIMEOUT_S)
         try:
             fut = asyncio.run_coroutine_threadsafe(self._start(start, args_kw, self._stats, env), loop)
@@ -329,9 +178,9 @@ class VllmEngine(Engine):
             llm = start.take()
         except Exception as exc:  # vLLM fails start-up with many types (RuntimeError, ValueError, OSError, ...)
             orphan = start.abandon()
-            _stop_loop(loop, thread)
+            self._stop(loop, thread)
             if orphan is not None:
-                _shutdown_quietly(orphan)
+                shutdown_quietly(orphan)
             why = f"did not start within {timeout:g} s" if isinstance(exc, TimeoutError) else \
                 f"failed to start: {_hf.first_line(exc)}"
             raise ModelLoadError(f"model {spec.name!r}: vLLM engine {why}", engine=self.name,
@@ -380,7 +229,7 @@ class VllmEngine(Engine):
         return env
 
     @staticmethod
-    async def _start(start: _Start, args_kw: dict[str, Any], stats: VllmStats, env: Mapping[str, str]) -> None:
+    async def _start(start: EngineStart, args_kw: dict[str, Any], stats: VllmStats, env: Mapping[str, str]) -> None:
         """Build the AsyncLLM on a worker thread while the engine loop keeps running (see the module docstring)."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, start.build, loop, args_kw, stats, env)
@@ -396,14 +245,19 @@ class VllmEngine(Engine):
                 llm.shutdown()
 
             try:
-                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=_STOP_TIMEOUT_S)
+                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=vllm_runtime.STOP_TIMEOUT_S)
             except Exception as exc:  # shutting down must not fail the caller; the process exits anyway
                 log.warning("vllm: shutdown raised %s", _hf.first_line(exc))
-        _stop_loop(loop, thread)
+        self._stop(loop, thread)
+
+    def _stop(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+        if not vllm_runtime.stop_loop(loop, thread):
+            self._unclean_stops += 1
 
     def status(self) -> dict[str, Any]:
         out = super().status()
         out.update(self._info)
+        out["unclean_stops"] = self._unclean_stops
         out["stats"] = self._stats.as_dict()
         return out
 
@@ -422,7 +276,8 @@ class VllmEngine(Engine):
         loop = self._loop
         if loop is None or self._llm is None or self.spec is None:
             coro.close()
-            raise InferenceError("vllm engine: no model loaded", engine=self.name)
+            # As for every engine: nothing loaded is "unavailable" (503), not an engine failure to fail over on.
+            raise EngineUnavailableError("vllm engine: no model loaded", engine=self.name)
         return asyncio.run_coroutine_threadsafe(coro, loop)
 
     async def _await(self, fut: concurrent.futures.Future[Any]) -> Any:
@@ -440,51 +295,27 @@ class VllmEngine(Engine):
             raise self._closed_error() from None
 
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return await self._await(self._submit(self._generate_batch(batch, _trace_headers())))
+        return await self._await(self._submit(self._generate_batch(batch, trace_headers())))
 
     def _generate_sync(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return self._wait(self._submit(self._generate_batch(batch, _trace_headers())))
+        return self._wait(self._submit(self._generate_batch(batch, trace_headers())))
 
     async def embed(self, texts: Sequence[str]) -> list[EmbeddingResult]:
-        return await self._await(self._submit(self._embed_batch(texts, _trace_headers())))
+        return await self._await(self._submit(self._embed_batch(texts, trace_headers())))
 
     def _embed_sync(self, texts: Sequence[str]) -> list[EmbeddingResult]:
-        return self._wait(self._submit(self._embed_batch(texts, _trace_headers())))
+        return self._wait(self._submit(self._embed_batch(texts, trace_headers())))
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        """A chunk per engine step (vLLM's DELTA outputs); the last one carries the finish reason."""
-        caller = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        """A chunk per engine step (vLLM's DELTA outputs); the last one carries the finish reason.
 
-        def put(item: Any) -> None:
-            caller.call_soon_threadsafe(queue.put_nowait, item)
-
-        async def produce() -> None:
-            try:
-                async for chunk in self._stream(request, headers):
-                    put(chunk)
-                put(_DONE)
-            except asyncio.CancelledError:
-                # The consumer left (nobody reads the queue any more) or unload cut the request short: then the
-                # consumer is still waiting, and gets an answer rather than a CancelledError it did not ask for.
-                put(self._closed_error())
-                raise
-            except BaseException as exc:  # handed to the consumer, which re-raises it
-                put(exc)
-
-        headers = _trace_headers()
-        fut = self._submit(produce())
-        try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            if not fut.done():
-                fut.cancel()  # cancels the task on the engine loop, which aborts the vLLM request
+        Produced on the engine loop and carried to the caller's by the one bridge; leaving the stream cancels the
+        task there, which aborts the vLLM request.
+        """
+        stream: ThreadStream[StreamChunk] = ThreadStream(self._closed_error)
+        stream.watch(self._submit(stream.pump(self._stream(request, trace_headers()))))
+        async for chunk in stream.items():
+            yield chunk
 
     # ------------------------------------------------------------------------------------------ on the engine loop
     def _require(self, task: str) -> tuple[Any, ModelSpec]:
@@ -659,21 +490,3 @@ class VllmEngine(Engine):
                 raise err
             results.append(EmbeddingResult([], 0, error=err))
         return results
-
-
-def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    async def drain() -> None:
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    if loop.is_running():
-        try:
-            asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout=_STOP_TIMEOUT_S)
-        except Exception:  # a task that refuses to die must not block unload
-            pass
-        loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=_STOP_TIMEOUT_S)
-    if not thread.is_alive():
-        loop.close()

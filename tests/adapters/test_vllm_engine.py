@@ -196,11 +196,46 @@ def test_missing_model_fails_before_vllm_starts(tmp_path):
     assert not engine.loaded
 
 
-async def test_unloaded_engine_refuses_clearly():
-    from adapters.base import InferenceError
+async def test_unloaded_engine_is_unavailable_as_every_engine_is():
+    """Defect (f): it raised a retryable InferenceError (an engine failure, failed over on) instead."""
+    from adapters.base import EngineUnavailableError
 
-    with pytest.raises(InferenceError, match="no model loaded"):
-        await VllmEngine(SETTINGS).generate(_greedy(PROMPTS[:1], 2))
+    engine = VllmEngine(SETTINGS)
+    with pytest.raises(EngineUnavailableError, match="no model loaded"):
+        await engine.generate(_greedy(PROMPTS[:1], 2))
+    with pytest.raises(EngineUnavailableError, match="no model loaded"):
+        await engine.embed(["x"])
+    with pytest.raises(EngineUnavailableError, match="no model loaded"):
+        [c async for c in engine.generate_stream(_greedy(PROMPTS[:1], 2)[0])]
+
+
+def test_an_engine_loop_that_does_not_stop_cleanly_is_logged_and_counted(monkeypatch, caplog):
+    """Defect (e): a task that refused to die was swallowed by ``except Exception: pass``."""
+    from adapters import vllm_runtime
+
+    monkeypatch.setattr(vllm_runtime, "STOP_TIMEOUT_S", 0.2)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    release = threading.Event()
+
+    async def stubborn():
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                continue  # refuses cancellation, as a wedged engine task does
+
+    asyncio.run_coroutine_threadsafe(stubborn(), loop)
+    engine = VllmEngine(SETTINGS)
+    try:
+        with caplog.at_level("WARNING", logger="adapters.vllm_runtime"):
+            engine._stop(loop, thread)
+        assert any("did not finish" in r.getMessage() for r in caplog.records)
+        assert engine.status()["unclean_stops"] == 1
+    finally:
+        release.set()
+        thread.join(10)
 
 
 @pytest.mark.slow
@@ -227,7 +262,7 @@ async def test_embeddings_match_torch(minilm_dir):
 def test_trace_headers_carry_the_current_span():
     from opentelemetry.sdk.trace import TracerProvider
 
-    from adapters.vllm_engine import _trace_headers
+    from adapters.vllm_runtime import trace_headers as _trace_headers
 
     assert _trace_headers() is None  # no span: vLLM gets no headers
     with TracerProvider().get_tracer("t").start_as_current_span("request") as span:
@@ -276,10 +311,10 @@ def _engine_processes() -> set[int]:
 def test_a_start_that_times_out_leaves_no_thread_and_no_engine_process_behind(tiny_llama_dir, caplog, monkeypatch):
     from support.waiting import poll
 
-    from adapters import vllm_engine
+    from adapters import vllm_runtime
 
     # A start that outlasts the engine loop's stop timeout too (60 s by default; a large model takes minutes).
-    monkeypatch.setattr(vllm_engine, "_STOP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(vllm_runtime, "STOP_TIMEOUT_S", 1.0)
     before = _engine_processes()
     engine = VllmEngine({**SETTINGS, "start_timeout_s": 0.001})
     with pytest.raises(ModelLoadError, match="vLLM engine did not start within 0.001 s"):
