@@ -20,24 +20,32 @@ are not serving and why; they clear once the first choice serves again.
 The old engine is closed once the requests already running on it finish; so are all engines on ``close()``, which
 waits for them at most ``drain_timeout_s`` and then closes them anyway.
 
+Which engine should serve, and when a failed one is tried again, is a pure core (``adapters.chain_policy``) that
+takes ``now``; this module is the shell around it: the engines, their loading, the requests in flight.
+
 Locking: loading an engine takes seconds to minutes, so it never happens under the lock that requests and status
-reads take (``_lock``, held only for a few assignments). Switches (load, fail-over, re-probe) are serialised by a
-second lock, ``_switch``, which only worker threads wait on: a new engine is created and loaded outside ``_lock``
-and installed under it.
+reads take (``_lock``, held only for a few assignments). Switches (load, fail-over, re-activation, re-probe) run on
+a thread of their own and are serialised by a second lock, ``_switch``; a new engine is created and loaded outside
+``_lock`` and installed under it. Requests that need a switch wait for it on an asyncio future, never on a thread:
+concurrent requests that need the same switch (all that failed on one engine, say) share one, and the default
+thread pool stays free for everyone else while an engine loads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from adapters import registry
 from adapters._hf import is_out_of_memory
+from adapters.chain_policy import ChainPolicy
 from adapters.base import (
     Capabilities,
     EmbeddingResult,
@@ -82,17 +90,6 @@ class FallbackEvent:
     at: float
 
 
-@dataclass(slots=True)
-class _State:
-    name: str
-    settings: dict[str, Any]
-    state: str = "untried"  # untried | active | standby | unavailable | failed | disabled
-    available: bool | None = None
-    reason: str = ""
-    failures: int = 0
-    retry_at: float | None = None
-
-
 class FallbackChain:
     """Serves one model from the most preferred engine that works, falling back and coming back as they fail/heal."""
 
@@ -128,13 +125,10 @@ class FallbackChain:
                 f"reprobe_after_s must be > 0 and <= max_backoff_s, got {reprobe_after_s} / {max_backoff_s}")
         if drain_timeout_s < 0:
             raise ChainConfigError(f"drain_timeout_s must be >= 0, got {drain_timeout_s}")
-        settings = settings or {}
         self.spec = spec
-        self._states = [_State(n, dict(settings.get(n) or {})) for n in names]
+        self._policy = ChainPolicy(names, settings, reprobe_after_s=reprobe_after_s, max_backoff_s=max_backoff_s)
         self._on_fallback = on_fallback
         self._on_recovery = on_recovery
-        self._reprobe_after_s = float(reprobe_after_s)
-        self._max_backoff_s = float(max_backoff_s)
         self._clock = clock
         self._factory: EngineFactory = engine_factory or registry.create_engine
         self._auto_reprobe = auto_reprobe
@@ -146,15 +140,15 @@ class FallbackChain:
         # Serialises switches (load, fail-over, re-probe), which load engines while holding it; never taken on an
         # event loop's thread.
         self._switch = threading.RLock()
+        self._switches: dict[Hashable, concurrent.futures.Future[Any]] = {}
+        """Switches under way, by what they do; a request needing one already running waits for that one."""
         self._active: Engine | None = None
-        self._active_index: int | None = None
         self._in_flight: dict[int, int] = {}
         self._retired: list[Engine] = []
         """Replaced engines still running requests; the last one to finish closes it."""
         self._draining: list[Engine] = []
         """Engines ``close()`` waits for; it closes them itself."""
         self._reprobe_task: asyncio.Task[bool] | None = None
-        self._fallbacks = 0
         self._closed = False
 
     # ------------------------------------------------------------------------------------------ properties
@@ -172,8 +166,8 @@ class FallbackChain:
     @property
     def engine_name(self) -> str | None:
         """The preference entry serving now (None when nothing serves)."""
-        index = self._active_index
-        return self._states[index].name if index is not None else None
+        index = self._policy.active
+        return self._policy.engines[index].name if index is not None else None
 
     @property
     def loaded(self) -> bool:
@@ -191,39 +185,25 @@ class FallbackChain:
     @property
     def degraded_reasons(self) -> list[str]:
         with self._lock:
-            upto = self._active_index if self._active_index is not None else len(self._states)
-            out = []
-            for st in self._states[:upto]:
-                if st.state in ("unavailable", "failed"):
-                    out.append(f"{st.name} {st.state}: {st.reason}")
-            if self._active is None and not self._closed:
-                out.append(self._nothing_serves_message())
-            return out
+            return self._policy.degraded_reasons(self.model, serving=self._active is not None, closed=self._closed)
 
     def status(self) -> dict[str, Any]:
         """Per-engine availability and why not, the active engine, degraded reasons, fallback count."""
         now = self._clock()
         with self._lock:
-            engines = {}
-            for st in self._states:
-                engines[st.name] = {
-                    "state": st.state,
-                    "available": st.available,
-                    "reason": st.reason,
-                    "failures": st.failures,
-                    "retry_in_s": max(0.0, st.retry_at - now) if st.retry_at is not None else None,
-                }
+            engines = self._policy.snapshot(now)
             active = self._active
+            fallbacks = self._policy.fallbacks
         reasons = self.degraded_reasons
         return {
             "model": self.model,
             "active_engine": self.engine_name,
-            "preference": [st.name for st in self._states],
+            "preference": [st.name for st in self._policy.engines],
             "degraded": bool(reasons),
             "degraded_reasons": reasons,
             "engines": engines,
             "engine_status": active.status() if active is not None else None,
-            "fallbacks": self._fallbacks,
+            "fallbacks": fallbacks,
         }
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -249,7 +229,7 @@ class FallbackChain:
             self._emit(events)
 
     async def aload(self) -> Engine:
-        return await asyncio.to_thread(self.load)
+        return await self._switched("load", self.load)
 
     def close(self) -> None:
         """Unload every engine once the requests running on it finish; safe to call twice.
@@ -268,10 +248,8 @@ class FallbackChain:
         with self._lock:
             self._closed = True
             engines = [e for e in (self._active, *self._retired) if e is not None]
-            self._active, self._active_index, self._retired = None, None, []
-            for st in self._states:
-                if st.state == "active":
-                    st.state = "standby"
+            self._active, self._retired = None, []
+            self._policy.stand_down()
             busy = [e for e in engines if self._in_flight.get(id(e), 0) > 0]
             self._draining.extend(busy)
         for engine in engines:
@@ -333,9 +311,12 @@ class FallbackChain:
             engine = await self._acquire()
             started = False
             try:
-                async for chunk in engine.generate_stream(request):
-                    started = True
-                    yield chunk
+                # Closed explicitly: when our caller leaves, the engine's stream ends (its work is cancelled) before
+                # the engine's lease is given back, not whenever the garbage collector gets to it.
+                async with contextlib.aclosing(engine.generate_stream(request)) as stream:
+                    async for chunk in stream:
+                        started = True
+                        yield chunk
                 return
             except Exception as exc:
                 if started:  # the client has part of the answer: another engine cannot take over
@@ -343,7 +324,7 @@ class FallbackChain:
                 error = _failure(engine, self.model, exc)
             finally:
                 self._leave(engine)
-            if not await asyncio.to_thread(self._fail_over, engine, error):
+            if not await self._fail_over_async(engine, error):
                 raise error
 
     async def _call(self, fn: Callable[[Engine], Awaitable[Any]]) -> Any:
@@ -356,7 +337,7 @@ class FallbackChain:
                 error = _failure(engine, self.model, exc)
             finally:
                 self._leave(engine)
-            if not await asyncio.to_thread(self._fail_over, engine, error):
+            if not await self._fail_over_async(engine, error):
                 raise error
 
     async def _acquire(self) -> Engine:
@@ -376,61 +357,93 @@ class FallbackChain:
         if self._closed:
             raise EngineUnavailableError(f"model {self.model!r} is not loaded", model=self.model)
         # Nothing serves (every engine failed, or a switch is under way): try again those whose back-off is over.
-        events: list[FallbackEvent] = []
-        try:
-            engine = await asyncio.to_thread(self._reactivate, events)
-        finally:
-            self._emit(events)
+        engine = await self._switched("activate", self._reactivate)
         if engine is None:
             if self._closed:
                 raise EngineUnavailableError(f"model {self.model!r} is not loaded", model=self.model)
             raise EngineUnavailableError(self._nothing_serves_message(), model=self.model)
         return engine
 
-    def _reactivate(self, events: list[FallbackEvent]) -> Engine | None:
-        with self._switch:
-            if self._active is not None or self._closed:
-                return self._active
-            return self._activate(self._clock(), events, raise_fatal=False)
+    def _reactivate(self) -> Engine | None:
+        events: list[FallbackEvent] = []
+        try:
+            with self._switch:
+                if self._active is not None or self._closed:
+                    return self._active
+                return self._activate(self._clock(), events, raise_fatal=False)
+        finally:
+            self._emit(events)
+
+    # ------------------------------------------------------------------------------------------ switches
+    async def _switched(self, key: Hashable, job: Callable[[], Any]) -> Any:
+        """Run ``job`` on a switch thread of its own, or join the same switch already under way; await its result.
+
+        The waiting is on the event loop (a future), so however many requests wait for an engine to load, no thread
+        of the default pool is parked for them (see the module docstring).
+        """
+        with self._lock:
+            future = self._switches.get(key)
+            start = future is None
+            if future is None:
+                future = concurrent.futures.Future()
+                future.set_running_or_notify_cancel()  # a waiter that is cancelled cannot cancel it for the others
+                self._switches[key] = future
+        if start:
+            threading.Thread(target=self._run_switch, args=(key, future, job), name=f"muai-switch-{self.model}",
+                             daemon=True).start()
+        return await asyncio.wrap_future(future)
+
+    def _run_switch(self, key: Hashable, future: concurrent.futures.Future[Any], job: Callable[[], Any]) -> None:
+        try:
+            result = job()
+        except BaseException as exc:  # handed to every waiter
+            with self._lock:
+                self._switches.pop(key, None)
+            future.set_exception(exc)
+        else:
+            with self._lock:
+                self._switches.pop(key, None)
+            future.set_result(result)
+
+    async def _fail_over_async(self, engine: Engine, error: EngineError) -> bool:
+        """Every request that failed on ``engine`` waits for the one fail-over away from it."""
+        return bool(await self._switched(("fail_over", id(engine)), lambda: self._fail_over(engine, error)))
 
     # ------------------------------------------------------------------------------------------ re-probing
     def reprobe_due(self, now: float | None = None) -> bool:
         """A more preferred engine than the active one has sat out its back-off."""
         now = self._clock() if now is None else now
-        upto = self._active_index if self._active_index is not None else len(self._states)
-        return any(
-            st.state in ("unavailable", "failed") and st.retry_at is not None and st.retry_at <= now
-            for st in self._states[:upto]
-        )
+        with self._lock:
+            return self._policy.reprobe_due(now)
 
     async def reprobe(self) -> bool:
         """Try the more preferred engines whose back-off is over; True when one of them took the model back."""
-        return await asyncio.to_thread(self.reprobe_sync)
+        return bool(await self._switched("reprobe", self.reprobe_sync))
 
     def reprobe_sync(self) -> bool:
         events: list[FallbackEvent] = []
         try:
             with self._switch:
-                if self._closed or self._active_index is None or not self.reprobe_due():
-                    return False
                 now = self._clock()
-                old, old_index = self._active, self._active_index
-                for index, st in enumerate(self._states[:old_index]):
-                    if st.state not in ("unavailable", "failed") or st.retry_at is None or st.retry_at > now:
-                        continue
+                with self._lock:
+                    if self._closed or self._policy.active is None:
+                        return False
+                    old, old_index = self._active, self._policy.active
+                    due = self._policy.reprobe_candidates(now)
+                for index in due:
+                    st = self._policy.engines[index]
                     engine = self._try(index, now, events=None, raise_fatal=False)
                     if engine is None:
                         continue
                     with self._lock:
                         installed = self._install(engine, index)
                         if installed:
-                            self._states[old_index].state = "standby"
                             closing = self._retire(old)
                     if not installed:  # closed while it loaded
                         _close_quietly(engine)
                         return False
                     _close_quietly(closing)
-                    old_name = self._states[old_index].name
+                    old_name = self._policy.engines[old_index].name
                     detail = f"{st.name} serves {self.model} again, instead of {old_name}"
                     log.info("model %s: %s", self.model, detail)
                     events.append(FallbackEvent(self.model, old_name, st.name, "recovered", detail, now))
@@ -456,10 +469,10 @@ class FallbackChain:
 
     # ------------------------------------------------------------------------------------------ switching
     def _probe_all(self) -> None:
-        for st in self._states:
-            if not st.settings.get("enabled", True):
+        for index, st in enumerate(self._policy.engines):
+            if not self._policy.enabled(index):
                 with self._lock:
-                    st.state, st.available, st.reason = "disabled", False, "disabled by config"
+                    self._policy.disable(index)
                 continue
             try:
                 engine = self._factory(st.name, st.settings)
@@ -471,7 +484,7 @@ class FallbackChain:
             else:
                 available, reason = av.ok, "" if av.ok else (av.reason or "not available")
             with self._lock:
-                st.available, st.reason = available, reason
+                self._policy.probed(index, available, reason)
 
     def _activate(self, now: float, events: list[FallbackEvent], *, raise_fatal: bool) -> Engine | None:
         """Load the first engine that is not disabled or backing off; records a pending event per skipped one.
@@ -481,11 +494,9 @@ class FallbackChain:
         """
         skipped: list[tuple[str, str, str]] = []
         chosen: Engine | None = None
-        for index, st in enumerate(self._states):
-            if st.state == "disabled":
-                continue
-            if st.retry_at is not None and st.retry_at > now:
-                continue
+        with self._lock:
+            candidates = self._policy.candidates(now)
+        for index in candidates:
             engine = self._try(index, now, events=skipped, raise_fatal=raise_fatal)
             if engine is not None:
                 with self._lock:
@@ -496,6 +507,8 @@ class FallbackChain:
                 chosen = engine
                 break
         to = chosen.name if chosen is not None else None
+        with self._lock:
+            self._policy.count_fallbacks(len(skipped))  # counted with the switch, not when the hooks hear of it
         for name, reason, detail in skipped:
             events.append(FallbackEvent(self.model, name, to, reason, detail, now))
             log.warning("model %s: engine %s %s (%s); %s", self.model, name, reason, detail,
@@ -510,17 +523,17 @@ class FallbackChain:
         Runs without ``_lock`` (loading takes long). A non-retryable load error that is not fatal (the engine's
         own settings, e.g. tensor parallelism it cannot set up here) marks the engine unavailable for this model.
         """
-        st = self._states[index]
+        st = self._policy.engines[index]
         try:
             engine = self._factory(st.name, st.settings)
             av = engine.available(st.settings)
         except Exception as exc:
-            self._mark(st, "unavailable", str(exc), now, events)
+            self._mark(index, "unavailable", str(exc), now, events)
             return None
         with self._lock:
             st.available = av.ok
         if not av.ok:
-            self._mark(st, "unavailable", av.reason or "not available", now, events)
+            self._mark(index, "unavailable", av.reason or "not available", now, events)
             return None
         try:
             engine.load(self.spec)
@@ -532,41 +545,38 @@ class FallbackChain:
             if not exc.retryable and not exc.fatal:
                 with self._lock:
                     st.available = False
-                self._mark(st, "unavailable", str(exc), now, events)
+                self._mark(index, "unavailable", str(exc), now, events)
             else:
-                self._mark(st, "failed", str(exc), now, events, reason="load_error")
+                self._mark(index, "failed", str(exc), now, events, reason="load_error")
             return None
         except Exception as exc:
             _close_quietly(engine)
             err = ModelLoadError(f"engine {st.name} failed to load {self.model!r}: {type(exc).__name__}: {exc}",
                                  engine=st.name, model=self.model)
             err.__cause__ = exc
-            self._mark(st, "failed", str(err), now, events, reason="load_error")
+            self._mark(index, "failed", str(err), now, events, reason="load_error")
             return None
         if self._runtime:
             _reconfigure(engine, self._runtime)
         return engine
 
-    def _mark(self, st: _State, state: str, detail: str, now: float, events: list[tuple[str, str, str]] | None,
+    def _mark(self, index: int, state: str, detail: str, now: float, events: list[tuple[str, str, str]] | None,
               *, reason: str | None = None) -> None:
         with self._lock:
-            st.state, st.reason = state, detail
-            st.failures += 1
-            backoff = min(self._reprobe_after_s * 2 ** (st.failures - 1), self._max_backoff_s)
-            st.retry_at = now + backoff
+            backoff = self._policy.mark(index, state, detail, now)
+        name = self._policy.engines[index].name
         if events is not None:
-            events.append((st.name, reason or state, detail))
+            events.append((name, reason or state, detail))
         else:
-            log.info("model %s: re-probe of %s failed (%s); next try in %.0f s", self.model, st.name, detail, backoff)
+            log.info("model %s: re-probe of %s failed (%s); next try in %.0f s", self.model, name, detail, backoff)
 
     def _install(self, engine: Engine, index: int) -> bool:
         """Make ``engine`` the serving one; False when the chain was closed while it loaded. ``_lock`` held."""
         if self._closed:
             return False
-        st = self._states[index]
-        st.state, st.available, st.reason, st.failures, st.retry_at = "active", True, "", 0, None
-        self._active, self._active_index = engine, index
-        log.info("model %s: serving on engine %s", self.model, st.name)
+        self._policy.install(index)
+        self._active = engine
+        log.info("model %s: serving on engine %s", self.model, self._policy.engines[index].name)
         return True
 
     def _fail_over(self, engine: Engine, error: EngineError) -> bool:
@@ -580,14 +590,15 @@ class FallbackChain:
                     if self._active is not engine:
                         # Another request already moved the model on (or a re-probe did): just retry there.
                         return self._active is not None
-                    index = self._active_index
+                    index = self._policy.active
                     assert index is not None
                     now = self._clock()
-                    st = self._states[index]
-                    self._active, self._active_index = None, None
+                    st = self._policy.engines[index]
+                    self._active = None
                     closing = self._retire(engine)
+                    self._policy.mark(index, "failed", str(error), now)
+                    self._policy.count_fallbacks(1)
                 _close_quietly(closing)
-                self._mark(st, "failed", str(error), now, events=None)
                 chosen = self._activate(now, events, raise_fatal=False)
                 to = chosen.name if chosen is not None else None
                 events.insert(0, FallbackEvent(self.model, st.name, to, "inference_error", str(error), now))
@@ -628,14 +639,14 @@ class FallbackChain:
             _close_quietly(engine)
 
     def _emit(self, events: list[FallbackEvent]) -> None:
+        """Tell the hooks (outside every lock); the policy counted these events when the switch made them."""
         for ev in events:
             if ev.reason != "recovered":
-                self._fallbacks += 1
                 _call_hook(self._on_fallback, ev)
 
     def _nothing_serves_message(self) -> str:
-        parts = [f"{st.name}: {st.reason or st.state}" for st in self._states]
-        return f"no engine can serve model {self.model!r} ({'; '.join(parts)})"
+        with self._lock:
+            return self._policy.nothing_serves_message(self.model)
 
 
 def _failure(engine: Engine, model: str, exc: Exception) -> EngineError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from support.waiting import apoll
@@ -21,6 +22,7 @@ from adapters.base import (
     ModelLoadError,
     ModelSpec,
     SamplingParams,
+    StreamChunk,
 )
 from adapters.echo import EchoEngine, EchoFaults
 from adapters.fallback import ChainConfigError, FallbackChain, FallbackEvent
@@ -460,3 +462,94 @@ async def test_close_gives_up_waiting_after_the_drain_timeout_and_queued_request
         await queued  # an answer, not a CancelledError in a task nobody cancelled
     gate.set()
     await asyncio.gather(running, return_exceptions=True)
+
+
+# -- regressions of issue 12: switches wait on futures, streams closed explicitly, the count moves with the switch --
+
+
+class CountingEcho(GatedEcho):
+    """Counts inference attempts, failed ones included (the echo engine's own ``calls`` counts successes)."""
+
+    def __init__(self, settings=None, **kw) -> None:
+        super().__init__(settings, **kw)
+        self.attempts = 0
+
+    def _generate_sync(self, batch):
+        self.attempts += 1
+        return super()._generate_sync(batch)
+
+
+async def test_requests_waiting_for_a_fail_over_park_no_thread_of_the_default_pool():
+    """Defect (a): every request that failed over parked a default-pool thread on the switch lock while the next
+    engine loaded; with two such threads a two-thread pool had none left for anyone else's ``to_thread``."""
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="default-pool")
+    loop.set_default_executor(pool)
+    gate, made = threading.Event(), {}
+
+    def factory(name, settings):
+        made[name] = CountingEcho(settings, load_gate=gate if name == "b" else None)
+        return made[name]
+
+    chain = FallbackChain(ModelSpec("m", "unused"), ["a", "b"], {"a": {"faults": EchoFaults(fail_generate_always=True)}},
+                          clock=Clock(), engine_factory=factory)
+    chain.load()
+    requests = [asyncio.create_task(chain.generate([GenerationRequest(f"r{i}")])) for i in range(4)]
+    try:
+        await apoll(lambda: "b" in made and made["b"].loading.is_set(), what="b's load to start")
+        await apoll(lambda: made["a"].attempts == 4, what="every request to fail on a")
+        # The default pool still serves while b loads and four requests wait for it.
+        assert await asyncio.wait_for(loop.run_in_executor(None, lambda: "free"), 10) == "free"
+    finally:
+        gate.set()
+    results = await asyncio.gather(*requests)
+    assert [r[0].text for r in results] == [f"r{i}" for i in range(4)] and chain.engine_name == "b"
+    chain.close()
+    pool.shutdown(wait=False)
+
+
+class ClosableStreamEcho(EchoEngine):
+    """An echo engine whose stream (a word per chunk) notes when it is closed."""
+
+    def __init__(self, settings=None) -> None:
+        super().__init__(settings)
+        self.streams_closed = 0
+
+    async def generate_stream(self, request):
+        try:
+            for word in request.prompt.split():
+                yield StreamChunk(word + " ", None, 1, 1)
+        finally:
+            self.streams_closed += 1
+
+
+async def test_leaving_a_chain_stream_closes_the_engines_stream_at_once():
+    """Defect (c): the engine's stream was left suspended when the chain's stream was closed, so its clean-up (its
+    cancellation of the work, for the real engines) waited for the garbage collector."""
+    made = []
+
+    def factory(name, settings):
+        made.append(ClosableStreamEcho(settings))
+        return made[-1]
+
+    chain = FallbackChain(ModelSpec("m", "unused"), ["a"], clock=Clock(), engine_factory=factory)
+    chain.load()
+    stream = chain.generate_stream(GenerationRequest("one two three four"))
+    assert (await stream.__anext__()).text == "one "
+    await stream.aclose()
+    assert made[-1].streams_closed == 1
+    chain.close()
+
+
+async def test_the_fallback_count_moves_with_the_switch_it_counts():
+    """Defect (h): the count was bumped per event, without the lock, as the hooks were told; it now moves under the
+    chain's lock together with the switch, so every hook (and every status read) sees the whole switch counted."""
+    seen = []
+    chain = echo_chain({"a": EchoFaults(fail_generate_always=True), "b": EchoFaults(fail_load=True),
+                        "c": EchoFaults()}, rec=lambda ev: seen.append((ev.reason, chain.status()["fallbacks"])))
+    chain.load()
+    results = await asyncio.gather(*(chain.generate([GenerationRequest(f"r{i}")]) for i in range(6)))
+    assert [r[0].text for r in results] == [f"r{i}" for i in range(6)] and chain.engine_name == "c"
+    assert seen == [("inference_error", 2), ("load_error", 2)]
+    assert chain.status()["fallbacks"] == 2
+    chain.close()
