@@ -11,6 +11,8 @@ All three share one lifecycle:
 * **Re-learning.** A lasting level shift would then stay anomalous for ever. ``adapt_after=N``
   accepts it: after N anomalous values in a row the detector starts a new warm-up seeded with
   those N values (so with ``N >= warmup`` it re-baselines at once). ``None`` (default) never does.
+  ``clip_anomalies=True`` (EWMA and MAD) is the gentler way: an anomalous value joins the baseline clipped
+  to the band's edge (winsorised), so a spike hardly moves it while a lasting shift is absorbed gradually.
 * **Spread floor.** A constant series has zero spread; dividing by it would make any change
   infinitely anomalous. The spread used is at least ``min_std`` or, when ``min_std`` is None,
   1% of the baseline's magnitude (and never below 1e-12).
@@ -37,6 +39,8 @@ _REL_STD_FLOOR = 0.01
 _ABS_STD_FLOOR = 1e-12
 # Scales the MAD to the standard deviation of a normal distribution.
 _MAD_TO_STD = 1.482602218505602
+# Scales the mean absolute deviation to the standard deviation of a normal distribution (sqrt(pi / 2)).
+_MEANAD_TO_STD = 1.2533141373155003
 # A spread estimated from ~1/alpha values has heavy tails (a z-score against it is t-distributed
 # with few degrees of freedom), which multiplies false alarms; the spread changes more slowly than
 # the level, so it is smoothed five times more slowly by default.
@@ -58,8 +62,11 @@ class _Learner:
         exclude_anomalies: bool,
         min_std: float | None,
         adapt_after: int | None,
+        clip_anomalies: bool = False,
         min_warmup: int = 2,
     ) -> None:
+        self._clip = check.boolean("clip_anomalies", clip_anomalies)
+        self._spread = 0.0  # the spread the latest verdict divided by (EWMA and MAD set it in _judge)
         self.name = check.name("name", self._kind if name is None else name)
         self._warmup = check.integer("warmup", warmup, lo=min_warmup, hi=10_000_000)
         self._exclude = check.boolean("exclude_anomalies", exclude_anomalies)
@@ -123,6 +130,11 @@ class _Learner:
             self._recent.clear()
         if not (anomalous and self._exclude):
             self._absorb(x)
+        elif self._clip and self._spread > 0.0:
+            # Winsorised: the value joins the baseline at the band's edge, so a burst barely moves it but a
+            # lasting shift pulls it along, one band width at a time, until the shift is the new normal.
+            edge = self._z * self._spread
+            self._absorb(min(max(x, baseline - edge), baseline + edge))
         verdict = Verdict(
             anomalous=anomalous,
             score=score,
@@ -206,6 +218,7 @@ class EwmaDetector(_Learner):
         min_std: floor of the standard deviation; None means 1% of |mean|.
         var_alpha: smoothing factor of the variance in (0, 1]; None means ``alpha / 5``.
         adapt_after: re-learn after this many anomalous values in a row; None never.
+        clip_anomalies: with ``exclude_anomalies``, let an anomalous value in clipped to the band's edge.
         name: the name verdicts carry.
     """
 
@@ -221,6 +234,7 @@ class EwmaDetector(_Learner):
         *,
         var_alpha: float | None = None,
         adapt_after: int | None = None,
+        clip_anomalies: bool = False,
         name: str | None = None,
     ) -> None:
         self._alpha = check.real("alpha", alpha, lo=0.0, hi=1.0, lo_open=True)
@@ -231,7 +245,8 @@ class EwmaDetector(_Learner):
             else check.real("var_alpha", var_alpha, lo=0.0, hi=1.0, lo_open=True)
         )
         super().__init__(
-            name=name, warmup=warmup, exclude_anomalies=exclude_anomalies, min_std=min_std, adapt_after=adapt_after
+            name=name, warmup=warmup, exclude_anomalies=exclude_anomalies, min_std=min_std, adapt_after=adapt_after,
+            clip_anomalies=clip_anomalies,
         )
 
     def __repr__(self) -> str:
@@ -267,7 +282,8 @@ class EwmaDetector(_Learner):
 
     def _judge(self, x: float) -> tuple[float, float, float, str]:
         m = self._mean
-        z = (x - m) / max(math.sqrt(self._var), self._floor(m))
+        self._spread = max(math.sqrt(self._var), self._floor(m))
+        z = (x - m) / self._spread
         return abs(z), m, self._z, _describe(x, z, m, "the EWMA mean", self._z)
 
     def _absorb(self, x: float) -> None:
@@ -290,6 +306,7 @@ class MadDetector(_Learner):
         exclude_anomalies: keep anomalous values out of the window.
         min_std: floor of the robust standard deviation; None means 1% of |median|.
         adapt_after: re-learn after this many anomalous values in a row; None never.
+        clip_anomalies: with ``exclude_anomalies``, let an anomalous value in clipped to the band's edge.
         name: the name verdicts carry.
     """
 
@@ -304,6 +321,7 @@ class MadDetector(_Learner):
         min_std: float | None = None,
         *,
         adapt_after: int | None = None,
+        clip_anomalies: bool = False,
         name: str | None = None,
     ) -> None:
         self._window = check.integer("window", window, lo=3, hi=1_000_000)
@@ -312,7 +330,8 @@ class MadDetector(_Learner):
         if w > self._window:
             raise DetectorConfigError(f"warmup ({w}) must not exceed window ({self._window})")
         super().__init__(
-            name=name, warmup=warmup, exclude_anomalies=exclude_anomalies, min_std=min_std, adapt_after=adapt_after
+            name=name, warmup=warmup, exclude_anomalies=exclude_anomalies, min_std=min_std, adapt_after=adapt_after,
+            clip_anomalies=clip_anomalies,
         )
 
     def __repr__(self) -> str:
@@ -343,8 +362,14 @@ class MadDetector(_Learner):
     def _judge(self, x: float) -> tuple[float, float, float, str]:
         arr = np.fromiter(self._buf, dtype=float, count=len(self._buf))
         med = float(np.median(arr))
-        sd = _MAD_TO_STD * float(np.median(np.abs(arr - med)))
-        z = (x - med) / max(sd, self._floor(med))
+        dev = np.abs(arr - med)
+        sd = _MAD_TO_STD * float(np.median(dev))
+        if sd == 0.0:
+            # More than half the window is one value (a series that is mostly zeros): the MAD is 0 and any other
+            # value would be infinitely unusual. The mean absolute deviation still sees how far the rest stray.
+            sd = _MEANAD_TO_STD * float(dev.mean())
+        self._spread = max(sd, self._floor(med))
+        z = (x - med) / self._spread
         return abs(z), med, self._z, _describe(x, z, med, "the median", self._z)
 
     def _absorb(self, x: float) -> None:

@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "kv_cache": "multi-turn KV-cache reuse vs recomputing the history",
     "sidecar": "OTLP ingestion rate, query latency, CPU and RSS of the sidecar",
 }
+    "nab": "detector quality on the Numenta Anomaly Benchmark beside its published detectors (needs ../shared/nab)",
 
 
 class CliError(Exception):

@@ -191,21 +191,21 @@ class EwmaConfig(Section):
     """EWMA with a z-score band on each series' interval p95 latency."""
 
     enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
-    alpha: float = Field(0.1, gt=0, le=1, description="Smoothing factor of the moving mean and variance.", json_schema_extra=RUNTIME)
-    z_threshold: float = Field(4.0, gt=0, description="z-score beyond which a point is anomalous.", json_schema_extra=RUNTIME)
-    warmup: int = Field(30, ge=2, le=100_000, description="Points that only build the baseline (no verdict).", json_schema_extra=RUNTIME)
+    alpha: float = Field(0.02, gt=0, le=1, description="Smoothing factor of the moving mean and variance.", json_schema_extra=RUNTIME)
+    z_threshold: float = Field(3.5, gt=0, description="z-score beyond which a point is anomalous.", json_schema_extra=RUNTIME)
+    warmup: int = Field(100, ge=2, le=100_000, description="Points that only build the baseline (no verdict).", json_schema_extra=RUNTIME)
 
 
 class MadConfig(Section):
     """Robust median / MAD detector on each series' interval p95 latency."""
 
     enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
-    window: int = Field(120, ge=3, le=100_000, description="Points in the median/MAD baseline.", json_schema_extra=RUNTIME)
+    window: int = Field(600, ge=3, le=100_000, description="Points in the median/MAD baseline.", json_schema_extra=RUNTIME)
     z_threshold: float = Field(
-        5.0, gt=0, description="Robust z-score (|x - median| / (1.4826 MAD)) beyond which a point is anomalous.",
+        4.5, gt=0, description="Robust z-score (|x - median| / (1.4826 MAD)) beyond which a point is anomalous.",
         json_schema_extra=RUNTIME,
     )
-    warmup: int = Field(30, ge=2, le=100_000, description="Points that only build the baseline (no verdict).", json_schema_extra=RUNTIME)
+    warmup: int = Field(100, ge=2, le=100_000, description="Points that only build the baseline (no verdict).", json_schema_extra=RUNTIME)
 
 
 class CusumConfig(Section):
@@ -236,11 +236,11 @@ class StatisticalConfig(Section):
         json_schema_extra=RUNTIME,
     )
     for_s: float = Field(
-        30.0, ge=0, description="How long verdicts must stay anomalous (no normal point between) before the alert fires.",
+        10.0, ge=0, description="How long verdicts must stay anomalous (no normal point between) before the alert fires.",
         json_schema_extra=RUNTIME,
     )
     clear_after_s: float = Field(
-        60.0, ge=0, description="An anomaly alert resolves after this long with no anomalous verdict.", json_schema_extra=RUNTIME
+        14400.0, ge=0, description="An anomaly alert resolves after this long with no anomalous verdict.", json_schema_extra=RUNTIME
     )
     min_count: int = Field(
         5, ge=1,
@@ -249,7 +249,12 @@ class StatisticalConfig(Section):
         json_schema_extra=RUNTIME,
     )
     adapt_after: int | None = Field(
-        None, ge=1, description="Accept a lasting shift as the new normal after this many anomalous points in a row; unset never.",
+        24, ge=1, description="Accept a lasting shift as the new normal after this many anomalous points in a row; unset never.",
+        json_schema_extra=RUNTIME,
+    )
+    clip_anomalies: bool = Field(
+        True, description="EWMA and MAD let anomalous points into their baseline clipped to the band's edge, so a lasting "
+        "shift is absorbed gradually while a spike barely moves it.",
         json_schema_extra=RUNTIME,
     )
     severity: str = Field("warning", min_length=1, description=_SEVERITY)

@@ -53,7 +53,9 @@ ALERT_HOST_MEMORY = "HighHostMemory"
 
 _QUANTILES = {"p50": 0.5, "p95": 0.95, "p99": 0.99}
 _NAN = math.nan
-_MIN_LATENCY_S = 1e-9  # the log of a zero duration would be -inf, which detectors ignore
+# Latencies are judged on a log scale, where the step from 0.1 ms to nothing would look like a collapse and the
+# way back like an explosion (log(1e-9) is -20.7): below a millisecond, all latencies read as one millisecond.
+_MIN_LATENCY_S = 1e-3
 
 
 @dataclass(slots=True)
@@ -170,12 +172,12 @@ class Evaluator:
         if st.ewma.enabled:
             out["ewma"] = _RiseEwma(
                 alpha=st.ewma.alpha, z_threshold=st.ewma.z_threshold, warmup=st.ewma.warmup, min_std=floor,
-                adapt_after=st.adapt_after, name="ewma",
+                adapt_after=st.adapt_after, clip_anomalies=st.clip_anomalies, name="ewma",
             )
         if st.mad.enabled:
             out["mad"] = _RiseMad(
                 window=st.mad.window, z_threshold=st.mad.z_threshold, warmup=st.mad.warmup, min_std=floor,
-                adapt_after=st.adapt_after, name="mad",
+                adapt_after=st.adapt_after, clip_anomalies=st.clip_anomalies, name="mad",
             )
         if st.cusum.enabled:
             out["cusum"] = _RiseCusum(
@@ -336,6 +338,31 @@ class Evaluator:
         p95 = self._interval_p95(det, key, horizon, now)
         if p95 is None:
             return
+        self._judge_point(det, p95, now, wall, out)
+
+    def judge_point(self, model: str, operation: str, p95: float, now: float, wall: float) -> list[Alert]:
+        """Feed one interval's p95 latency straight to the statistical detectors of ``model``/``operation``,
+        as :meth:`tick` does once per ``statistical.interval_s``; return the alert transitions.
+
+        For replaying a recorded series through exactly the sidecar's detectors and alert lifecycle (the NAB
+        benchmark does); the series needs no traffic in the monitor.
+        """
+        key = SeriesKey(REQUEST, model, operation)
+        det = self._series.get(key)
+        if det is None:
+            det = self._series[key] = _SeriesDetectors(key)
+        if not det.stats:
+            det.stats = self._make_stats()
+        out: list[Alert] = []
+        self._judge_point(det, p95, now, wall, out)
+        return out
+
+    def _judge_point(self, det: _SeriesDetectors, p95: float, now: float, wall: float, out: list[Alert]) -> None:
+        st = self.config.statistical
+
+        def labels(name: str) -> dict:
+            return {"alertname": ALERT_ANOMALY, "severity": st.severity, "detector": name, **det.labels}
+
         point = math.log(max(p95, _MIN_LATENCY_S))
         for name, detector in det.stats.items():
             verdict = detector.update(point, now)
