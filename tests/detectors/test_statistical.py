@@ -172,3 +172,38 @@ def test_adapt_after_counts_only_an_unbroken_run():
         det.update(100.0 if i % 2 else 10.0, 40.0 + i)
     assert not det.warming_up
     assert det.baseline == pytest.approx(10.0, abs=1.0)
+
+
+def test_mad_on_a_series_that_is_mostly_zeros_is_not_alarmed_by_every_other_value():
+    # Before: more than half the window at 0 made the MAD 0, so every non-zero value was anomalous.
+    rng = np.random.default_rng(21)
+    series = np.where(rng.random(600) < 0.7, 0.0, rng.uniform(1.0, 5.0, 600))
+    det = MadDetector(window=120, z_threshold=5.0, min_std=1e-9)
+    verdicts = [v for v in feed(det, series) if v is not None]
+    assert sum(v.anomalous for v in verdicts) <= 0.02 * len(verdicts)
+    assert det.update(500.0, 600.0).anomalous
+
+
+@pytest.mark.parametrize("make", [lambda: EwmaDetector(clip_anomalies=True), lambda: MadDetector(clip_anomalies=True)])
+def test_clipped_anomalies_barely_move_the_baseline_but_a_lasting_shift_is_absorbed(make):
+    det = make()
+    feed(det, noisy(22, 200))
+    before = det.baseline
+    det.update(1000.0, 200.0)  # one wild spike enters at the band's edge only
+    assert abs(det.baseline - before) < 1.0
+    verdicts = feed(det, noisy(23, 600, level=20.0), start=201)
+    assert verdicts[0].anomalous
+    assert not any(v.anomalous for v in verdicts[-100:])  # the new level became normal
+    assert det.baseline == pytest.approx(20.0, abs=1.5)
+
+
+def test_without_clipping_an_excluded_shift_stays_anomalous():
+    det = EwmaDetector()
+    feed(det, noisy(22, 200))
+    verdicts = feed(det, noisy(23, 600, level=20.0), start=200)
+    assert all(v.anomalous for v in verdicts)
+
+
+def test_clip_anomalies_is_validated():
+    with pytest.raises(DetectorConfigError):
+        EwmaDetector(clip_anomalies="yes")
