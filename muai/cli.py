@@ -11,6 +11,7 @@ import functools
 import importlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,8 +29,8 @@ BENCHMARKS: dict[str, str] = {
     "batching": "dynamic batching vs the raw engine and vs unbatched; batcher overhead",
     "kv_cache": "multi-turn KV-cache reuse vs recomputing the history",
     "sidecar": "OTLP ingestion rate, query latency, CPU and RSS of the sidecar",
-}
     "nab": "detector quality on the Numenta Anomaly Benchmark beside its published detectors (needs ../shared/nab)",
+}
 
 
 class CliError(Exception):
@@ -119,6 +120,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     server_cmd = [*base, "serve", *source,
                   "--set", f"server.pid_file={pid_file}",
                   "--set", f"telemetry.tracing.endpoint={sidecar_url}/v1/traces", *user_sets]
+    # The sidecar's tuner drives the orchestrator's admin API, which needs a token: one made for this run when the
+    # configuration has none. Handed over in the environment, so it never shows in a process listing.
+    env = dict(os.environ)
+    token = config.server.admin_token or secrets.token_urlsafe(32)
+    tuner_token = config.sidecar.tuner.admin_token
+    env["MUAI_SERVER__ADMIN_TOKEN"] = token
+    env["MUAI_SIDECAR__TUNER__ADMIN_TOKEN"] = tuner_token.get_secret_value() if tuner_token else token
     sidecar: subprocess.Popen | None = None
     server: subprocess.Popen | None = None
 
@@ -130,8 +138,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"muai up: sidecar on {sidecar_url}, orchestrator on {server_url} (Ctrl-C stops both)", flush=True)
         # Own sessions: a terminal's Ctrl-C reaches only this process, which then signals each child exactly once
         # (a second signal would cut the orchestrator's drain short).
-        sidecar = subprocess.Popen(sidecar_cmd, start_new_session=True)
-        server = subprocess.Popen(server_cmd, start_new_session=True)
+        sidecar = subprocess.Popen(sidecar_cmd, start_new_session=True, env=env)
+        server = subprocess.Popen(server_cmd, start_new_session=True, env=env)
         while sidecar.poll() is None and server.poll() is None:
             time.sleep(0.2)
     except KeyboardInterrupt:

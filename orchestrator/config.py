@@ -160,6 +160,12 @@ class ServerConfig(Section):
     host: str = Field("127.0.0.1", description="Listen address.")
     port: int = Field(8000, ge=1, le=65535, description="Listen port.")
     queue_capacity: int = Field(256, ge=1, description="Admitted requests (queued + running) before 429.", json_schema_extra=RUNTIME)
+    max_running_per_model: int | None = Field(
+        None, ge=1, le=100_000,
+        description="Requests of one model inside an engine that batches by itself (vLLM) at once; the rest wait in "
+        "our queue. Unset: no limit (the engine takes everything). Engines behind our batcher get two batches' worth.",
+        json_schema_extra=RUNTIME,
+    )
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request limit; past it the client gets 504.", json_schema_extra=RUNTIME)
     max_body_bytes: int = Field(4 * 1024**2, ge=1024, description="Largest request body; larger gets 413.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long admitted requests may take to finish.")

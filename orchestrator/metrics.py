@@ -255,6 +255,31 @@ def normalise_engine_stats(stats: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+TUNABLE_SETTINGS = (
+    "server.queue_capacity",
+    "server.max_running_per_model",
+    "batching.max_batch_size",
+    "batching.min_batch_size",
+    "batching.batch_timeout_s",
+    "kv_cache.budget_bytes",
+    "telemetry.tracing.sampling_ratio",
+)
+"""The runtime keys ``muai_runtime_setting`` shows: the knobs the tuner turns, and the sampling ratio."""
+
+
+def runtime_settings(config: Any) -> dict[str, float]:
+    """``TUNABLE_SETTINGS`` read off a configuration; keys without a value (no limit) are left out."""
+    out: dict[str, float] = {}
+    for key in TUNABLE_SETTINGS:
+        node: Any = config
+        for part in key.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, bool) or not isinstance(node, int | float):
+            continue
+        out[key] = float(node)
+    return out
+
+
 class _SnapshotCollector(Collector):
     """Exposes the last background samples; a failure here is logged once and skipped, never raised."""
 
@@ -311,6 +336,16 @@ class _SnapshotCollector(Collector):
             for model, value in rows:
                 family.add_metric([model], value)
             yield family
+        if m.settings is not None:
+            setting = GaugeMetricFamily(
+                "muai_runtime_setting",
+                "Current value of each runtime setting an operator or the sidecar's tuner may change "
+                "(PATCH /admin/config); a key with no value (no limit) is absent.",
+                labels=["key"],
+            )
+            for key, value in sorted(m.settings().items()):
+                setting.add_metric([key], value)
+            yield setting
         throughput = GaugeMetricFamily(
             "muai_throughput_requests_per_second",
             f"Completed requests per second over the last {THROUGHPUT_WINDOW_S:g} s (rate() of muai_requests_total gives any window).",
@@ -416,6 +451,7 @@ class ServerMetrics:
         self.throughput: dict[str, float] = {}
         self.engine_stats: dict[str, dict[str, float]] = {}
         self.resources: ResourceSnapshot | None = None
+        self.settings: Callable[[], dict[str, float]] | None = None
         self._problems_logged: set[str] = set()
         self._lock = threading.Lock()
         self.rejected_children = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
@@ -563,10 +599,12 @@ __all__ = [
     "STATUSES",
     "TPOT_BUCKETS",
     "TTFT_BUCKETS",
+    "TUNABLE_SETTINGS",
     "ModelMetrics",
     "ResourceSampler",
     "ResourceSnapshot",
     "ServerMetrics",
     "ThroughputWindow",
     "normalise_engine_stats",
+    "runtime_settings",
 ]

@@ -83,7 +83,7 @@ from orchestrator.http.schemas import (
     render_chat,
     usage,
 )
-from orchestrator.metrics import ModelMetrics, ResourceSampler, ServerMetrics
+from orchestrator.metrics import ModelMetrics, ResourceSampler, ServerMetrics, runtime_settings
 from orchestrator.tracing import Tracing, build_tracing, extract_context
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,7 @@ def create_app(
     if metrics is not None:
         for model in config.models:
             _bind_queue_gauges(state, model.name)
+        metrics.settings = lambda: runtime_settings(state.config)
 
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[error_middleware])
     app[STATE] = state
@@ -268,7 +269,8 @@ def _attach_hooks(manager: Any, on_event: Callable[[Any], None], metrics: Server
 def _running_limit(state: ServerState, model: str) -> int | None:
     """How many requests of ``model`` may be inside the engine layer at once (the rest wait in our queue).
 
-    Engines with continuous batching (vLLM) take everything at once. Behind the dynamic batcher, two batches' worth
+    Engines with continuous batching (vLLM) take everything at once, unless ``server.max_running_per_model`` (a
+    tuner knob) says otherwise. Behind the dynamic batcher, two batches' worth
     (one running, the next filling). Without batching, one: the engine runs one request at a time anyway, and our
     queue is where the waiting shows (queue time, ``muai_requests_waiting``).
     """
@@ -289,8 +291,10 @@ def _compute_running_limit(state: ServerState, model: str) -> int | None:
         return None
     try:
         chain = get(model).chain
-        if chain is None or chain.capabilities.continuous_batching:
+        if chain is None:
             return None
+        if chain.capabilities.continuous_batching:
+            return state.config.server.max_running_per_model
     except Exception:
         return None  # not ready: let the request through to get its proper error
     batching = state.config.batching

@@ -4,6 +4,7 @@ Endpoints (``docs/sidecar-api.md`` has the shapes):
 
 * ``POST /v1/traces``: the OTLP/HTTP receiver (protobuf or JSON, optionally gzip).
 * ``GET /api/v1/stats``, ``/api/v1/gpus``, ``/api/v1/host``, ``/api/v1/alerts``: the query API.
+* ``GET /api/v1/tuner``: the auto-tuner's settings, their source and its recent decisions (``docs/tuner.md``).
 * ``GET /metrics``: Prometheus exposition of the sidecar's registry. ``GET /health``.
 
 Background work (collectors, the evaluation tick, span forwarding, alert dispatch) runs in tasks started and
@@ -57,6 +58,8 @@ from sidecar.otlp import (
     map_request,
     media_kind,
 )
+from sidecar.tuner import Tuner
+
 
 log = logging.getLogger("muai.sidecar")
 
@@ -86,6 +89,7 @@ class SidecarState:
     host_sampled_at: float | None = None
     started_at: float = 0.0
     loop_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    tuner: Tuner | None = None
 
     def reconfigure_detectors(self, detectors: DetectorsConfig) -> None:
         """Apply runtime changes of the ``detectors`` section (thresholds, ``for`` durations, detector parameters)."""
@@ -199,6 +203,10 @@ def create_app(
         started_at=clock(),
     )
     state.metrics = SidecarMetrics(registry, lambda: state)
+    state.tuner = Tuner(
+        config.tuner, monitor=monitor, orchestrator_url=config.collectors.orchestrator.url, registry=registry,
+        clock=clock, wall_clock=wall_clock, host=lambda: state.host_sample,
+    )
 
     app = web.Application(middlewares=[_json_errors], client_max_size=config.receiver.max_body_bytes)
     app[STATE] = state
@@ -207,6 +215,7 @@ def create_app(
     app.router.add_get("/api/v1/gpus", _gpus)
     app.router.add_get("/api/v1/host", _host)
     app.router.add_get("/api/v1/alerts", _alerts)
+    app.router.add_get("/api/v1/tuner", _tuner)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/health", _health)
     app.cleanup_ctx.append(_background)
@@ -229,6 +238,8 @@ async def _background(app: web.Application):
         tasks.append(asyncio.create_task(_evaluate_loop(state), name="sidecar-evaluate"))
     if state.forwarder is not None:
         tasks.append(asyncio.create_task(_guard("forward", state, state.forwarder.run), name="sidecar-forward"))
+    if state.tuner is not None and state.tuner.active:
+        tasks.append(asyncio.create_task(_guard("tuner", state, state.tuner.run), name="sidecar-tuner"))
     try:
         yield
     finally:
@@ -490,6 +501,12 @@ async def _alerts(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def _tuner(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = state.tuner.describe() if state.tuner is not None else {"enabled": False, "active": False}
+    return web.json_response({"time": _iso(state.wall_clock()), **body})
+
+
 async def _metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     # The collector reads windows that only this loop's thread may touch, so render here, not in a thread.
@@ -512,6 +529,7 @@ async def _health(request: web.Request) -> web.Response:
             "host": {"enabled": state.host is not None},
             "detectors": {"enabled": state.evaluator is not None, "ticks": 0 if state.evaluator is None else state.evaluator.ticks},
             "alerts": state.book.counts(),
+            "tuner": None if state.tuner is None else {"active": state.tuner.active, "status": state.tuner.describe()["status"]},
             "forwarding": None if fwd is None else {
                 "endpoint": fwd.endpoint, "sent": fwd.sent, "failed": fwd.failed, "dropped": fwd.dropped, "queued": fwd.queued,
                 "queued_bytes": fwd.queued_bytes,

@@ -11,7 +11,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from sidecar._section import Section
+from sidecar.tuner.config import TunerConfig
 
 RUNTIME = {"runtime": True}
 
@@ -24,10 +27,6 @@ _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Labels are part of an alert's fingerprint: a label changed while an alert fires would leave the old alert
 # firing for ever, so label-forming keys are never runtime.
 _SEVERITY = "`severity` label of the alert (a label, so it needs a restart)."
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 # --- collectors ---------------------------------------------------------------------------------------------
@@ -400,9 +399,15 @@ class SidecarConfig(Section):
     forwarding: ForwardingConfig = ForwardingConfig()
     detectors: DetectorsConfig = DetectorsConfig()
     alerting: AlertingConfig = AlertingConfig()
+    tuner: TunerConfig = TunerConfig()
 
     @model_validator(mode="after")
     def _cross_fields(self) -> SidecarConfig:
+        if self.tuner.window not in self.monitor.windows:
+            raise ValueError(
+                f"sidecar.tuner.window {self.tuner.window!r} is not one of sidecar.monitor.windows "
+                f"{sorted(self.monitor.windows)}"
+            )
         if self.detectors.window not in self.monitor.windows:
             raise ValueError(
                 f"sidecar.detectors.window {self.detectors.window!r} is not one of sidecar.monitor.windows "
@@ -435,5 +440,6 @@ __all__ = [
     "SinksConfig",
     "StatisticalConfig",
     "ThroughputRuleConfig",
+    "TunerConfig",
     "WebhookSinkConfig",
 ]

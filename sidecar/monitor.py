@@ -93,7 +93,7 @@ class SeriesStats:
 
 class _Series:
     __slots__ = ("latency", "errors", "ttft", "input_tokens", "output_tokens", "requests_total", "errors_total",
-                 "latency_sum", "ttft_count", "ttft_sum", "first_seen", "last_seen", "fresh")
+                 "latency_sum", "ttft_count", "ttft_sum", "first_seen", "last_seen", "fresh", "slo")
 
     def __init__(self, windows: Mapping[str, float], max_samples: int) -> None:
         self.latency = MultiWindow(windows, max_samples=max_samples)
@@ -111,6 +111,8 @@ class _Series:
         self.last_seen = -math.inf
         # Latencies since the last take_fresh(); kept only once someone has asked for them.
         self.fresh: deque[float] | None = None
+        # (threshold, met-or-not window) once someone tracks an objective for this series' model.
+        self.slo: tuple[float, MultiRatioWindow] | None = None
 
 
 def _sum_rate(window: MultiWindow | None, name: str, now: float) -> float:
@@ -141,6 +143,7 @@ class PerformanceMonitor:
         self._longest = max(self.windows.values())
         self._series: dict[SeriesKey, _Series] = {}
         self._resources: dict[tuple[str, str], MultiWindow] = {}
+        self._slo: dict[str, float] = {}
         self.untracked = 0
         self.samples = 0
 
@@ -159,6 +162,10 @@ class PerformanceMonitor:
         if series.fresh is not None:
             series.fresh.append(sample.duration_s)
         series.errors.add(not sample.error, now)
+        if sample.scope == REQUEST and sample.model in self._slo:
+            self._slo_window(series, self._slo[sample.model]).add(
+                not sample.error and sample.duration_s <= self._slo[sample.model], now
+            )
         series.requests_total += 1
         series.latency_sum += sample.duration_s
         if sample.error:
@@ -206,6 +213,27 @@ class PerformanceMonitor:
             window = MultiWindow(self.windows, max_samples=min(self.max_samples, _RESOURCE_MAX_SAMPLES))
             self._resources[(name, instance)] = window
         window.add(value, now)
+
+    def track_slo(self, model: str, threshold_s: float) -> None:
+        """Count, from now on, which requests of ``model`` finish within ``threshold_s`` (and without error)."""
+        if threshold_s <= 0:
+            raise ValueError(f"threshold_s must be positive, got {threshold_s}")
+        self._slo[model] = threshold_s
+
+    def _slo_window(self, series: _Series, threshold: float) -> MultiRatioWindow:
+        if series.slo is None or series.slo[0] != threshold:
+            series.slo = (threshold, MultiRatioWindow(self.windows, max_samples=self.max_samples))
+        return series.slo[1]
+
+    def slo_attainment(self, key: SeriesKey, window: str, now: float) -> float:
+        """Share of the window's requests that met the tracked objective; NaN when untracked or empty."""
+        series = self._series.get(key)
+        if series is None or series.slo is None or series.slo[0] != self._slo.get(key.model):
+            return math.nan
+        ratios = series.slo[1]
+        if ratios.count(window, now) == 0:
+            return math.nan
+        return 1.0 - ratios.ratio(window, now)
 
     # -- queries -------------------------------------------------------------------------------------------
 

@@ -1,0 +1,285 @@
+"""The tuner's pure policy: guardrails as properties, and the loops' behaviour on hand-made readings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.tuner.policy import (
+    BATCH_TIMEOUT,
+    KV_BUDGET,
+    MAX_BATCH,
+    QUEUE_CAPACITY,
+    ROLLBACK,
+    Bounds,
+    LearnedTable,
+    ModelReading,
+    Observation,
+    Readings,
+    TunerPolicy,
+    load_level,
+)
+
+BOUNDS = {
+    QUEUE_CAPACITY: Bounds(4, 4096, 4.0),
+    MAX_BATCH: Bounds(1, 64, 2.0),
+    BATCH_TIMEOUT: Bounds(0.0, 0.05, 4.0, 0.002),
+    KV_BUDGET: Bounds(16 * 2**20, 8 * 2**30, 1.5),
+}
+START = {QUEUE_CAPACITY: 256, MAX_BATCH: 16, BATCH_TIMEOUT: 0.005, KV_BUDGET: 256 * 2**20}
+
+
+def reading(*, rps=50.0, p99=0.3, p50=0.1, attainment=1.0, waiting=0, running=8, slo=1.0, tokens=10.0, **kw):
+    return ModelReading("m", slo, rps, p99_s=p99, p50_s=p50, attainment=attainment, waiting=waiting,
+                        running=running, mean_input_tokens=tokens, **kw)
+
+
+def readings(settings, *, rejected=0.0, evictions=0.0, mem_available=None, mem_total=None, **kw):
+    return Readings((reading(**kw),), dict(settings), rejected_per_s=rejected, kv_evictions_per_s=evictions,
+                    memory_available_bytes=mem_available, memory_total_bytes=mem_total)
+
+
+def policy(**kw):
+    kw.setdefault("bounds", BOUNDS)
+    return TunerPolicy(**kw)
+
+
+def apply(settings, decisions):
+    out = dict(settings)
+    for d in decisions:
+        out[d.knob] = d.new
+    return out
+
+
+# -- properties --------------------------------------------------------------------------------------------------
+
+model_readings = st.builds(
+    lambda rps, p99, frac, att, waiting, running, tokens: ModelReading(
+        "m", 1.0, rps, p99_s=p99, p50_s=p99 * frac, attainment=att, waiting=waiting, running=running,
+        mean_input_tokens=tokens),
+    rps=st.floats(0, 500), p99=st.floats(0.001, 20), frac=st.floats(0.05, 1), att=st.floats(0, 1),
+    waiting=st.integers(0, 2000), running=st.integers(0, 128), tokens=st.floats(1, 4000),
+)
+ticks = st.lists(
+    st.tuples(model_readings, st.floats(0, 200), st.floats(0, 50), st.floats(0.1, 10)), min_size=1, max_size=40
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ticks)
+def test_never_outside_bounds_and_never_past_the_step_limit(sequence):
+    p = policy(cooldown_s=0.0)
+    current = dict(START)
+    now = 0.0
+    for model, rejected, evictions, dt in sequence:
+        now += dt
+        result = p.tick(Readings((model,), dict(current), rejected_per_s=rejected, kv_evictions_per_s=evictions,
+                                 memory_available_bytes=4e9, memory_total_bytes=16e9), now)
+        assert len({d.knob for d in result.decisions}) == len(result.decisions), "one decision per knob per tick"
+        for d in result.decisions:
+            b = BOUNDS[d.knob]
+            assert b.lo <= d.new <= b.hi, d
+            low, high = b.step_range(float(d.old))
+            assert low - 1e-9 <= d.new <= high + 1e-9, d
+            if d.knob in (QUEUE_CAPACITY, MAX_BATCH, KV_BUDGET):
+                assert isinstance(d.new, int)
+            assert d.old == current[d.knob]
+        current = apply(current, result.decisions)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ticks)
+def test_off_means_no_decision_ever(sequence):
+    p = policy(enabled=False)
+    now = 0.0
+    for model, rejected, evictions, dt in sequence:
+        now += dt
+        result = p.tick(Readings((model,), dict(START), rejected_per_s=rejected, kv_evictions_per_s=evictions), now)
+        assert result.decisions == [] and result.observation is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(p99=st.floats(0.7001, 1.0), rps=st.floats(1, 200), queue_s=st.floats(0, 0.5), n=st.integers(1, 20))
+def test_no_change_inside_the_deadband(p99, rps, queue_s, n):
+    """Latency between (1 - deadband) x SLO and the SLO, a queue shorter than the budget, nothing turned away: hold."""
+    waiting = min(15, int(queue_s * rps))
+    bounds = {k: v for k, v in BOUNDS.items() if k != BATCH_TIMEOUT}  # the timeout follows the arrival rate
+    p = policy(bounds=bounds, deadband=0.3)
+    for i in range(n):
+        r = readings(START, p99=p99, rps=rps, waiting=waiting, running=min(32, int(rps)))
+        assert p.tick(r, float(i * 2)).decisions == []
+
+
+@pytest.mark.parametrize("wanted,old", [(1000.0, 10.0), (0.0, 10.0), (7.0, 10.0)])
+def test_bounds_clamp_to_one_step_and_the_limits(wanted, old):
+    b = Bounds(4, 100, 2.0)
+    value = b.clamp(old, wanted, integer=True)
+    assert 5 <= value <= 20 and value == int(value)
+
+
+def test_bounds_refuse_nonsense():
+    with pytest.raises(ValueError):
+        Bounds(10, 1)
+    with pytest.raises(ValueError):
+        Bounds(1, 10, 0.5)
+    with pytest.raises(ValueError, match="unknown tuner knobs"):
+        TunerPolicy(bounds={"server.port": Bounds(1, 2)})
+
+
+# -- the fast loop --------------------------------------------------------------------------------------------------
+
+
+def test_a_long_queue_cuts_admission_to_what_can_finish_in_time():
+    """Little's law: 40 req/s, SLO 1 s, share 0.7 -> 28 inside the server at most; 256 queued take 6 s."""
+    p = policy()
+    current = dict(START)
+    seen = []
+    for i in range(6):
+        r = readings(current, rps=40.0, p99=3.0, p50=2.0, attainment=0.2, waiting=224, running=32, rejected=20.0)
+        result = p.tick(r, float(i * 2))
+        seen += result.decisions
+        current = apply(current, result.decisions)
+    cuts = [d for d in seen if d.knob == QUEUE_CAPACITY]
+    assert cuts and cuts[0].reason == "slo_breach" and cuts[0].new == 64  # one step: 256 / 4
+    assert current[QUEUE_CAPACITY] == 32  # Little's target 28 is below two batches (32): the floor holds
+    assert all(d.knob != MAX_BATCH or d.new >= d.old for d in seen), "a breach never shrinks the batch"
+
+
+def test_a_breach_with_a_short_queue_turns_nobody_away():
+    p = policy()
+    r = readings(START, rps=40.0, p99=1.5, p50=0.9, attainment=0.9, waiting=2, running=16)
+    assert [d for d in p.tick(r, 0.0).decisions if d.knob == QUEUE_CAPACITY] == []
+
+
+def test_rejecting_with_headroom_admits_more():
+    p = policy()
+    current = {**START, QUEUE_CAPACITY: 24}
+    result = p.tick(readings(current, rps=30.0, p99=0.2, p50=0.1, waiting=4, running=16, rejected=5.0), 0.0)
+    [d] = [d for d in result.decisions if d.knob == QUEUE_CAPACITY]
+    assert d.reason == "headroom" and d.new == 36
+
+
+def test_full_batches_with_headroom_grow_the_batch():
+    p = policy()
+    result = p.tick(readings(START, rps=100.0, p99=0.3, waiting=40, running=32), 0.0)
+    [d] = [d for d in result.decisions if d.knob == MAX_BATCH]
+    assert (d.old, d.new, d.reason, d.source) == (16, 32, "headroom", "tuned")
+
+
+def test_the_batch_timeout_is_half_a_batch_of_arrivals_capped_by_the_slo():
+    bounds = {BATCH_TIMEOUT: BOUNDS[BATCH_TIMEOUT]}
+    # 100 req/s, batch 16: 7 more requests take 70 ms, capped at 5% of the 1 s SLO; one step (x4) from 5 ms.
+    up = policy(bounds=bounds).tick(readings({MAX_BATCH: 16, BATCH_TIMEOUT: 0.005}, rps=100.0), 0.0).decisions
+    assert [(d.knob, round(d.new, 4), d.reason) for d in up] == [(BATCH_TIMEOUT, 0.02, "batch_window")]
+    # 10 req/s and a 0.2 s SLO: capped at 10 ms, reached in one step down from 40 ms.
+    down = policy(bounds=bounds).tick(
+        readings({MAX_BATCH: 16, BATCH_TIMEOUT: 0.04}, rps=10.0, p99=0.1, slo=0.2), 0.0).decisions
+    assert [(d.knob, round(d.new, 4)) for d in down] == [(BATCH_TIMEOUT, 0.01)]
+    # Close to where it should be: hysteresis keeps it.
+    hold = policy(bounds=bounds).tick(readings({MAX_BATCH: 16, BATCH_TIMEOUT: 0.045}, rps=100.0), 0.0).decisions
+    assert hold == []
+
+
+def test_kv_budget_grows_on_evictions_and_shrinks_under_memory_pressure():
+    bounds = {KV_BUDGET: BOUNDS[KV_BUDGET]}
+    grow = policy(bounds=bounds).tick(readings(START, evictions=3.0, mem_available=8e9, mem_total=16e9), 0.0).decisions
+    assert [(d.reason, d.new) for d in grow] == [("cache_evictions", 384 * 2**20)]
+    shrink = policy(bounds=bounds).tick(readings(START, evictions=3.0, mem_available=1e9, mem_total=16e9), 0.0).decisions
+    assert [d.reason for d in shrink] == ["memory_pressure"]
+    assert START[KV_BUDGET] / 1.5 <= shrink[0].new < START[KV_BUDGET]
+    calm = policy(bounds=bounds).tick(readings(START, evictions=0.0, mem_available=8e9, mem_total=16e9), 0.0).decisions
+    assert calm == []
+
+
+# -- guardrails over time ---------------------------------------------------------------------------------------------
+
+
+def test_a_change_that_lowered_goodput_is_rolled_back_and_not_tried_again():
+    p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]}, trial_s=8.0, cooldown_s=0.0)
+    current = {MAX_BATCH: 16}
+    first = p.tick(readings(current, rps=100.0, p99=0.3, waiting=40, running=32), 0.0).decisions
+    assert [(d.knob, d.new) for d in first] == [(MAX_BATCH, 32)]
+    current = apply(current, first)
+    during = p.tick(readings(current, rps=100.0, p99=0.3, waiting=40, running=32), 4.0).decisions
+    assert during == [], "one experiment at a time"
+    # The trial ends: same load level, but only 60% of what was offered met the SLO (it was 100%).
+    worse = p.tick(readings(current, rps=100.0, p99=0.9, attainment=0.6, waiting=40, running=32), 8.0).decisions
+    assert [(d.knob, d.old, d.new, d.reason, d.source) for d in worse] == [(MAX_BATCH, 32, 16, ROLLBACK, ROLLBACK)]
+    current = apply(current, worse)
+    for t in (10.0, 20.0, 30.0):
+        again = p.tick(readings(current, rps=100.0, p99=0.3, waiting=40, running=32), t).decisions
+        assert [d for d in again if d.knob == MAX_BATCH and d.new > d.old] == [], "the move is barred at this level"
+
+
+def test_a_change_that_held_goodput_stays():
+    p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]}, trial_s=8.0)
+    current = apply({MAX_BATCH: 16}, p.tick(readings({MAX_BATCH: 16}, rps=100.0, waiting=40, running=32), 0.0).decisions)
+    assert p.tick(readings(current, rps=100.0, p99=0.3, waiting=0, running=20), 8.0).decisions == []
+    assert current[MAX_BATCH] == 32 and p.sources[MAX_BATCH] == "tuned"
+
+
+def test_cooldown_spaces_changes_made_to_gain():
+    p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]}, trial_s=0.0, cooldown_s=10.0)
+    current = {MAX_BATCH: 4}
+    times = []
+    for t in range(0, 30, 2):
+        decisions = p.tick(readings(current, rps=100.0, p99=0.2, waiting=100, running=8), float(t)).decisions
+        current = apply(current, decisions)
+        times += [t for d in decisions if d.knob == MAX_BATCH]
+    assert times == [0, 10, 20]
+
+
+# -- the slow loop ------------------------------------------------------------------------------------------------
+
+
+def test_learned_table_prefers_goodput_among_settings_that_met_the_target():
+    table = LearnedTable(min_samples=2, attainment_target=0.99)
+    for goodput, attainment, batch in [(50, 1.0, 16), (52, 1.0, 16), (70, 0.9, 64), (70, 0.9, 64), (60, 1.0, 32),
+                                       (61, 1.0, 32), (90, 1.0, 8)]:
+        table.observe(Observation(0.0, "L", {MAX_BATCH: batch}, goodput, attainment, 100.0))
+    best, goodput, attainment = table.best("L")
+    assert best == {MAX_BATCH: 32} and goodput == pytest.approx(60.5) and attainment == 1.0  # batch 8: one sample
+    assert table.best("other") is None
+
+
+def test_load_levels_bucket_rate_and_prompt_length():
+    quiet = load_level(readings(START, rps=0.0, tokens=math.nan))
+    assert quiet == "rps2^idle/tok2^-"
+    assert load_level(readings(START, rps=64.0, tokens=10)) == load_level(readings(START, rps=70.0, tokens=11))
+    assert load_level(readings(START, rps=64.0, tokens=10)) != load_level(readings(START, rps=64.0, tokens=300))
+    assert load_level(readings(START, rps=32.0)) != load_level(readings(START, rps=64.0))
+
+
+def test_a_warm_table_moves_straight_to_what_worked_at_this_level():
+    # What is seen now falls short of the target, so the table's entry stays the best one at this level.
+    level_readings = dict(rps=100.0, p99=0.5, attainment=0.95, waiting=3, running=16)
+    table = LearnedTable(min_samples=3)
+    level = load_level(readings(START, **level_readings))
+    good = {**START, QUEUE_CAPACITY: 48, MAX_BATCH: 32}
+    for _ in range(5):
+        table.observe(Observation(0.0, level, good, 98.0, 1.0, 100.0))
+    p = policy(learned=table, learn_confirm_ticks=2)
+    current = dict(START)
+    first = p.tick(readings(current, **level_readings), 0.0).decisions
+    assert [d for d in first if d.source == "learned"] == [], "a level is confirmed over two ticks"
+    current = apply(current, first)
+    decisions = []
+    for t in (2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0):
+        out = p.tick(readings(current, **level_readings), t).decisions
+        decisions += out
+        current = apply(current, out)
+    learned = [d for d in decisions if d.source == "learned"]
+    assert learned and {d.reason for d in learned} == {"learned"}
+    assert current[QUEUE_CAPACITY] == 48 and current[MAX_BATCH] == 32
+
+
+def test_observations_credit_settings_only_once_they_have_been_in_place():
+    p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]}, trial_s=8.0)
+    first = p.tick(readings({MAX_BATCH: 16}, rps=100.0, waiting=40, running=32), 0.0)
+    assert first.observation is not None and first.decisions
+    current = apply({MAX_BATCH: 16}, first.decisions)
+    assert p.tick(readings(current, rps=100.0, waiting=0, running=20), 2.0).observation is None
+    assert p.tick(readings(current, rps=100.0, waiting=0, running=20), 9.0).observation is not None
