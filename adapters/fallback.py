@@ -1,5 +1,11 @@
 """The fallback chain: one model served by the first engine of a preference order that works.
 
+Why this module is over 500 lines: it is the shell of one object whose parts share one lock and one invariant (an
+engine is closed exactly once, by whoever sees it last: the switch that replaced it, the last request leaving it,
+or ``close()``): loading and switching, the leases of requests in flight, retiring and draining. Split across
+modules, that invariant would have no one place to be read; what could be pure is already apart
+(``adapters.chain_policy``).
+
 ``load()`` walks the preference (default vllm -> deepspeed -> onnxruntime -> torch): engines disabled in their
 settings are skipped silently; unavailable ones (not installed, no hardware, or refusing this model's settings,
 e.g. DeepSpeed tensor parallelism without its launcher) and ones that fail to load are skipped with a log line, a

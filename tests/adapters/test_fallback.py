@@ -491,8 +491,8 @@ async def test_requests_waiting_for_a_fail_over_park_no_thread_of_the_default_po
         made[name] = CountingEcho(settings, load_gate=gate if name == "b" else None)
         return made[name]
 
-    chain = FallbackChain(ModelSpec("m", "unused"), ["a", "b"], {"a": {"faults": EchoFaults(fail_generate_always=True)}},
-                          clock=Clock(), engine_factory=factory)
+    failing = {"a": {"faults": EchoFaults(fail_generate_always=True)}}
+    chain = FallbackChain(ModelSpec("m", "unused"), ["a", "b"], failing, clock=Clock(), engine_factory=factory)
     chain.load()
     requests = [asyncio.create_task(chain.generate([GenerationRequest(f"r{i}")])) for i in range(4)]
     try:
