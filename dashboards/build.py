@@ -582,6 +582,28 @@ def sidecar_alerts() -> dict:
     b.add(timeseries("Alert transitions",
                      target(f'sum by (state) (increase(muai_sidecar_alert_transitions_total[{RI}]))', "{{state}}"), bars=True))
 
+    b.row("Auto-tuner (sidecar.tuner)")
+    b.add(timeseries("Admission and batch size as set",
+                     target('muai_runtime_setting{key=~"server.queue_capacity|batching.max_batch_size|server.max_running_per_model"}',
+                            "{{key}}"),
+                     description="The orchestrator's current values (muai_runtime_setting): what the tuner or an operator "
+                                 "set through PATCH /admin/config. Each step is a tuner decision when the tuner is on."))
+    b.add(timeseries("Batch timeout as set", target('muai_runtime_setting{key="batching.batch_timeout_s"}', "{{key}}"),
+                     unit="s"), w=6)
+    b.add(timeseries("KV-cache budget as set", target('muai_runtime_setting{key="kv_cache.budget_bytes"}', "{{key}}"),
+                     unit="bytes"), w=6)
+    b.add(timeseries("Tuner decisions by knob and reason",
+                     target(f'sum by (knob, reason) (increase(muai_tuner_decisions_total[{RI}]))', "{{knob}} {{reason}}"),
+                     target(f'sum by (knob) (increase(muai_tuner_rollbacks_total[{RI}]))', "rollback {{knob}}"),
+                     bars=True, description="GET /api/v1/tuner on the sidecar lists each decision with the readings "
+                                            "behind it; the sidecar's log has one line per decision."))
+    b.add(timeseries("Goodput and tuner health",
+                     target("muai_tuner_goodput_requests_per_second", "goodput (met the SLO), req/s"),
+                     target("muai_tuner_orchestrator_up", "orchestrator reachable"),
+                     target(f'sum by (kind) (increase(muai_tuner_errors_total[{RI}]))', "errors {{kind}}"),
+                     description="A tuner that cannot reach the orchestrator changes nothing: the last applied "
+                                 "settings stay in place."))
+
     b.row("Notifications by sink")
     b.add(timeseries("Notifications/s by sink and outcome",
                      target(f'sum by (sink) ({rate("muai_sidecar_notifications_sent_total")})', "sent {{sink}}"),

@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "batching": "dynamic batching vs the raw engine and vs unbatched; batcher overhead",
     "kv_cache": "multi-turn KV-cache reuse vs recomputing the history",
     "sidecar": "OTLP ingestion rate, query latency, CPU and RSS of the sidecar",
+    "tuning": "the sidecar's auto-tuner vs the default and the best grid-searched static settings on a shifting load",
     "nab": "detector quality on the Numenta Anomaly Benchmark beside its published detectors (needs ../shared/nab)",
 }
 

@@ -187,7 +187,7 @@ def _exercised_orchestrator_registry() -> tuple[Any, dict[str, tuple[str, ...]]]
     """A fresh orchestrator registry after one of everything its hooks record, and each metric's declared labels."""
     from prometheus_client import CollectorRegistry
 
-    from orchestrator.metrics import ResourceSnapshot, ServerMetrics, _ENGINE_STATS
+    from orchestrator.metrics import ResourceSnapshot, ServerMetrics, _ENGINE_STATS, runtime_settings
 
     metrics = ServerMetrics(CollectorRegistry())
     # What the background samplers hand over on a GPU box, from an engine that reports every statistic.
@@ -208,6 +208,7 @@ def _exercised_orchestrator_registry() -> tuple[Any, dict[str, tuple[str, ...]]]
     metrics.trace_export_failed(1)
     metrics.collector_errors.labels("resources").inc()
     metrics.sample_throughput(0.0)
+    metrics.settings = lambda: runtime_settings(MuaiConfig())
     return metrics.registry, _declared_labels(vars(metrics).values())
 
 

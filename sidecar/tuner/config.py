@@ -70,7 +70,9 @@ class TunerConfig(_Section):
     timeout_share: float = Field(0.05, gt=0, le=1, description="Largest batch timeout as a share of the SLO.")
     cooldown_s: float = Field(4.0, ge=0, le=3600, description="Least time between two changes of one knob made to gain.")
     trial_s: float = Field(
-        8.0, ge=0, le=3600, description="After a change made to gain, how long before it is judged (and rolled back if worse)."
+        12.0, ge=0, le=3600,
+        description="After a change made to gain, how long before it is judged (and rolled back if worse); at least "
+        "the `window`, so the judgement reads only requests served after the change.",
     )
     rollback_tolerance: float = Field(
         0.05, ge=0, le=1, description="A drop of goodput/offered larger than this after a change rolls it back."

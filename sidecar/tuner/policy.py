@@ -6,9 +6,10 @@ Two loops share one object:
   requests per second completing and an objective of ``W`` seconds, at most ``X * W * admission_share`` requests
   may be inside the server at once, or the last admitted one cannot finish in time; so when the queue is what is
   slow, the queue capacity is cut to that figure at once, and while requests are turned away with latency to
-  spare it grows again. The batch size grows while batches fill from the queue (with headroom, or when saturated);
-  it is never cut for a breach, because a smaller batch lowers throughput and so what admission lets in (a spiral);
-  a bigger batch that did not pay is rolled back instead. The batch timeout is the time in which half a batch is
+  spare it grows again. The batch size grows while batches fill from the queue (with headroom, or when saturated),
+  and halves when latency breaches with a short queue and a slow median (the batch's own run time is the latency);
+  both are trials, rolled back if goodput fell, because a smaller batch can also lower throughput and with it what
+  admission lets in. The batch timeout is the time in which half a batch is
   expected to arrive, never more than a small share of the objective. The KV-cache budget grows while
   conversations are evicted and memory is plentiful, and shrinks under memory pressure. In front of an engine that
   batches by itself, a breach with nothing queued lowers the running limit.
@@ -306,7 +307,7 @@ class TunerPolicy:
         admission_share: float = 0.7,
         timeout_share: float = 0.05,
         cooldown_s: float = 4.0,
-        trial_s: float = 8.0,
+        trial_s: float = 12.0,
         rollback_tolerance: float = 0.05,
         bar_s: float = 120.0,
         attainment_target: float = 0.99,
@@ -464,9 +465,9 @@ class TunerPolicy:
             return None
         target = sum(m.requests_per_s * m.slo_p99_s * self.admission_share for m in served)
         batch = settings.get(MAX_BATCH)
-        # Never below two batches: a queue too short to fill batches lowers throughput, which would lower the
+        # Never below one batch: a queue too short to fill batches lowers throughput, which would lower the
         # target again (a spiral down to one request at a time).
-        floor = 2 * float(batch) if batch is not None else 1.0
+        floor = float(batch) if batch is not None else 1.0
         return max(target, floor)
 
     def _protect(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float) -> list[Decision]:
@@ -560,7 +561,14 @@ class TunerPolicy:
                                level, readings, now)
                 if d:
                     out.append(d)
-        if worst is not None and (headroom or readings.rejected_per_s > 0):
+        breach = worst is not None and (worst.p99_s > worst.slo_p99_s or _ttft_breach(worst))
+        if breach and batch is not None and queued < float(batch) and worst.p50_s > 0.5 * worst.slo_p99_s:
+            # Slow with a short queue: the batch's own run time is the latency (long prompts, a big model). A
+            # smaller batch finishes sooner; it is an experiment like any gain, rolled back if goodput fell.
+            d = self._move(MAX_BATCH, settings, float(batch) / 2, SLO_BREACH, "tuned", level, readings, now)
+            if d:
+                out.append(d)
+        elif worst is not None and (headroom or readings.rejected_per_s > 0):
             # Batches that fill from the queue: a bigger one may raise throughput (and with it what admission
             # lets in). Worth trying when saturated even without headroom; the trial undoes it if goodput fell.
             if batch is not None and queued >= float(batch):

@@ -70,7 +70,8 @@ def orchestrator_series() -> dict[str, frozenset[str] | None]:
     """A real :class:`orchestrator.metrics.ServerMetrics` registry after one of everything its hooks record."""
     from prometheus_client import CollectorRegistry
 
-    from orchestrator.metrics import ResourceSnapshot, ServerMetrics
+    from muai.config import MuaiConfig
+    from orchestrator.metrics import ResourceSnapshot, ServerMetrics, runtime_settings
 
     metrics = ServerMetrics(CollectorRegistry())
     # What the background samplers hand over on a GPU box with an engine that reports every cache statistic.
@@ -93,6 +94,7 @@ def orchestrator_series() -> dict[str, frozenset[str] | None]:
     metrics.export_failures_traces.inc()
     metrics.collector_errors.labels("resources").inc()
     metrics.sample_throughput(0.0)
+    metrics.settings = lambda: runtime_settings(MuaiConfig())
     return _series(metrics.registry)
 
 

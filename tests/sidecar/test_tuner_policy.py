@@ -144,8 +144,27 @@ def test_a_long_queue_cuts_admission_to_what_can_finish_in_time():
         current = apply(current, result.decisions)
     cuts = [d for d in seen if d.knob == QUEUE_CAPACITY]
     assert cuts and cuts[0].reason == "slo_breach" and cuts[0].new == 64  # one step: 256 / 4
-    assert current[QUEUE_CAPACITY] == 32  # Little's target 28 is below two batches (32): the floor holds
-    assert all(d.knob != MAX_BATCH or d.new >= d.old for d in seen), "a breach never shrinks the batch"
+    assert current[QUEUE_CAPACITY] == 28
+    assert all(d.knob != MAX_BATCH or d.new >= d.old for d in seen), "a long queue is no reason to shrink the batch"
+
+
+def test_admission_never_goes_below_one_batch():
+    p = policy()
+    current = dict(START)
+    for i in range(6):
+        r = readings(current, rps=10.0, p99=3.0, p50=2.0, attainment=0.2, waiting=200, running=16, rejected=20.0)
+        current = apply(current, p.tick(r, float(i * 2)).decisions)
+    assert current[QUEUE_CAPACITY] == 16  # Little's target is 7, a batch is 16
+
+
+def test_a_slow_batch_with_a_short_queue_is_halved_and_judged_like_any_gain():
+    p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]}, trial_s=12.0)
+    current = {MAX_BATCH: 16}
+    first = p.tick(readings(current, rps=20.0, p99=1.6, p50=0.8, attainment=0.5, waiting=4, running=16), 0.0)
+    assert [(d.knob, d.new, d.reason) for d in first.decisions] == [(MAX_BATCH, 8, "slo_breach")]
+    current = apply(current, first.decisions)
+    better = p.tick(readings(current, rps=20.0, p99=0.6, p50=0.4, attainment=1.0, waiting=2, running=8), 12.0)
+    assert [d for d in better.decisions if d.reason == ROLLBACK] == []
 
 
 def test_a_breach_with_a_short_queue_turns_nobody_away():

@@ -1,0 +1,119 @@
+"""The tuner's shell and store: the SQLite history, what it reads off the orchestrator, and the off switch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from sidecar.config import SidecarConfig
+from sidecar.monitor import PerformanceMonitor
+from sidecar.otlp import REQUEST, SpanSample
+from sidecar.tuner import LearnedTable, Observation, TunerConfig, TunerStore
+from sidecar.tuner.policy import Decision
+from sidecar.tuner.shell import Tuner, flat_settings, parse_metrics
+
+
+def test_history_survives_reopening_and_warm_starts_a_table(tmp_path):
+    path = tmp_path / "state" / "tuner.sqlite3"
+    store = TunerStore(path)
+    for i in range(4):
+        store.add_observation(Observation(float(i), "L", {"batching.max_batch_size": 16}, 50.0 + i, 1.0, 55.0), 1000.0 + i)
+    store.add_decisions([Decision(1.0, "batching.max_batch_size", 16, 32, "headroom", "tuned", "L", {"p99_s": 0.2})],
+                        1001.0)
+    store.close()
+
+    reopened = TunerStore(path)
+    assert reopened.counts() == (4, 1)
+    table = LearnedTable(min_samples=3)
+    assert table.load(reopened.observations()) == 4
+    settings, goodput, attainment = table.best("L")
+    assert settings == {"batching.max_batch_size": 16} and goodput == pytest.approx(51.5) and attainment == 1.0
+    [decision] = reopened.recent_decisions(10)
+    assert (decision["knob"], decision["old"], decision["new"], decision["readings"]) == (
+        "batching.max_batch_size", 16, 32, {"p99_s": 0.2})
+    reopened.prune(1000.0 + 7 * 86400.0 + 2.5)  # keeps what is younger than a week
+    assert reopened.counts() == (1, 0)
+
+
+def test_the_orchestrators_exposition_is_read_with_its_own_names():
+    from orchestrator.metrics import ServerMetrics
+
+    metrics = ServerMetrics(CollectorRegistry())
+    metrics.bind_queue_gauges("m", lambda: 7.0, lambda: 16.0)
+    for _ in range(3):
+        metrics.reject("queue_full")
+    metrics.reject("draining")  # a drain is not overload
+    metrics.set_engine_stats("m", {"kv_cache_evictions": 5.0, "kv_cache_bytes": 1024.0})
+    view = parse_metrics(generate_latest(metrics.registry).decode())
+    assert view.waiting == {"m": 7.0} and view.running == {"m": 16.0}
+    assert view.rejected_total == 3.0
+    assert view.kv_evictions_total == 5.0 and view.kv_bytes == 1024.0
+    assert view.continuous_batching == set()
+
+
+def test_settings_come_from_the_admin_documents_nested_shape():
+    doc = {"server": {"queue_capacity": 64, "max_running_per_model": None},
+           "batching": {"max_batch_size": 8, "min_batch_size": 1, "batch_timeout_s": 0.002},
+           "kv_cache": {"budget_bytes": 1 << 28}}
+    assert flat_settings(doc) == {
+        "server.queue_capacity": 64, "server.max_running_per_model": None, "batching.max_batch_size": 8,
+        "batching.batch_timeout_s": 0.002, "kv_cache.budget_bytes": 1 << 28, "batching.min_batch_size": 1,
+    }
+
+
+def _tuner(config: TunerConfig, tmp_path, monitor=None, url="http://127.0.0.1:1") -> Tuner:
+    monitor = monitor or PerformanceMonitor(windows={"10s": 10.0})
+    return Tuner(config.model_copy(update={"state_dir": str(tmp_path)}), monitor=monitor, orchestrator_url=url,
+                 registry=CollectorRegistry(), clock=lambda: 100.0, wall_clock=lambda: 1e9)
+
+
+@pytest.mark.parametrize("config,reason", [
+    (TunerConfig(enabled=False, admin_token="x" * 16), "disabled"),
+    (TunerConfig(), "no admin token"),
+])
+def test_an_inactive_tuner_says_why_and_writes_nothing(tmp_path, config, reason):
+    tuner = _tuner(config, tmp_path)
+    assert not tuner.active and reason in tuner.reason
+    assert tuner.store is None and not any(tmp_path.iterdir())
+    described = tuner.describe()
+    assert described["active"] is False and reason in described["status"]
+
+
+def test_no_orchestrator_url_means_no_tuning(tmp_path):
+    tuner = _tuner(TunerConfig(admin_token="x" * 16), tmp_path, url=None)
+    assert not tuner.active and "orchestrator" in tuner.reason
+
+
+def test_the_token_is_a_secret_everywhere():
+    config = SidecarConfig(tuner={"admin_token": "s3cret-s3cret-s3cret"})
+    dumped = config.model_dump_json()
+    assert "s3cret" not in dumped and "**" in dumped
+    assert config.tuner.admin_token.get_secret_value() == "s3cret-s3cret-s3cret"
+
+
+def test_a_bad_knob_or_window_stops_start_up_naming_the_key():
+    with pytest.raises(ValueError, match="unknown knob"):
+        TunerConfig(knobs={"server.port": {"min": 1, "max": 2}})
+    with pytest.raises(ValueError, match="sidecar.tuner.window"):
+        SidecarConfig(tuner={"window": "3h"})
+
+
+def test_readings_weigh_the_window_with_the_models_objective(tmp_path):
+    monitor = PerformanceMonitor(windows={"10s": 10.0})
+    config = TunerConfig(admin_token="x" * 16, slo={"p99_s": 0.5})
+    tuner = _tuner(config, tmp_path, monitor=monitor)
+    view = parse_metrics("")
+    view.settings = {"server.queue_capacity": 32}
+    tuner.readings(view, 0.0)  # the first look starts tracking the model's objective
+    monitor.record(SpanSample(REQUEST, "m", "chat", 0.1, False, input_tokens=12), 1.0)  # before: not tracked
+    tuner.readings(view, 1.0)
+    for i, duration in enumerate([0.1, 0.2, 0.9, 0.3]):
+        monitor.record(SpanSample(REQUEST, "m", "chat", duration, False, input_tokens=12), 2.0 + i)
+    r = tuner.readings(view, 6.0)
+    [m] = r.models
+    assert m.model == "m" and m.slo_p99_s == 0.5
+    assert m.attainment == pytest.approx(0.75)  # 3 of the 4 tracked within 0.5 s
+    assert m.mean_input_tokens == pytest.approx(12.0)
+    assert not math.isnan(m.p99_s) and r.settings == {"server.queue_capacity": 32}
