@@ -212,7 +212,7 @@ class CusumConfig(Section):
 
     enabled: bool = Field(False, description="Run this detector.", json_schema_extra=RUNTIME)
     k: float = Field(0.5, ge=0, description="Allowance in standard deviations before drift accumulates.", json_schema_extra=RUNTIME)
-    h: float = Field(8.0, gt=0, description="Decision interval in standard deviations.", json_schema_extra=RUNTIME)
+    h: float = Field(12.0, gt=0, description="Decision interval in standard deviations.", json_schema_extra=RUNTIME)
     warmup: int = Field(30, ge=2, le=100_000, description="Points that estimate the reference mean and spread.", json_schema_extra=RUNTIME)
 
 
