@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from test_server_support import free_port, poll
 
-from orchestrator.server import MIN_SHUTDOWN_GRACE_S, shutdown_grace
+from orchestrator.lifecycle import MIN_SHUTDOWN_GRACE_S, shutdown_grace
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parents[2]

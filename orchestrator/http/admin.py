@@ -1,0 +1,162 @@
+"""The admin API (``/admin/*``, bearer token compared in constant time): runtime configuration, model load and
+unload, ending a conversation's KV cache."""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from orchestrator.http import errors as err
+from orchestrator.http.errors import ApiError
+from orchestrator.state import STATE, ServerState, refresh_status
+
+log = logging.getLogger("orchestrator.server")  # one logger name for the whole server, as before the split
+
+
+def _authorise(request: web.Request) -> ServerState:
+    state = request.app[STATE]
+    expected = state.config.server.admin_token or ""
+    given = request.headers.get("Authorization", "")
+    scheme, _, token = given.partition(" ")
+    ok = bool(expected) and scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())
+    if not ok:
+        raise ApiError(401, "admin API: missing or wrong bearer token", type_="authentication_error",
+                       code="invalid_token", headers={"WWW-Authenticate": 'Bearer realm="muai-admin"'})
+    return state
+
+
+def _redacted(config: Any) -> dict[str, Any]:
+    secret = {"admin_token", "secret", "bearer_token", "password"}
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: ("***" if k in secret and v else scrub(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    return scrub(config.model_dump(mode="json"))
+
+
+def _is_critical_key(config: Any, key: str) -> bool:
+    """True when ``key`` names an existing configuration key that cannot change at runtime."""
+    if not key:
+        return False
+    path = key.split(".")
+    owner: Any = type(config)
+    if path[0] == "models" and len(path) == 3 and config.models:
+        owner, path = type(config.models[0]), path[2:]
+    for part in path[:-1]:
+        info = getattr(owner, "model_fields", {}).get(part)
+        if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+            return False
+        owner = info.annotation
+    info = getattr(owner, "model_fields", {}).get(path[-1])
+    if info is None:
+        return False
+    extra = info.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("runtime"))
+
+
+async def _read_object(request: web.Request, limit: int) -> dict[str, Any]:
+    import json
+
+    if request.content_length is not None and request.content_length > limit:
+        raise err.too_large(limit)
+    raw = await request.read()
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise err.bad_json(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise err.bad_json("request body must be a JSON object")
+    return doc
+
+
+async def admin_get_config(request: web.Request) -> web.Response:
+    state = _authorise(request)
+    return web.json_response({"config": _redacted(state.config)})
+
+
+async def admin_patch_config(request: web.Request) -> web.Response:
+    state = _authorise(request)
+    if state.update_config is None:
+        raise ApiError(501, "runtime configuration updates are not available in this server (no config updater)",
+                       type_="server_error", code="not_implemented")
+    patch = await _read_object(request, state.config.server.max_body_bytes)
+    try:
+        new_config, changed = state.update_config(state.config, patch)
+    except ValueError as exc:
+        key = getattr(exc, "key", "") or ""
+        if _is_critical_key(state.config, key):
+            raise ApiError(409, str(exc), code="critical_key", param=key) from None
+        raise err.invalid_field(key or None, str(exc)) from None
+    changed = list(changed)
+    if changed:
+        try:
+            applied = state.manager.apply_config(new_config)
+            if inspect.isawaitable(applied):
+                await applied
+        except Exception as exc:
+            log.exception("applying a runtime configuration change failed")
+            raise err.internal(f"the change was valid but applying it failed: {type(exc).__name__}: {exc}",
+                               code="apply_failed") from None
+        _apply_server_runtime(state, new_config)
+        log.info("runtime configuration changed: %s", ", ".join(changed))
+    return web.json_response({"changed": changed, "config": _redacted(new_config)})
+
+
+def _apply_server_runtime(state: ServerState, new_config: Any) -> None:
+    state.config = new_config
+    state.limits.clear()
+    state.admission.state.capacity = new_config.server.queue_capacity
+    state.admission.kick()
+    state.tracing.set_sampling_ratio(new_config.telemetry.tracing.sampling_ratio)
+
+
+async def admin_load_model(request: web.Request) -> web.Response:
+    state = _authorise(request)
+    name = request.match_info["name"]
+    if name not in state.manager.models():
+        raise err.unknown_model(name, state.manager.models())
+    try:
+        await state.manager.aload_model(name)
+    except Exception as exc:
+        raise ApiError(500, f"loading model {name!r} failed: {exc}", type_="server_error",
+                       code="model_load_failed") from None
+    status = refresh_status(state)
+    return web.json_response({"model": name, "status": (status.get("models") or {}).get(name, {})})
+
+
+async def admin_unload_model(request: web.Request) -> web.Response:
+    state = _authorise(request)
+    name = request.match_info["name"]
+    if name not in state.manager.models():
+        raise err.unknown_model(name, state.manager.models())
+    # The async unload lets a running batch finish and keeps the engine shutdown off the event loop.
+    unloaded = await state.manager.aunload_model(name)
+    state.engines.pop(name, None)
+    return web.json_response({"model": name, "unloaded": bool(unloaded)})
+
+
+async def admin_end_conversation(request: web.Request) -> web.Response:
+    state = _authorise(request)
+    cid = request.match_info["id"]
+    released = state.manager.end_conversation(cid)
+    if inspect.isawaitable(released):
+        released = await released
+    return web.json_response({"conversation_id": cid, "released": bool(released)})
+
+
+__all__ = [
+    "admin_end_conversation",
+    "admin_get_config",
+    "admin_load_model",
+    "admin_patch_config",
+    "admin_unload_model",
+]

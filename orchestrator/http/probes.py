@@ -1,0 +1,54 @@
+"""Liveness, readiness (``orchestrator.health`` decides, this answers) and the Prometheus endpoint."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from orchestrator.health import ModelRequirement, evaluate_readiness
+from orchestrator.http import errors as err
+from orchestrator.state import STATE, ServerState, refresh_status
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+def readiness(state: ServerState):
+    """The current :class:`~orchestrator.health.Readiness` of ``state``."""
+    status = refresh_status(state)
+    return evaluate_readiness(
+        models=[ModelRequirement(m.name, m.required, m.preload) for m in state.config.models],
+        manager_status=status if isinstance(status, dict) else {},
+        admission=state.admission.snapshot(),
+        stuck_after_s=state.config.server.stuck_after_s,
+        preload_pending=state.preload_pending,
+        problems=state.health.problems(),
+    )
+
+
+async def ready(request: web.Request) -> web.Response:
+    result = readiness(request.app[STATE])
+    headers = {"Retry-After": str(request.app[STATE].config.server.retry_after_s)} if not result.ready else None
+    return web.json_response(result.body, status=result.http_status, headers=headers)
+
+
+async def metrics_endpoint(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    metrics = state.metrics
+    if state.metrics_handler is None:
+        from prometheus_client.aiohttp import make_aiohttp_handler
+
+        state.metrics_handler = make_aiohttp_handler(metrics.registry)
+    try:
+        return await state.metrics_handler(request)
+    except Exception as exc:
+        metrics.sampler_failed("exposition", exc)
+        raise err.internal("metrics exposition failed; see the server log", code="metrics_failed") from None
+
+
+__all__ = [
+    "live",
+    "metrics_endpoint",
+    "readiness",
+    "ready",
+]

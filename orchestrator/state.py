@@ -1,0 +1,177 @@
+"""The server's state and what keeps it current: the :class:`ServerState` every handler reads, the manager's event
+hook that keeps the model -> engine map, and the running limit per model that admission asks for."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from orchestrator.admission import AdmissionQueue
+from orchestrator.errors import (
+    MuaiError,
+)
+from orchestrator.health import HealthState
+from orchestrator.metrics import ResourceSampler, ServerMetrics
+from orchestrator.tracing import Tracing
+
+log = logging.getLogger("orchestrator.server")  # one logger name for the whole server, as before the split
+
+
+UpdateConfig = Callable[[Any, dict[str, Any]], Any]
+
+
+class ServerError(MuaiError, RuntimeError):
+    """The server could not start (e.g. its port is taken)."""
+
+
+@dataclass(eq=False)
+class ServerState:
+    """Everything a handler needs, kept on the app under :data:`STATE`."""
+
+    config: Any
+    manager: Any
+    admission: AdmissionQueue
+    metrics: ServerMetrics | None
+    tracing: Tracing
+    health: HealthState
+    update_config: UpdateConfig | None
+    owns_manager: bool
+    workflows: dict[str, Any] | None = None
+    preload_pending: set[str] = field(default_factory=set)
+    engines: dict[str, str] = field(default_factory=dict)
+    """model -> engine serving it, kept current from lifecycle/fallback events and the background loop."""
+    sampler: ResourceSampler | None = None
+    last_status: dict[str, Any] = field(default_factory=dict)
+    metrics_handler: Any = None
+    limits: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
+
+    def engine_of(self, model: str) -> str:
+        return self.engines.get(model, "unknown")
+
+    def model_config(self, name: str) -> Any | None:
+        for model in self.config.models:
+            if model.name == name:
+                return model
+        return None
+
+
+STATE: web.AppKey[ServerState] = web.AppKey("muai_server_state", ServerState)
+
+
+def make_event_hook(state_ref: list[ServerState]) -> Callable[[Any], None]:
+    """``on_event`` for the manager: ``ModelEvent`` lifecycle events and fallbacks become metrics and keep the
+    model -> engine map current."""
+
+    def on_event(event: Any) -> None:
+        if not state_ref:
+            return
+        state = state_ref[0]
+        try:
+            kind, model, engine = event.kind, str(event.model), event.engine
+            metrics = state.metrics
+            if kind == "fallback":
+                detail = event.detail
+                from_engine = str(getattr(detail, "from_engine", "") or "")
+                reason = str(getattr(detail, "reason", "") or event.error or "error")
+                if metrics is not None:
+                    metrics.on_fallback(model, from_engine, str(engine or "none"), _reason_label(reason))
+                if engine:
+                    state.engines[model] = str(engine)
+                return
+            if kind == "load_ok" and engine:
+                state.engines[model] = str(engine)
+            elif kind == "unload":
+                state.engines.pop(model, None)
+            if metrics is not None:
+                metrics.on_lifecycle(model, kind, engine=engine, duration_s=event.duration_s)
+        except Exception as exc:  # telemetry never breaks the manager
+            log.debug("ignoring model event %r: %r", event, exc)
+
+    return on_event
+
+
+def _reason_label(reason: str) -> str:
+    # The chain's reasons are a small vocabulary (unavailable, load_error, inference_error); anything else is
+    # cut to its first word so the label stays bounded.
+    head = reason.split(":", 1)[0].strip()
+    return head if head and " " not in head and len(head) <= 40 else "error"
+
+
+def attach_hooks(manager: Any, on_event: Callable[[Any], None], metrics: ServerMetrics | None) -> None:
+    """Point a manager built elsewhere at our hooks, where it lets us (attributes it already has)."""
+    if getattr(manager, "on_event", None) is None and hasattr(manager, "on_event"):
+        manager.on_event = on_event
+    if metrics is not None and hasattr(manager, "on_batch") and getattr(manager, "on_batch", None) is None:
+        manager.on_batch = metrics.on_batch
+
+
+def running_limit(state: ServerState, model: str) -> int | None:
+    """How many requests of ``model`` may be inside the engine layer at once (the rest wait in our queue).
+
+    Engines with continuous batching (vLLM) take everything at once, unless ``server.max_running_per_model`` (a
+    tuner knob) says otherwise. Behind the dynamic batcher, two batches' worth
+    (one running, the next filling). Without batching, one: the engine runs one request at a time anyway, and our
+    queue is where the waiting shows (queue time, ``muai_requests_waiting``).
+    """
+    engine = state.engines.get(model)
+    cached = state.limits.get(model)
+    if cached is not None and cached[0] == engine:
+        return cached[1]
+    limit = _compute_running_limit(state, model)
+    if engine is not None:  # cached until the model's engine (or the batching config) changes
+        state.limits[model] = (engine, limit)
+    return limit
+
+
+def _compute_running_limit(state: ServerState, model: str) -> int | None:
+    manager = state.manager
+    get = getattr(manager, "get_model", None)
+    if get is None or model.startswith("workflow:"):
+        return None
+    try:
+        chain = get(model).chain
+        if chain is None:
+            return None
+        if chain.capabilities.continuous_batching:
+            return state.config.server.max_running_per_model
+    except Exception:
+        return None  # not ready: let the request through to get its proper error
+    batching = state.config.batching
+    return 2 * batching.max_batch_size if batching.enabled else 1
+
+
+def bind_queue_gauges(state: ServerState, model: str) -> None:
+    counts = state.admission.state.counts(model)
+    state.metrics.bind_queue_gauges(model, lambda: counts.waiting, lambda: counts.running)
+
+
+def refresh_status(state: ServerState) -> dict[str, Any]:
+    try:
+        status = state.manager.status()
+    except Exception as exc:
+        log.warning("model manager status failed: %r", exc)
+        return state.last_status
+    models = status.get("models", {}) if isinstance(status, dict) else {}
+    for name, entry in models.items():
+        engine = entry.get("engine") if isinstance(entry, dict) else None
+        if engine:
+            state.engines[name] = str(engine)
+    state.last_status = status
+    return status
+
+
+__all__ = [
+    "STATE",
+    "ServerError",
+    "ServerState",
+    "UpdateConfig",
+    "attach_hooks",
+    "bind_queue_gauges",
+    "refresh_status",
+    "make_event_hook",
+    "running_limit",
+]
