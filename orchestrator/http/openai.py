@@ -48,15 +48,16 @@ async def _completions(call: Call) -> web.StreamResponse:
     prompts = body.prompts()
     if not prompts:
         raise err.invalid_field("prompt", "prompt: give at least one prompt")
+    # One id per generation (prompt x choice): the batcher and the engines tell requests apart by it.
     requests = [
-        GenerationRequest(prompt, sampling, f"{request_id}-{i}", body.conversation_id)
-        for prompt in prompts for i in range(body.n)
+        GenerationRequest(prompt, sampling, f"{request_id}-{p * body.n + i}", body.conversation_id)
+        for p, prompt in enumerate(prompts) for i in range(body.n)
     ]
     if body.stream:
         if len(requests) != 1:
             raise err.invalid_field("stream", "stream: streaming takes one prompt and n = 1")
         return await stream_completion(call, model, requests[0], request_id, "text_completion", body.include_usage,
-                             echo_prompt=prompts[0] if body.echo else None)
+                                       echo_prompt=prompts[0] if body.echo else None)
     async with call.admitted(model):
         results = await _generate_all(call, model, requests, body.n)
     choices = []

@@ -92,8 +92,8 @@ async def stream_completion(
                 if aclose is not None:
                     try:
                         await aclose()
-                    except Exception:
-                        pass
+                    except Exception as exc:  # noqa: BLE001 - the answer is already decided; say what was left open
+                        log.warning("closing the generation stream of %s failed: %r", model, exc)
     except asyncio.CancelledError:
         if not client_gone:
             raise

@@ -516,3 +516,28 @@ async def test_metrics_disabled_serves_without_them(tmp_path):
         assert state.metrics is None
         await error_of(await client.get("/metrics"), 404)
         assert (await client.post("/v1/completions", json={"model": "echo", "prompt": "x"})).status == 200
+
+
+async def test_every_completion_of_a_multi_prompt_request_has_its_own_request_id(tmp_path):
+    """Two prompts with n=2 are four generations: four distinct ids reach the engine (they once repeated per prompt)."""
+    from adapters import registry
+    from adapters.echo import EchoEngine
+
+    seen: list[str] = []
+
+    class RecordingEcho(EchoEngine):
+        def _generate_sync(self, batch):
+            seen.extend(req.request_id for req in batch)
+            return super()._generate_sync(batch)
+
+    def make(name, settings):
+        return RecordingEcho(settings) if name == "echo" else registry.create_engine(name, settings)
+
+    async with running_app(echo_config(tmp_path), engine_factory=make) as (client, state):
+        resp = await client.post("/v1/completions", json={"model": "echo", "prompt": ["a b", "c d"], "n": 2,
+                                                          "max_tokens": 2})
+        body = await resp.json()
+        assert resp.status == 200, body
+        assert [c["text"] for c in body["choices"]] == ["a b", "a b", "c d", "c d"]
+        assert len(seen) == 4 and len(set(seen)) == 4, seen
+        assert all(rid.startswith(body["id"]) for rid in seen)
