@@ -5,11 +5,12 @@ Threading model (the one design choice here): vLLM's ``AsyncLLM`` belongs to the
 thread the manager uses. So the engine owns **a dedicated event-loop thread**: ``load`` starts it and creates the
 ``AsyncLLM`` inside it; ``generate`` / ``embed`` / ``generate_stream``, called from any other loop (the server's,
 a test's), submit coroutines to it with ``asyncio.run_coroutine_threadsafe`` and await them through
-``asyncio.wrap_future``. Requests from all callers meet in one ``AsyncLLM`` and so in vLLM's continuous batching;
+``asyncio.wrap_future`` (streams through the one bridge every engine uses, ``adapters.bridge``). Requests from all callers meet in one ``AsyncLLM`` and so in vLLM's continuous batching;
 cancelling a caller's await cancels the coroutine on the engine loop, which aborts the vLLM request. ``unload``
 shuts vLLM down on its own loop, then stops and joins the thread; a request it cuts short gets
 ``EngineUnavailableError`` (never a bare CancelledError its caller did not ask for). Sync callers get
-``_generate_sync`` / ``_embed_sync``, which block on the same futures.
+``_generate_sync`` / ``_embed_sync``, which block on the same futures. The runtime pieces around the adapter (its
+statistics, one start, the start environment, stopping the loop) are in ``adapters.vllm_runtime``.
 
 ``AsyncLLM.from_engine_args`` blocks for the whole start, so it runs on a worker thread, not on the engine loop:
 the loop stays free, and when ``load`` gives up waiting (``start_timeout_s``) the loop and its thread stop at once
