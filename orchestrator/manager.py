@@ -17,8 +17,9 @@ built only when the span records. Lifecycle events (``load_start``, ``load_ok``,
 ``fallback``) go to ``on_event``, batch sizes to ``on_batch(model, engine, size)``, fallbacks also to
 ``on_fallback(event)``. Hooks never break serving: their errors are logged.
 
-Not done: a memory budget across resident models (LRU unloading of non-preloaded models); every registered model
-that is loaded stays loaded until unloaded.
+Residency: with ``engines.resident_budget_bytes`` set, loading past it first unloads the least recently used models
+that are neither ``preload`` nor ``required`` (``orchestrator.residency`` plans which); such a model loads again on
+its next request. Without it every loaded model stays loaded until unloaded.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from orchestrator.errors import (
     MuaiError,
     UnknownModelError,
 )
+from orchestrator.residency import Resident, describe_held, plan_room
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +373,8 @@ class ModelManager:
             return m
 
     def _make_room(self, m: ManagedModel) -> None:
-        """Unload least recently used evictable models until ``m`` fits the resident budget (residency lock held)."""
+        """Unload least recently used evictable models until ``m`` fits the resident budget (residency lock held);
+        the choice is :func:`orchestrator.residency.plan_room`'s."""
         budget = self.config.engines.resident_budget_bytes
         if budget is None:
             return
@@ -379,26 +382,34 @@ class ModelManager:
         def loaded() -> list[ManagedModel]:
             return [o for o in self._models.values() if o is not m and o.state == "ready"]
 
-        pinned = sum(o.weights_bytes for o in loaded() if not o.evictable)
-        if pinned + m.weights_bytes <= budget:
-            for victim in sorted((o for o in loaded() if o.evictable), key=lambda o: o.last_used):
-                if sum(o.weights_bytes for o in loaded()) + m.weights_bytes <= budget:
-                    break
-                # Marked first: a request arriving while the victim drains waits for a reload instead of a 503.
-                victim.evicted = True
-                with victim.lock:
-                    if self._unload_locked(victim):
-                        log.info("model %s unloaded to make room for %s (engines.resident_budget_bytes=%d)",
-                                 victim.name, m.name, budget)
-                    elif victim.state == "ready":
+        stuck: set[str] = set()  # victims that could not be unloaded: held, as if pinned, for the next plan
+
+        def residents() -> list[Resident]:
+            return [Resident(o.name, o.weights_bytes, o.evictable and o.name not in stuck, o.last_used)
+                    for o in loaded()]
+
+        while True:
+            plan = plan_room(m.weights_bytes, budget, residents())
+            if not plan.fits or not plan.victims:
+                break
+            victim = self._models[plan.victims[0]]
+            # Marked first: a request arriving while the victim drains waits for a reload instead of a 503.
+            victim.evicted = True
+            with victim.lock:
+                if self._unload_locked(victim):
+                    log.info("model %s unloaded to make room for %s (engines.resident_budget_bytes=%d)",
+                             victim.name, m.name, budget)
+                else:
+                    stuck.add(victim.name)
+                    if victim.state == "ready":
                         victim.evicted = False
-        resident = sum(o.weights_bytes for o in loaded())
+        now = residents()
+        resident = sum(r.weights_bytes for r in now)
         if resident + m.weights_bytes > budget:
-            held = ", ".join(f"{o.name} {o.weights_bytes / 2**20:.1f} MiB" for o in loaded())
             raise ModelLoadFailedError(
                 m.name,
                 f"needs {m.weights_bytes / 2**20:.1f} MiB but engines.resident_budget_bytes is {budget / 2**20:.1f} MiB "
-                f"and the loaded models that may not be unloaded hold {resident / 2**20:.1f} MiB ({held or 'none'}); "
+                f"and the loaded models that may not be unloaded hold {resident / 2**20:.1f} MiB ({describe_held(now)}); "
                 "raise the budget, or mark a model preload: false and required: false",
             )
 
