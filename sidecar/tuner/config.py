@@ -5,8 +5,14 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from sidecar._section import Section as _Section
-
-from sidecar.tuner.policy import BATCH_TIMEOUT, KNOBS, KV_BUDGET, MAX_BATCH, QUEUE_CAPACITY, RUNNING_LIMIT
+from sidecar.tuner.policy import (
+    BATCH_TIMEOUT,
+    KNOBS,
+    KV_BUDGET,
+    MAX_BATCH,
+    QUEUE_CAPACITY,
+    RUNNING_LIMIT,
+)
 
 
 class SloConfig(_Section):

@@ -280,8 +280,8 @@ class _Trial:
 
     until: float
     level: str
-    before: dict[str, Value]
     decisions: list[Decision]
+    """What was changed; their ``old`` values are the last good settings a rollback returns to."""
     goodput_ratio: float
     attainment: float
 
@@ -346,7 +346,6 @@ class TunerPolicy:
         self._level: str | None = None
         self._level_ticks = 0
         self._learned_applied: str | None = None
-        self.last_good: dict[str, Value] | None = None
         self.sources: dict[str, Source] = {}
 
     # -- the tick -------------------------------------------------------------------------------------------
@@ -366,8 +365,6 @@ class TunerPolicy:
         decisions = self._judge_trial(readings, level, settings, now)
         if decisions:
             return self._finish(decisions, readings, now, observation, gain=False)
-        if self._trial is None and self._healthy(readings):
-            self.last_good = {k: v for k, v in settings.items() if k in self.bounds}
 
         protect = self._protect(readings, settings, level, now)
         if protect:
@@ -381,7 +378,7 @@ class TunerPolicy:
     def _observe(self, readings: Readings, level: str, now: float) -> Observation | None:
         if readings.completed_per_s <= 0:
             return None
-        attainment = readings.goodput_per_s / readings.completed_per_s if readings.completed_per_s else math.nan
+        attainment = readings.goodput_per_s / readings.completed_per_s
         obs = Observation(now, level, {k: readings.settings.get(k) for k in self.bounds if k in readings.settings},
                           readings.goodput_per_s, attainment, readings.offered_per_s)
         # The settings are only credited once they have been in place for a whole trial period: readings taken
@@ -394,18 +391,13 @@ class TunerPolicy:
     def _finish(self, decisions: list[Decision], readings: Readings, now: float, observation: Observation | None,
                 *, gain: bool) -> TickResult:
         if decisions and gain:
-            before = {d.knob: d.old for d in decisions}
             ratio = readings.goodput_per_s / readings.offered_per_s if readings.offered_per_s else 1.0
             attainment = readings.goodput_per_s / readings.completed_per_s if readings.completed_per_s else 1.0
-            self._trial = _Trial(now + self.trial_s, decisions[0].load_level, before, decisions, ratio, attainment)
+            self._trial = _Trial(now + self.trial_s, decisions[0].load_level, decisions, ratio, attainment)
         for d in decisions:
             self._last_change[d.knob] = now
             self.sources[d.knob] = d.source
         return TickResult(decisions, observation)
-
-    def _healthy(self, readings: Readings) -> bool:
-        worst = _worst(readings.models)
-        return worst is None or (worst.p99_s <= worst.slo_p99_s and not _ttft_breach(worst))
 
     # -- guardrails -----------------------------------------------------------------------------------------
 
