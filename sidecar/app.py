@@ -205,7 +205,7 @@ def create_app(
     state.metrics = SidecarMetrics(registry, lambda: state)
     state.tuner = Tuner(
         config.tuner, monitor=monitor, orchestrator_url=config.collectors.orchestrator.url, registry=registry,
-        clock=clock, wall_clock=wall_clock, host=lambda: state.host_sample,
+        clock=clock, wall_clock=wall_clock, host=lambda: state.host_sample, gpus=lambda: state.gpu_samples,
     )
 
     app = web.Application(middlewares=[_json_errors], client_max_size=config.receiver.max_body_bytes)

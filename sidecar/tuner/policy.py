@@ -128,6 +128,8 @@ class Readings:
     kv_bytes: float = 0.0
     memory_available_bytes: float | None = None
     memory_total_bytes: float | None = None
+    gpu_memory_used_ratio: float | None = None
+    """The fullest GPU's framebuffer in use, 0 to 1 (NVML); None without a GPU."""
 
     @property
     def completed_per_s(self) -> float:
@@ -503,6 +505,9 @@ class TunerPolicy:
         return out
 
     def _memory_pressure(self, readings: Readings) -> bool:
+        gpu = readings.gpu_memory_used_ratio
+        if gpu is not None and gpu > 1 - self.memory_reserve_ratio:
+            return True
         if not readings.memory_available_bytes or not readings.memory_total_bytes:
             return False
         return readings.memory_available_bytes < self.memory_reserve_ratio * readings.memory_total_bytes

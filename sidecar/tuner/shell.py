@@ -148,6 +148,7 @@ class Tuner:
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
         host: Callable[[], Any] = lambda: None,
+        gpus: Callable[[], Any] = lambda: (),
     ) -> None:
         self.config = config
         self.monitor = monitor
@@ -155,6 +156,7 @@ class Tuner:
         self.clock = clock
         self.wall_clock = wall_clock
         self.host = host
+        self.gpus = gpus
         self.metrics = _TunerMetrics(registry)
         self.active, self.reason = self._activity()
         self.store: TunerStore | None = None
@@ -308,6 +310,7 @@ class Tuner:
             evictions_rate = max(0.0, view.kv_evictions_total - self._prev[2]) / dt
         self._prev = (now, view.rejected_total, view.kv_evictions_total)
         host = self.host()
+        used = [g.framebuffer_used_percent for g in self.gpus() or () if g.framebuffer_used_percent is not None]
         settings = dict(view.settings)
         return Readings(
             models=tuple(models),
@@ -317,6 +320,7 @@ class Tuner:
             kv_bytes=view.kv_bytes,
             memory_available_bytes=getattr(host, "memory_available_bytes", None),
             memory_total_bytes=getattr(host, "memory_total_bytes", None),
+            gpu_memory_used_ratio=max(used) / 100 if used else None,
         )
 
     async def _apply(self, decisions: list[Decision], wall: float) -> None:

@@ -302,3 +302,12 @@ def test_observations_credit_settings_only_once_they_have_been_in_place():
     current = apply({MAX_BATCH: 16}, first.decisions)
     assert p.tick(readings(current, rps=100.0, waiting=0, running=20), 2.0).observation is None
     assert p.tick(readings(current, rps=100.0, waiting=0, running=20), 9.0).observation is not None
+
+
+def test_a_full_gpu_is_memory_pressure_too():
+    p = policy(bounds={KV_BUDGET: BOUNDS[KV_BUDGET]})
+    full = Readings((reading(),), dict(START), gpu_memory_used_ratio=0.95)
+    assert [d.reason for d in p.tick(full, 0.0).decisions] == ["memory_pressure"]
+    roomy = Readings((reading(),), dict(START), kv_evictions_per_s=2.0, gpu_memory_used_ratio=0.5)
+    assert [d.reason for d in policy(bounds={KV_BUDGET: BOUNDS[KV_BUDGET]}).tick(roomy, 0.0).decisions] == [
+        "cache_evictions"]
