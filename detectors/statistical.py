@@ -67,6 +67,7 @@ class _Learner:
     ) -> None:
         self._clip = check.boolean("clip_anomalies", clip_anomalies)
         self._spread = 0.0  # the spread the latest verdict divided by (EWMA and MAD set it in _judge)
+        self._signed = math.nan  # the latest signed z-score (EWMA and MAD)
         self.name = check.name("name", self._kind if name is None else name)
         self._warmup = check.integer("warmup", warmup, lo=min_warmup, hi=10_000_000)
         self._exclude = check.boolean("exclude_anomalies", exclude_anomalies)
@@ -219,6 +220,10 @@ class EwmaDetector(_Learner):
         var_alpha: smoothing factor of the variance in (0, 1]; None means ``alpha / 5``.
         adapt_after: re-learn after this many anomalous values in a row; None never.
         clip_anomalies: with ``exclude_anomalies``, let an anomalous value in clipped to the band's edge.
+        smoothing: ``lambda`` in (0, 1] of an EWMA control chart: the value judged is
+            ``s = lambda * x + (1 - lambda) * s`` against a band narrowed by ``sqrt(lambda / (2 - lambda))``,
+            which finds small lasting shifts and keeps a spike's verdict for a few values; 1 judges each
+            value alone.
         name: the name verdicts carry.
     """
 
@@ -235,9 +240,13 @@ class EwmaDetector(_Learner):
         var_alpha: float | None = None,
         adapt_after: int | None = None,
         clip_anomalies: bool = False,
+        smoothing: float = 1.0,
         name: str | None = None,
     ) -> None:
         self._alpha = check.real("alpha", alpha, lo=0.0, hi=1.0, lo_open=True)
+        self._lambda = check.real("smoothing", smoothing, lo=0.0, hi=1.0, lo_open=True)
+        # The smoothed statistic's standard deviation relative to one value's (Roberts 1959).
+        self._shrink = math.sqrt(self._lambda / (2.0 - self._lambda))
         self._z = check.real("z_threshold", z_threshold, lo=0.0, lo_open=True)
         self._var_alpha = (
             self._alpha * _VAR_ALPHA_RATIO
@@ -272,6 +281,7 @@ class EwmaDetector(_Learner):
         self._acc = _Welford()
         self._mean = 0.0
         self._var = 0.0
+        self._smoothed = 0.0
 
     def _learn(self, x: float) -> None:
         self._acc.add(x)
@@ -279,11 +289,14 @@ class EwmaDetector(_Learner):
     def _finish_warmup(self) -> None:
         self._mean = self._acc.mean
         self._var = self._acc.var
+        self._smoothed = self._mean
 
     def _judge(self, x: float) -> tuple[float, float, float, str]:
         m = self._mean
         self._spread = max(math.sqrt(self._var), self._floor(m))
-        z = (x - m) / self._spread
+        self._smoothed += self._lambda * (x - self._smoothed)
+        z = (self._smoothed - m) / (self._spread * self._shrink)
+        self._signed = z
         return abs(z), m, self._z, _describe(x, z, m, "the EWMA mean", self._z)
 
     def _absorb(self, x: float) -> None:
@@ -370,6 +383,7 @@ class MadDetector(_Learner):
             sd = _MEANAD_TO_STD * float(dev.mean())
         self._spread = max(sd, self._floor(med))
         z = (x - med) / self._spread
+        self._signed = z
         return abs(z), med, self._z, _describe(x, z, med, "the median", self._z)
 
     def _absorb(self, x: float) -> None:

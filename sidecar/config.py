@@ -190,9 +190,15 @@ class EwmaConfig(Section):
     """EWMA with a z-score band on each series' interval p95 latency."""
 
     enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
-    alpha: float = Field(0.02, gt=0, le=1, description="Smoothing factor of the moving mean and variance.", json_schema_extra=RUNTIME)
+    alpha: float = Field(0.01, gt=0, le=1, description="Smoothing factor of the moving mean and variance.", json_schema_extra=RUNTIME)
     z_threshold: float = Field(3.5, gt=0, description="z-score beyond which a point is anomalous.", json_schema_extra=RUNTIME)
     warmup: int = Field(100, ge=2, le=100_000, description="Points that only build the baseline (no verdict).", json_schema_extra=RUNTIME)
+    smoothing: float = Field(
+        0.05, gt=0, le=1,
+        description="EWMA control chart factor: the point judged is an EWMA of recent points with this factor, against a "
+        "band narrowed to match; below 1 it finds small lasting rises sooner. 1 judges each point alone.",
+        json_schema_extra=RUNTIME,
+    )
 
 
 class MadConfig(Section):
@@ -201,7 +207,7 @@ class MadConfig(Section):
     enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
     window: int = Field(600, ge=3, le=100_000, description="Points in the median/MAD baseline.", json_schema_extra=RUNTIME)
     z_threshold: float = Field(
-        4.5, gt=0, description="Robust z-score (|x - median| / (1.4826 MAD)) beyond which a point is anomalous.",
+        7.0, gt=0, description="Robust z-score (|x - median| / (1.4826 MAD)) beyond which a point is anomalous.",
         json_schema_extra=RUNTIME,
     )
     warmup: int = Field(100, ge=2, le=100_000, description="Points that only build the baseline (no verdict).", json_schema_extra=RUNTIME)

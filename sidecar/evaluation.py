@@ -75,7 +75,9 @@ class _Rise:
 
     def _judge(self, x: float):
         score, baseline, threshold, detail = super()._judge(x)
-        return (score if x > baseline else 0.0), baseline, threshold, detail
+        # The side of what was judged: for a smoothed EWMA that is the smoothed value, not x.
+        above = self._signed > 0 if self._signed == self._signed else x > baseline
+        return (score if above else 0.0), baseline, threshold, detail
 
 
 class _RiseEwma(_Rise, EwmaDetector):
@@ -172,6 +174,7 @@ class Evaluator:
         if st.ewma.enabled:
             out["ewma"] = _RiseEwma(
                 alpha=st.ewma.alpha, z_threshold=st.ewma.z_threshold, warmup=st.ewma.warmup, min_std=floor,
+                smoothing=st.ewma.smoothing,
                 adapt_after=st.adapt_after, clip_anomalies=st.clip_anomalies, name="ewma",
             )
         if st.mad.enabled:

@@ -207,3 +207,25 @@ def test_without_clipping_an_excluded_shift_stays_anomalous():
 def test_clip_anomalies_is_validated():
     with pytest.raises(DetectorConfigError):
         EwmaDetector(clip_anomalies="yes")
+
+
+def test_a_smoothed_ewma_finds_a_small_lasting_shift_that_the_plain_band_mostly_misses():
+    def delays(smoothing):
+        out = []
+        for seed in range(10):
+            det = EwmaDetector(alpha=0.01, z_threshold=3.5, warmup=100, smoothing=smoothing)
+            verdicts = feed(det, np.r_[noisy(seed, 300), noisy(seed + 100, 300, level=11.0)])  # a one-sigma rise
+            if smoothing < 1.0:
+                assert first_alarm(verdicts[:300]) is None  # the narrower band raises no false alarm before it
+            out.append(first_alarm(verdicts, 300))
+        return out
+
+    chart, plain = delays(0.05), delays(1.0)
+    assert all(d is not None and d <= 50 for d in chart), chart
+    assert sum(d is None for d in plain) >= 5, plain
+
+
+def test_smoothing_is_validated():
+    for bad in (0.0, 1.5):
+        with pytest.raises(DetectorConfigError):
+            EwmaDetector(smoothing=bad)
