@@ -297,6 +297,9 @@ class EwmaDetector(_Learner):
         self._smoothed += self._lambda * (x - self._smoothed)
         z = (self._smoothed - m) / (self._spread * self._shrink)
         self._signed = z
+        if self._lambda < 1.0:
+            detail = _describe(self._smoothed, z, m, "the EWMA mean", self._z)
+            return abs(z), m, self._z, f"smoothed {detail} (latest value {x:.6g})"
         return abs(z), m, self._z, _describe(x, z, m, "the EWMA mean", self._z)
 
     def _absorb(self, x: float) -> None:

@@ -76,7 +76,7 @@ class _Rise:
     def _judge(self, x: float):
         score, baseline, threshold, detail = super()._judge(x)
         # The side of what was judged: for a smoothed EWMA that is the smoothed value, not x.
-        above = self._signed > 0 if self._signed == self._signed else x > baseline
+        above = x > baseline if math.isnan(self._signed) else self._signed > 0
         return (score if above else 0.0), baseline, threshold, detail
 
 
