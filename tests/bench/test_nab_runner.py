@@ -59,3 +59,12 @@ def test_onsets_are_alert_starts_and_the_default_is_their_union():
     enabled = [n for n in DETECTORS if getattr(StatisticalConfig(), n).enabled]
     assert np.array_equal(out[COMBINED], np.max([out[n] for n in enabled], axis=0))
     assert out[COMBINED].sum() >= 1
+
+
+def test_bench_says_clearly_where_it_looked_when_nab_is_missing(tmp_path, capsys):
+    from bench import nab
+
+    assert nab.main(["--data-dir", str(tmp_path / "nowhere"), "--results-dir", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert "NAB data not found" in err and str(tmp_path / "nowhere") in err and "--data-dir" in err
+    assert not (tmp_path / "results").exists()
