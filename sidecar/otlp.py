@@ -149,6 +149,9 @@ _ID_FIELDS = ("traceId", "trace_id", "spanId", "span_id", "parentSpanId", "paren
 def _parse_json(body: bytes) -> ExportTraceServiceRequest:
     try:
         doc = json.loads(body)
+    except RecursionError:
+        # A 400, not a crash: no OTLP message is nested anywhere near the decoder's limit.
+        raise MalformedPayload("body is not OTLP/JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedPayload(f"body is not JSON: {exc}") from exc
     if not isinstance(doc, dict):

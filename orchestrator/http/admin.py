@@ -71,6 +71,8 @@ async def _read_object(request: web.Request, limit: int) -> dict[str, Any]:
     raw = await request.read()
     try:
         doc = json.loads(raw)
+    except RecursionError:
+        raise err.bad_json("request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise err.bad_json(f"request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):

@@ -541,3 +541,13 @@ async def test_every_completion_of_a_multi_prompt_request_has_its_own_request_id
         assert [c["text"] for c in body["choices"]] == ["a b", "a b", "c d", "c d"]
         assert len(seen) == 4 and len(set(seen)) == 4, seen
         assert all(rid.startswith(body["id"]) for rid in seen)
+
+
+@pytest.mark.parametrize("path,method", [("/admin/config", "patch"), ("/v1/completions", "post"),
+                                         ("/v1/chat/completions", "post"), ("/v1/embeddings", "post")])
+async def test_a_body_nested_past_the_json_decoders_limit_is_a_400(tmp_path, path, method):
+    deep = b'{"a":' * 50_000 + b"1" + b"}" * 50_000
+    async with running_app(echo_config(tmp_path)) as (client, state):
+        resp = await getattr(client, method)(path, data=deep, headers={**AUTH, "Content-Type": "application/json"})
+        error = await error_of(resp, 400)
+        assert error["type"] == "invalid_request_error"

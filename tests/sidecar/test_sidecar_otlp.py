@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
+from sidecar_helpers import SpanFactory, encode, to_otlp_json
 
 from sidecar.errors import MalformedPayload, PayloadTooLarge, UnsupportedMediaType
 from sidecar.otlp import (
@@ -23,7 +24,6 @@ from sidecar.otlp import (
     map_request,
     media_kind,
 )
-from sidecar_helpers import SpanFactory, encode, to_otlp_json
 
 
 def _samples(spans):
@@ -166,3 +166,11 @@ def test_truncated_protobuf_never_escapes_as_another_error(cut):
     except MalformedPayload:
         return
     map_request(request)
+
+
+@pytest.mark.parametrize("opener,closer", [(b"[", b"]"), (b'{"a":', b"}")])
+def test_json_nested_past_the_decoders_limit_is_malformed_not_a_crash(opener, closer):
+    """A body nested tens of thousands deep made json.loads raise RecursionError, which the receiver answered 500."""
+    body = opener * 50_000 + b"1" + closer * 50_000
+    with pytest.raises(MalformedPayload, match="nested too deeply"):
+        decode_request(body, "json")
