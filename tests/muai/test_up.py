@@ -41,6 +41,14 @@ def test_up_runs_both_and_stops_both_on_one_signal(tmp_path):
              retry_on=(OSError, urllib.error.URLError), diagnose=log)
         poll(lambda: _get(f"{sidecar}/health")["status"], timeout=60, what="sidecar up",
              retry_on=(OSError, urllib.error.URLError), diagnose=log)
+        # muai up wires the tuner: one admin token for both, handed over in the environment.
+        def tuner_reads_the_orchestrator():
+            tuner = _get(f"{sidecar}/api/v1/tuner")
+            assert tuner["active"], tuner["status"]
+            return tuner["ticks"] > 0 and tuner["status"] == "tuning" and tuner["settings"]["server.queue_capacity"]["value"]
+
+        poll(tuner_reads_the_orchestrator, timeout=30, what="the tuner reading the orchestrator's admin API",
+             retry_on=(OSError,), diagnose=log)
         answer = _post(f"{server}/v1/completions", {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4})
         assert answer["usage"]["completion_tokens"] == 4
 
