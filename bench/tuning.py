@@ -35,7 +35,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import add_output_args, finish
+from bench.server import _free_port, _wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-llama"
@@ -91,12 +91,6 @@ def arrivals(phases: list[Phase], capacity: float, seed: int) -> list[tuple[floa
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MUAI_") or k == "MUAI_CACHE_DIR"}
 
@@ -139,7 +133,7 @@ class Stack:
 
     async def start_server(self, session: Any) -> None:
         self.server = self._start(["serve"], "server.log")
-        await _wait(session, f"{self.base}/health/ready", [self.server], 180)
+        await _wait_ready(session, f"{self.base}/health/ready", [self.server], 180)
 
     async def start_sidecar(self, session: Any, *, tuner: bool) -> None:
         await self.stop_sidecar()
@@ -147,7 +141,7 @@ class Stack:
         if tuner:
             env["MUAI_SIDECAR__TUNER__ADMIN_TOKEN"] = TOKEN
         self.sidecar = self._start(["sidecar"], "sidecar.log", env)
-        await _wait(session, f"{self.sidecar_base}/health", [self.sidecar], 60)
+        await _wait_ready(session, f"{self.sidecar_base}/health", [self.sidecar], 60)
 
     async def stop_sidecar(self) -> None:
         if self.sidecar is not None:
@@ -182,24 +176,6 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-
-
-async def _wait(session: Any, url: str, procs: list[subprocess.Popen], timeout: float) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"a benchmark process exited early with {proc.returncode} (logs in the workdir)")
-        try:
-            async with session.get(url) as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
 async def capacity(stack: Stack, session: Any, seconds: float, connections: int) -> float:
