@@ -58,6 +58,7 @@ from sidecar.otlp import (
     map_request,
     media_kind,
 )
+from sidecar.otlp_grpc import GrpcReceiver, start_receiver
 from sidecar.tuner import Tuner
 
 
@@ -90,6 +91,7 @@ class SidecarState:
     started_at: float = 0.0
     loop_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     tuner: Tuner | None = None
+    otlp_grpc: GrpcReceiver | None = None
 
     def reconfigure_detectors(self, detectors: DetectorsConfig) -> None:
         """Apply runtime changes of the ``detectors`` section (thresholds, ``for`` durations, detector parameters)."""
@@ -228,6 +230,7 @@ def create_app(
 async def _background(app: web.Application):
     state = app[STATE]
     tasks: list[asyncio.Task] = []
+    state.otlp_grpc = await start_receiver(state)  # None when sidecar.otlp_grpc_port is null (or taken)
     if state.gpu is not None:
         await asyncio.to_thread(state.gpu.start)
     if state.gpu is not None or state.host is not None:
@@ -243,6 +246,9 @@ async def _background(app: web.Application):
     try:
         yield
     finally:
+        if state.otlp_grpc is not None:
+            await state.otlp_grpc.stop(state.config.shutdown_timeout_s)
+            state.otlp_grpc = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

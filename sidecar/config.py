@@ -21,6 +21,9 @@ RUNTIME = {"runtime": True}
 DEFAULT_PORT = 9464
 """The sidecar's default listen port; the orchestrator's tracing endpoint and Prometheus examples point at it."""
 
+DEFAULT_OTLP_GRPC_PORT = 4317
+"""OTLP/gRPC's standard port, where SDKs and vLLM export by default."""
+
 _WINDOW_NAME = re.compile(r"^[A-Za-z0-9_]{1,16}$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
@@ -413,6 +416,11 @@ class SidecarConfig(Section):
             raise ValueError(
                 f"sidecar.tuner.window {self.tuner.window!r} is not one of sidecar.monitor.windows "
                 f"{sorted(self.monitor.windows)}"
+    otlp_grpc_port: int | None = Field(
+        DEFAULT_OTLP_GRPC_PORT, ge=0, le=65535,
+        description="OTLP/gRPC receiver port on `host` (TraceService/Export, the transport most SDKs and vLLM use by "
+        "default); null turns it off, 0 picks a free port. A port already taken is logged and shown on /health.",
+    )
             )
         if self.detectors.window not in self.monitor.windows:
             raise ValueError(
@@ -424,6 +432,8 @@ class SidecarConfig(Section):
 
 __all__ = [
     "DEFAULT_PORT",
+        if self.otlp_grpc_port is not None and self.otlp_grpc_port == self.port:
+            raise ValueError(f"sidecar.otlp_grpc_port {self.otlp_grpc_port} is the same as sidecar.port")
     "AlertingConfig",
     "AlertmanagerSinkConfig",
     "CollectorsConfig",
@@ -438,6 +448,7 @@ __all__ = [
     "LogSinkConfig",
     "MadConfig",
     "MemoryRuleConfig",
+    "DEFAULT_OTLP_GRPC_PORT",
     "MonitorConfig",
     "OrchestratorTargetConfig",
     "RateLimitConfig",

@@ -105,6 +105,8 @@ class RecordingSink:
 def quiet_config(**overrides) -> SidecarConfig:
     """Defaults suited to tests: fast ticks, no statistical detectors unless asked, log sink off."""
     base = {
+        # Tests never bind the standard 4317 (another sidecar or collector may hold it); gRPC tests pass port 0.
+        "otlp_grpc_port": None,
         "collectors": {"interval_s": 0.05},
         "detectors": {"interval_s": 0.02, "statistical": {"ewma": {"enabled": False}, "mad": {"enabled": False}}},
         "alerting": {"sinks": {"log": {"enabled": False}},
