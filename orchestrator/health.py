@@ -26,15 +26,15 @@ problems telemetry components report from any thread.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.admission import AdmissionSnapshot
+from orchestrator.model_status import UNAVAILABLE, ManagerStatus
 
 READY = "ready"
 DEGRADED = "degraded"
-UNAVAILABLE = "unavailable"
 DRAINING = "draining"
 
 
@@ -80,50 +80,33 @@ class Readiness:
         return 200 if self.ready else 503
 
 
-def _model_entries(manager_status: Mapping[str, Any]) -> Mapping[str, Mapping[str, Any]]:
-    models = manager_status.get("models", manager_status)
-    return models if isinstance(models, Mapping) else {}
-
-
-def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value] if value else []
-    if isinstance(value, Iterable):
-        return [str(v) for v in value if v]
-    return [str(value)]
-
-
 def evaluate_readiness(
     *,
     models: Iterable[ModelRequirement],
-    manager_status: Mapping[str, Any],
+    manager_status: ManagerStatus,
     admission: AdmissionSnapshot,
     stuck_after_s: float,
     preload_pending: Iterable[str] = (),
     problems: Iterable[str] = (),
 ) -> Readiness:
-    """Decide readiness from the manager's status, the admission counts and the telemetry problems. Pure."""
+    """Decide readiness from the manager's status snapshot, the admission counts and the telemetry problems. Pure."""
     reasons: list[str] = []
     degraded: list[str] = []
     pending = set(preload_pending)
-    entries = _model_entries(manager_status)
     out_models: dict[str, dict[str, Any]] = {}
     for req in models:
-        entry = entries.get(req.name) or {}
-        state = str(entry.get("state") or ("loading" if req.name in pending else "unloaded"))
-        engine = entry.get("engine")
-        model_degraded = _as_list(entry.get("degraded_reasons", entry.get("degraded")))
+        entry = manager_status.models.get(req.name)
+        state = entry.state if entry is not None else ("loading" if req.name in pending else "unloaded")
+        model_degraded = list(entry.degraded_reasons) if entry is not None else []
         out_models[req.name] = {
-            "engine": engine,
+            "engine": entry.engine if entry is not None else None,
             "state": state,
             "required": req.required,
             "preload": req.preload,
             "degraded": model_degraded,
         }
-        if entry.get("error") or entry.get("reason"):
-            out_models[req.name]["error"] = entry.get("error") or entry.get("reason")
+        if entry is not None and entry.error:
+            out_models[req.name]["error"] = entry.error
         degraded.extend(f"model {req.name}: {reason}" for reason in model_degraded)
         if not req.required:
             continue
@@ -138,7 +121,6 @@ def evaluate_readiness(
                            + (f" ({detail})" if detail else ""))
         elif req.preload and state != "ready":
             reasons.append(f"required model {req.name} is {state}")
-    engines = manager_status.get("engines") if isinstance(manager_status.get("engines"), Mapping) else {}
     degraded.extend(problems)
     if admission.draining:
         reasons.insert(0, "draining: the server is shutting down")
@@ -162,7 +144,7 @@ def evaluate_readiness(
         "reasons": reasons,
         "degraded": degraded,
         "models": out_models,
-        "engines": dict(engines),
+        "engines": {name: e.as_dict() for name, e in manager_status.engines.items()},
         "requests": {
             "capacity": admission.capacity,
             "waiting": admission.waiting,

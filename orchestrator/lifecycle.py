@@ -55,7 +55,7 @@ async def _preload(state: ServerState) -> None:
             log.error("preloading model %s failed: %s", name, exc)
         finally:
             state.preload_pending.discard(name)
-    refresh_status(state)
+    await refresh_status(state)
 
 
 async def _telemetry_loop(state: ServerState) -> None:
@@ -67,7 +67,9 @@ async def _telemetry_loop(state: ServerState) -> None:
         except Exception as exc:
             metrics.sampler_failed("resources", exc)
     while True:
-        refresh_status(state)
+        # The one place the engines' status is sampled (and, through it, idle KV-cache entries expire): off the
+        # event loop, so readiness can stay a plain read.
+        await refresh_status(state)
         if metrics is not None:
             if state.sampler is not None:
                 try:

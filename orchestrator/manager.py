@@ -54,6 +54,7 @@ from orchestrator.errors import (
     MuaiError,
     UnknownModelError,
 )
+from orchestrator.model_status import UNAVAILABLE, BatchingStatus, EngineAvailability, ManagerStatus, ModelStatus
 from orchestrator.residency import Resident, describe_held, plan_room
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,9 @@ class ModelManager:
         self._lock = threading.RLock()
         self._sync = _SyncRunner()
         self._adhoc: dict[tuple[str, tuple[str, ...]], Any] = {}
-        self._probed: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._probed: dict[str, tuple[float, EngineAvailability]] = {}
+        # Replaced whole by each status() (never updated in place), so snapshot() reads it without a lock.
+        self._availability: dict[str, EngineAvailability] = {}
         # Taken before any model's own lock by every load, so a load that evicts another model never waits on a
         # load that would evict it back.
         self._residency_lock = threading.Lock()
@@ -775,14 +778,55 @@ class ModelManager:
                     log.exception("model %s: end_conversation failed", m.name)
         return released
 
-    def _engines_status(self, chain_statuses: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    def engine_of(self, name: str) -> str | None:
+        """The engine serving ``name`` now (None when not loaded or nothing serves): read from its chain, so it
+        follows loads, unloads and fallbacks without a copy to keep current."""
+        m = self._models.get(name)
+        chain = m.chain if m is not None else None
+        return chain.engine_name if chain is not None else None
+
+    def _model_status(self, m: ManagedModel, chain_status: Mapping[str, Any] | None) -> ModelStatus:
+        chain = m.chain  # read once: an unload on a worker thread may clear it meanwhile
+        state = m.state
+        if state == "ready" and (chain is None or not chain.loaded):
+            # Loaded once, but every engine of its chain has failed since: requests get 503 until an engine
+            # comes back (the chain re-probes), so readiness must not call it ready.
+            state = UNAVAILABLE
+        if chain_status is not None:
+            reasons = tuple(chain_status.get("degraded_reasons") or ())
+        else:
+            reasons = tuple(chain.degraded_reasons) if chain is not None else ()
+        batching = None
+        b = m.batcher
+        if b is not None:
+            st = b.stats()
+            batching = BatchingStatus(st.policy.batch_size, st.policy.batch_timeout_s, st.policy.pending,
+                                      st.in_flight, st.policy.batches, st.policy.dispatched)
+        return ModelStatus(
+            state=state, task=m.task, engine=chain.engine_name if chain is not None else None,
+            degraded_reasons=reasons, error=m.error, required=m.config.required, preload=m.config.preload,
+            load_duration_s=m.load_duration_s, weights_bytes=m.weights_bytes, evicted=m.evicted,
+            batching=batching, chain=chain_status,
+        )
+
+    def snapshot(self) -> ManagerStatus:
+        """Every model's state, engine and degraded reasons, and the engines' availability as last sampled.
+
+        A read of state, safe on the event loop at any rate (readiness calls it per probe): it asks no engine for
+        its status (an engine's status may expire KV-cache entries), probes no engine (a probe may import an engine
+        library) and changes nothing. Availability is sampled by :meth:`status`, which the server's background
+        loop runs on a worker thread."""
+        return ManagerStatus({m.name: self._model_status(m, None) for m in list(self._models.values())},
+                             dict(self._availability))
+
+    def _engines_status(self, chain_statuses: Iterable[Mapping[str, Any]]) -> dict[str, EngineAvailability]:
         """Availability per engine: what the loaded models' chains found (live), and for engines no chain holds,
-        a registry probe cached for a while (probing may import an engine library: not on every health check)."""
-        out: dict[str, Any] = {}
+        a registry probe cached for a while (probing may import an engine library: not on every sample)."""
+        out: dict[str, EngineAvailability] = {}
         for chain_status in chain_statuses:
             for name, st in (chain_status.get("engines") or {}).items():
                 if name not in out and st.get("available") is not None:
-                    out[name] = {"available": bool(st["available"]), "reason": st.get("reason") or None}
+                    out[name] = EngineAvailability(bool(st["available"]), st.get("reason") or None)
         wanted = [*self.config.engines.preference, *(e for m in self._models.values() for e in m.preference)]
         now = self._clock()
         settings: dict[str, dict[str, Any]] | None = None
@@ -795,61 +839,31 @@ class ModelManager:
 
                 settings = settings or self.engine_settings()
                 av = registry.probe(name, settings.get(name, {}))
-                probed = self._probed[name] = (now, {"available": av.ok, "reason": av.reason or None})
+                probed = self._probed[name] = (now, EngineAvailability(av.ok, av.reason or None))
             out[name] = probed[1]
         return out
 
     def status(self) -> dict[str, Any]:
-        """Per model: state, engine, degraded reasons, batching; per engine: availability and why not.
+        """The full status (blocking; run it on a worker thread): per model, state, engine, degraded reasons,
+        batching and its chain's own status; per engine, availability and why not. Samples the availability that
+        :meth:`snapshot` reports.
 
         A model's reported ``state`` is ``unavailable`` (and ``servable`` False) when it was loaded but no engine of
         its chain serves it now (all failed; the chain retries them after their back-off)."""
-        models: dict[str, Any] = {}
-        chain_statuses: list[dict[str, Any]] = []
+        models: dict[str, ModelStatus] = {}
+        chain_statuses: list[Mapping[str, Any]] = []
         for m in list(self._models.values()):
             chain = m.chain
-            state = m.state
-            if state == "ready" and (chain is None or not chain.loaded):
-                # Loaded once, but every engine of its chain has failed since: requests get 503 until an engine
-                # comes back (the chain re-probes), so readiness must not call it ready.
-                state = "unavailable"
-            chain_status: dict[str, Any] | None = None
+            chain_status: Mapping[str, Any] | None = None
             if chain is not None:
                 try:
                     chain_status = chain.status()
                     chain_statuses.append(chain_status)
                 except Exception as exc:
                     chain_status = {"error": str(exc)}
-            reasons = list((chain_status or {}).get("degraded_reasons") or [])
-            entry: dict[str, Any] = {
-                "state": state,
-                "servable": state == "ready",
-                "task": m.task,
-                "engine": chain.engine_name if chain is not None else None,
-                "degraded_reasons": reasons,
-                "degraded": bool(reasons),
-                "error": m.error,
-                "required": m.config.required,
-                "preload": m.config.preload,
-                "load_duration_s": m.load_duration_s,
-                "weights_bytes": m.weights_bytes,
-                "evicted": m.evicted,
-            }
-            if chain_status is not None:
-                entry["chain"] = chain_status
-            b = m.batcher
-            if b is not None:
-                st = b.stats()
-                entry["batching"] = {
-                    "batch_size": st.policy.batch_size,
-                    "batch_timeout_s": st.policy.batch_timeout_s,
-                    "pending": st.policy.pending,
-                    "in_flight": st.in_flight,
-                    "batches": st.policy.batches,
-                    "requests": st.policy.dispatched,
-                }
-            models[m.name] = entry
-        return {"models": models, "engines": self._engines_status(chain_statuses)}
+            models[m.name] = self._model_status(m, chain_status)
+        self._availability = self._engines_status(chain_statuses)
+        return ManagerStatus(models, dict(self._availability)).as_dict()
 
     def batcher(self, name: str) -> Batcher | None:
         """The model's dynamic batcher (None when batching is off or the model is not loaded)."""

@@ -1,8 +1,13 @@
-"""The server's state and what keeps it current: the :class:`ServerState` every handler reads, the manager's event
-hook that keeps the model -> engine map, and the running limit per model that admission asks for."""
+"""The server's state: the :class:`ServerState` every handler reads, the manager's event hook that turns lifecycle
+events into metrics, the running limit per model that admission asks for, and the background sample of the
+manager's full status.
+
+What can be derived is derived, not kept in copies: the engine serving a model is read from the manager (which
+reads its fallback chain), and the running limit from the model's chain and the current config."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,15 +47,12 @@ class ServerState:
     owns_manager: bool
     workflows: dict[str, Any] | None = None
     preload_pending: set[str] = field(default_factory=set)
-    engines: dict[str, str] = field(default_factory=dict)
-    """model -> engine serving it, kept current from lifecycle/fallback events and the background loop."""
     sampler: ResourceSampler | None = None
-    last_status: dict[str, Any] = field(default_factory=dict)
     metrics_handler: Any = None
-    limits: dict[str, tuple[str | None, int | None]] = field(default_factory=dict)
 
     def engine_of(self, model: str) -> str:
-        return self.engines.get(model, "unknown")
+        """The engine serving ``model`` now, ``unknown`` when none does (not loaded, not a model)."""
+        return self.manager.engine_of(model) or "unknown"
 
     def model_config(self, name: str) -> Any | None:
         for model in self.config.models:
@@ -63,8 +65,7 @@ STATE: web.AppKey[ServerState] = web.AppKey("muai_server_state", ServerState)
 
 
 def make_event_hook(state_ref: list[ServerState]) -> Callable[[Any], None]:
-    """``on_event`` for the manager: ``ModelEvent`` lifecycle events and fallbacks become metrics and keep the
-    model -> engine map current."""
+    """``on_event`` for the manager: ``ModelEvent`` lifecycle events and fallbacks become metrics."""
 
     def on_event(event: Any) -> None:
         if not state_ref:
@@ -79,13 +80,7 @@ def make_event_hook(state_ref: list[ServerState]) -> Callable[[Any], None]:
                 reason = str(getattr(detail, "reason", "") or event.error or "error")
                 if metrics is not None:
                     metrics.on_fallback(model, from_engine, str(engine or "none"), _reason_label(reason))
-                if engine:
-                    state.engines[model] = str(engine)
                 return
-            if kind == "load_ok" and engine:
-                state.engines[model] = str(engine)
-            elif kind == "unload":
-                state.engines.pop(model, None)
             if metrics is not None:
                 metrics.on_lifecycle(model, kind, engine=engine, duration_s=event.duration_s)
         except Exception as exc:  # telemetry never breaks the manager
@@ -116,18 +111,10 @@ def running_limit(state: ServerState, model: str) -> int | None:
     tuner knob) says otherwise. Behind the dynamic batcher, two batches' worth
     (one running, the next filling). Without batching, one: the engine runs one request at a time anyway, and our
     queue is where the waiting shows (queue time, ``muai_requests_waiting``).
+
+    Computed per request from the model's chain and the current config (a dict lookup and two attribute reads), so
+    a fallback, a reload or a runtime config change shows at once with no cache to invalidate.
     """
-    engine = state.engines.get(model)
-    cached = state.limits.get(model)
-    if cached is not None and cached[0] == engine:
-        return cached[1]
-    limit = _compute_running_limit(state, model)
-    if engine is not None:  # cached until the model's engine (or the batching config) changes
-        state.limits[model] = (engine, limit)
-    return limit
-
-
-def _compute_running_limit(state: ServerState, model: str) -> int | None:
     manager = state.manager
     get = getattr(manager, "get_model", None)
     if get is None or model.startswith("workflow:"):
@@ -149,19 +136,15 @@ def bind_queue_gauges(state: ServerState, model: str) -> None:
     state.metrics.bind_queue_gauges(model, lambda: counts.waiting, lambda: counts.running)
 
 
-def refresh_status(state: ServerState) -> dict[str, Any]:
+async def refresh_status(state: ServerState) -> dict[str, Any] | None:
+    """Sample the manager's full status on a worker thread (it asks every engine for its status and probes the
+    engines no model holds, which may import an engine library); what readiness then reads as the engines'
+    availability. None when the manager failed (logged)."""
     try:
-        status = state.manager.status()
+        return await asyncio.to_thread(state.manager.status)
     except Exception as exc:
         log.warning("model manager status failed: %r", exc)
-        return state.last_status
-    models = status.get("models", {}) if isinstance(status, dict) else {}
-    for name, entry in models.items():
-        engine = entry.get("engine") if isinstance(entry, dict) else None
-        if engine:
-            state.engines[name] = str(engine)
-    state.last_status = status
-    return status
+        return None
 
 
 __all__ = [

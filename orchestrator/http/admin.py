@@ -115,7 +115,6 @@ async def admin_patch_config(request: web.Request) -> web.Response:
 
 def _apply_server_runtime(state: ServerState, new_config: Any) -> None:
     state.config = new_config
-    state.limits.clear()
     state.admission.state.capacity = new_config.server.queue_capacity
     state.admission.kick()
     state.tracing.set_sampling_ratio(new_config.telemetry.tracing.sampling_ratio)
@@ -131,7 +130,7 @@ async def admin_load_model(request: web.Request) -> web.Response:
     except Exception as exc:
         raise ApiError(500, f"loading model {name!r} failed: {exc}", type_="server_error",
                        code="model_load_failed") from None
-    status = refresh_status(state)
+    status = await refresh_status(state) or {}
     return web.json_response({"model": name, "status": (status.get("models") or {}).get(name, {})})
 
 
@@ -142,7 +141,6 @@ async def admin_unload_model(request: web.Request) -> web.Response:
         raise err.unknown_model(name, state.manager.models())
     # The async unload lets a running batch finish and keeps the engine shutdown off the event loop.
     unloaded = await state.manager.aunload_model(name)
-    state.engines.pop(name, None)
     return web.json_response({"model": name, "unloaded": bool(unloaded)})
 
 

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from orchestrator.health import ModelRequirement, evaluate_readiness
 from orchestrator.http import errors as err
-from orchestrator.state import STATE, ServerState, refresh_status
+from orchestrator.state import STATE, ServerState
 
 
 async def live(request: web.Request) -> web.Response:
@@ -14,11 +14,11 @@ async def live(request: web.Request) -> web.Response:
 
 
 def readiness(state: ServerState):
-    """The current :class:`~orchestrator.health.Readiness` of ``state``."""
-    status = refresh_status(state)
+    """The current :class:`~orchestrator.health.Readiness` of ``state``: a read of state with no side effects
+    (no engine is asked for its status or probed, nothing expires), so probes may come at any rate."""
     return evaluate_readiness(
         models=[ModelRequirement(m.name, m.required, m.preload) for m in state.config.models],
-        manager_status=status if isinstance(status, dict) else {},
+        manager_status=state.manager.snapshot(),
         admission=state.admission.snapshot(),
         stuck_after_s=state.config.server.stuck_after_s,
         preload_pending=state.preload_pending,

@@ -12,6 +12,7 @@ from orchestrator.health import (
     ModelRequirement,
     evaluate_readiness,
 )
+from orchestrator.model_status import EngineAvailability, ManagerStatus, ModelStatus
 
 IDLE = AdmissionSnapshot(capacity=8, waiting=0, running=0, draining=False, stalled_s=0.0)
 
@@ -24,8 +25,18 @@ def status(**models):
     }
 
 
+def typed(doc) -> ManagerStatus:
+    """The tests' dicts (easy to edit per case) as the manager's typed snapshot."""
+    return ManagerStatus(
+        {name: ModelStatus(state=e["state"], task="generate", engine=e.get("engine"),
+                           degraded_reasons=tuple(e.get("degraded_reasons", ())), error=e.get("error"))
+         for name, e in doc["models"].items()},
+        {name: EngineAvailability(**e) for name, e in doc["engines"].items()},
+    )
+
+
 def evaluate(manager_status, *, models=(ModelRequirement("a"),), admission=IDLE, pending=(), problems=(), stuck_after_s=60):
-    return evaluate_readiness(models=models, manager_status=manager_status, admission=admission,
+    return evaluate_readiness(models=models, manager_status=typed(manager_status), admission=admission,
                               stuck_after_s=stuck_after_s, preload_pending=pending, problems=problems)
 
 
