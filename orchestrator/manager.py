@@ -19,7 +19,8 @@ built only when the span records. Lifecycle events (``load_start``, ``load_ok``,
 
 Residency: with ``engines.resident_budget_bytes`` set, loading past it first unloads the least recently used models
 that are neither ``preload`` nor ``required`` (``orchestrator.residency`` plans which); such a model loads again on
-its next request. Without it every loaded model stays loaded until unloaded.
+its next request. An ad-hoc chain (``infer(engine_preference=...)``) holds the model's weights once more and is
+loaded within the same budget. Without it every loaded model stays loaded until unloaded.
 """
 
 from __future__ import annotations
@@ -375,24 +376,27 @@ class ModelManager:
             self._emit(ModelEvent("load_ok", name, chain.engine_name, duration_s=duration))
             return m
 
-    def _make_room(self, m: ManagedModel) -> None:
-        """Unload least recently used evictable models until ``m`` fits the resident budget (residency lock held);
-        the choice is :func:`orchestrator.residency.plan_room`'s."""
+    def _make_room(self, m: ManagedModel, need: int | None = None) -> None:
+        """Unload least recently used evictable models until ``need`` more bytes for ``m`` (its weights by default)
+        fit the resident budget (residency lock held); the choice is :func:`orchestrator.residency.plan_room`'s.
+        ``m`` itself, when loaded (an ad-hoc chain for it is what needs the room), is held, never a victim."""
         budget = self.config.engines.resident_budget_bytes
         if budget is None:
             return
+        need = m.weights_bytes if need is None else need
 
         def loaded() -> list[ManagedModel]:
-            return [o for o in self._models.values() if o is not m and o.state == "ready"]
+            return [o for o in self._models.values() if o.state == "ready"]
 
         stuck: set[str] = set()  # victims that could not be unloaded: held, as if pinned, for the next plan
 
         def residents() -> list[Resident]:
-            return [Resident(o.name, o.weights_bytes, o.evictable and o.name not in stuck, o.last_used)
+            return [Resident(o.name, self._resident_bytes(o), o is not m and o.evictable and o.name not in stuck,
+                             o.last_used)
                     for o in loaded()]
 
         while True:
-            plan = plan_room(m.weights_bytes, budget, residents())
+            plan = plan_room(need, budget, residents())
             if not plan.fits or not plan.victims:
                 break
             victim = self._models[plan.victims[0]]
@@ -408,10 +412,10 @@ class ModelManager:
                         victim.evicted = False
         now = residents()
         resident = sum(r.weights_bytes for r in now)
-        if resident + m.weights_bytes > budget:
+        if resident + need > budget:
             raise ModelLoadFailedError(
                 m.name,
-                f"needs {m.weights_bytes / 2**20:.1f} MiB but engines.resident_budget_bytes is {budget / 2**20:.1f} MiB "
+                f"needs {need / 2**20:.1f} MiB but engines.resident_budget_bytes is {budget / 2**20:.1f} MiB "
                 f"and the loaded models that may not be unloaded hold {resident / 2**20:.1f} MiB ({describe_held(now)}); "
                 "raise the budget, or mark a model preload: false and required: false",
             )
@@ -747,22 +751,40 @@ class ModelManager:
         return out[0] if single else out
 
     def _with_preference(self, m: ManagedModel, preference: Iterable[str]) -> ManagedModel:
+        """A view of ``m`` served by an ad-hoc chain for ``preference`` (``infer(engine_preference=...)``).
+
+        The chain holds a second copy of the weights, so it is loaded as a model is: under the residency lock and
+        the model's own lock (never the registry's lock, which every register and unload takes), and only once the
+        resident budget has room for it; its bytes count as the model's until the model unloads, which closes it.
+        """
         pref = tuple(preference)
         if m.chain is not None and pref and m.chain.engine_name == pref[0]:
             return m
         key = (m.name, pref)
         with self._lock:
             chain = self._adhoc.get(key)
-            if chain is None:
-                assert m.spec is not None
-                chain = self._new_chain(m.spec, pref)
-                try:
-                    chain.load()
-                except Exception as exc:
-                    raise ModelLoadFailedError(m.name, f"with engine preference {list(pref)}: {exc}") from exc
-                self._adhoc[key] = chain
-        view = ManagedModel(m.config, state="ready", spec=m.spec, chain=chain, preference=pref)
-        return view
+        if chain is None:
+            with self._residency_lock, m.lock:
+                with self._lock:
+                    chain = self._adhoc.get(key)
+                if chain is None:
+                    if m.state != "ready" or m.spec is None:
+                        raise ModelNotReadyError(m.name, m.state, m.error or "")
+                    self._make_room(m, need=m.weights_bytes)
+                    chain = self._new_chain(m.spec, pref)
+                    try:
+                        chain.load()
+                    except Exception as exc:
+                        raise ModelLoadFailedError(m.name, f"with engine preference {list(pref)}: {exc}") from exc
+                    with self._lock:
+                        self._adhoc[key] = chain
+        return ManagedModel(m.config, state="ready", spec=m.spec, chain=chain, preference=pref)
+
+    def _resident_bytes(self, m: ManagedModel) -> int:
+        """What ``m`` holds against the resident budget: its weights once per chain (its own and ad-hoc ones)."""
+        with self._lock:
+            adhoc = sum(1 for k in self._adhoc if k[0] == m.name)
+        return m.weights_bytes * (1 + adhoc)
 
     # -- operations -----------------------------------------------------------------------------------------------
 
