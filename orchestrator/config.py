@@ -198,7 +198,12 @@ class TracingConfig(Section):
     endpoint: str = Field("http://127.0.0.1:4318/v1/traces", description="OTLP endpoint (the collector or the sidecar).")
     protocol: Literal["http/protobuf", "grpc"] = Field("http/protobuf", description="OTLP transport.")
     sampling_ratio: float = Field(
-        1.0, ge=0, le=1, description="Parent-based ratio sampler for new traces.", json_schema_extra=RUNTIME
+        1.0, ge=0, le=1, description="Probability of sampling a new trace while traffic is below the budget "
+        "(consistent probability sampling; a sampled incoming traceparent is always followed).", json_schema_extra=RUNTIME
+    )
+    sampling_budget_per_s: float | None = Field(
+        100.0, gt=0, description="Sampled new traces per second above which the probability falls to keep about this "
+        "many (each span carries its threshold, `ot=th:`, so the sidecar weights it by 1/p); null: a fixed ratio.",
     )
     service_name: str = Field("muai-orchestrator", min_length=1, description="`service.name` resource attribute.")
     export_timeout_s: float = Field(5.0, gt=0, description="OTLP export timeout.")

@@ -207,7 +207,7 @@ class EwmaConfig(Section):
 class MadConfig(Section):
     """Robust median / MAD detector on each series' interval p95 latency."""
 
-    enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
+    enabled: bool = Field(False, description="Run this detector.", json_schema_extra=RUNTIME)
     window: int = Field(600, ge=3, le=100_000, description="Points in the median/MAD baseline.", json_schema_extra=RUNTIME)
     z_threshold: float = Field(
         7.0, gt=0, description="Robust z-score (|x - median| / (1.4826 MAD)) beyond which a point is anomalous.",

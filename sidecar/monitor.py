@@ -5,12 +5,23 @@ one owner (the sidecar's event loop) calls it. The windows are :mod:`detectors.w
 exact (numpy's ``linear`` definition) while a window holds at most ``max_samples`` samples, and within the
 reported ``error_bound`` (relative, 1%) beyond that.
 
+Sampled traces. A sample's ``weight`` is its span's adjusted count (1/p of its ``ot=th:`` threshold, 1 without
+one). Once a series has seen a weight other than 1 it also keeps its samples with their weights (the newest
+``max_samples``), and its statistics become the adjusted ones: request and error counts, throughput, mean and
+tokens per second are sums of weights (exact, the samples of weight 1 from before included), percentiles and SLO
+attainment are weighted over the samples kept since the first weight. ``sampled`` and ``effective_samples`` say
+how many spans a figure rests on (``effective_samples = (sum w)^2 / sum w^2``); a weighted quantile's rank is off
+by about ``sqrt(q (1 - q) / effective_samples)`` (one standard error), reported as ``sampling_rank_error`` at the
+median, the widest.
+
 Samples are timestamped when the sidecar receives them, not with the span's own end time: exporters batch
 spans for seconds, and the sidecar's clock is the only one every sample agrees on.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -62,6 +73,8 @@ class SeriesStats:
     latency_sum_total: float = 0.0
     ttft_count_total: int = 0
     ttft_sum_total: float = 0.0
+    sampled: int | None = None
+    effective_samples: float | None = None
 
     @property
     def requests(self) -> int:
@@ -88,12 +101,24 @@ class SeriesStats:
             "output_tokens_per_s": self.output_tokens_per_s,
             "error_bound": self.latency.error_bound,
             "totals": {"requests": self.requests_total, "errors": self.errors_total},
+            "sampling": self._sampling_json(),
+        }
+
+    def _sampling_json(self) -> dict[str, Any] | None:
+        """How many spans the figures rest on, and the rank error of a weighted quantile; None when unweighted."""
+        if self.sampled is None:
+            return None
+        eff = self.effective_samples or 0.0
+        return {
+            "spans": self.sampled,
+            "effective_samples": eff,
+            "rank_error": math.sqrt(0.25 / eff) if eff > 0 else None,
         }
 
 
 class _Series:
     __slots__ = ("latency", "errors", "ttft", "input_tokens", "output_tokens", "requests_total", "errors_total",
-                 "latency_sum", "ttft_count", "ttft_sum", "first_seen", "last_seen", "fresh", "slo")
+                 "latency_sum", "ttft_count", "ttft_sum", "first_seen", "last_seen", "fresh", "slo", "weighted")
 
     def __init__(self, windows: Mapping[str, float], max_samples: int) -> None:
         self.latency = MultiWindow(windows, max_samples=max_samples)
@@ -102,8 +127,8 @@ class _Series:
         self.ttft: MultiWindow | None = None
         self.input_tokens: MultiWindow | None = None
         self.output_tokens: MultiWindow | None = None
-        self.requests_total = 0
-        self.errors_total = 0
+        self.requests_total = 0.0  # sums of weights (adjusted counts); whole numbers while unsampled
+        self.errors_total = 0.0
         self.latency_sum = 0.0
         self.ttft_count = 0
         self.ttft_sum = 0.0
@@ -113,6 +138,70 @@ class _Series:
         self.fresh: deque[float] | None = None
         # (threshold, met-or-not window) once someone tracks an objective for this series' model.
         self.slo: tuple[float, MultiRatioWindow] | None = None
+        # Samples with their weights, from the first sample whose weight is not 1 on.
+        self.weighted: _Weighted | None = None
+
+
+class _Weighted:
+    """A series' samples with their weights (the newest ``max_samples``), in arrival order.
+
+    Parallel lists with a moving head: appends are O(1), a window is found by bisecting the times, and the
+    head is compacted once half the lists are behind it.
+    """
+
+    __slots__ = ("t", "value", "weight", "ok", "input_tokens", "output_tokens", "head", "max_samples")
+
+    def __init__(self, max_samples: int) -> None:
+        self.t: list[float] = []
+        self.value: list[float] = []
+        self.weight: list[float] = []
+        self.ok: list[bool] = []
+        self.input_tokens: list[float] = []
+        self.output_tokens: list[float] = []
+        self.head = 0
+        self.max_samples = max_samples
+
+    def add(self, sample: SpanSample, now: float) -> None:
+        if self.t and now < self.t[-1]:
+            now = self.t[-1]  # keep the times sorted for bisect whatever the clock does
+        self.t.append(now)
+        self.value.append(sample.duration_s)
+        self.weight.append(sample.weight)
+        self.ok.append(not sample.error)
+        self.input_tokens.append(math.nan if sample.input_tokens is None else float(sample.input_tokens))
+        self.output_tokens.append(math.nan if sample.output_tokens is None else float(sample.output_tokens))
+        if len(self.t) - self.head > self.max_samples:
+            self.head += 1
+        if self.head > 1024 and self.head * 2 > len(self.t):
+            for name in ("t", "value", "weight", "ok", "input_tokens", "output_tokens"):
+                setattr(self, name, getattr(self, name)[self.head:])
+            self.head = 0
+
+    def since(self, cutoff: float) -> int:
+        """Index of the first sample younger than ``cutoff`` (a window counts ``t > now - horizon``)."""
+        return max(self.head, bisect.bisect_right(self.t, cutoff))
+
+    def arrays(self, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (np.asarray(self.value[start:], dtype=float), np.asarray(self.weight[start:], dtype=float),
+                np.asarray(self.ok[start:], dtype=bool))
+
+
+def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs: Iterable[float]) -> list[float]:
+    """Quantiles of weighted samples; equal weights give numpy's ``linear`` definition exactly.
+
+    Each sorted value sits at the weight below it (``S_i - w_i``) over the total less the last weight, the
+    weighted form of linear's rank ``(i - 1) / (n - 1)``; between two values the quantile is interpolated.
+    """
+    if values.size == 0:
+        return [math.nan for _ in qs]
+    if values.size == 1:
+        return [float(values[0]) for _ in qs]
+    order = np.argsort(values, kind="stable")
+    v, w = values[order], weights[order]
+    below = np.cumsum(w) - w
+    span = below[-1]
+    ranks = below / span if span > 0 else np.linspace(0.0, 1.0, v.size)
+    return [float(np.interp(q, ranks, v)) for q in qs]
 
 
 def _sum_rate(window: MultiWindow | None, name: str, now: float) -> float:
@@ -159,6 +248,11 @@ class PerformanceMonitor:
                 self.untracked += 1
                 return False
         series.latency.add(sample.duration_s, now)
+        weight = sample.weight
+        if series.weighted is None and weight != 1.0:
+            series.weighted = _Weighted(self.max_samples)
+        if series.weighted is not None:
+            series.weighted.add(sample, now)
         if series.fresh is not None:
             series.fresh.append(sample.duration_s)
         series.errors.add(not sample.error, now)
@@ -166,10 +260,10 @@ class PerformanceMonitor:
             self._slo_window(series, self._slo[sample.model]).add(
                 not sample.error and sample.duration_s <= self._slo[sample.model], now
             )
-        series.requests_total += 1
-        series.latency_sum += sample.duration_s
+        series.requests_total += weight
+        series.latency_sum += sample.duration_s * weight
         if sample.error:
-            series.errors_total += 1
+            series.errors_total += weight
         series.last_seen = now
         if sample.ttft_s is not None:
             if series.ttft is None:
@@ -233,6 +327,12 @@ class PerformanceMonitor:
         ratios = series.slo[1]
         if ratios.count(window, now) == 0:
             return math.nan
+        if series.weighted is not None:
+            store = series.weighted
+            values, weights, ok = store.arrays(store.since(now - self.windows[window]))
+            total = float(weights.sum())
+            if total > 0:
+                return float(weights[ok & (values <= series.slo[0])].sum()) / total
         return 1.0 - ratios.ratio(window, now)
 
     # -- queries -------------------------------------------------------------------------------------------
@@ -274,7 +374,7 @@ class PerformanceMonitor:
             raise KeyError(window)
         latency = series.latency.snapshot(window, now)
         errors = series.errors.window(window)
-        return SeriesStats(
+        stats = SeriesStats(
             key=key,
             window=window,
             window_s=self.windows[window],
@@ -284,11 +384,49 @@ class PerformanceMonitor:
             ttft=None if series.ttft is None else series.ttft.snapshot(window, now),
             input_tokens_per_s=_sum_rate(series.input_tokens, window, now),
             output_tokens_per_s=_sum_rate(series.output_tokens, window, now),
-            requests_total=series.requests_total,
-            errors_total=series.errors_total,
+            requests_total=int(round(series.requests_total)),
+            errors_total=int(round(series.errors_total)),
             latency_sum_total=series.latency_sum,
             ttft_count_total=series.ttft_count,
             ttft_sum_total=series.ttft_sum,
+        )
+        if series.weighted is not None:
+            stats = self._adjusted(stats, series.weighted, now)
+        return stats
+
+    def _adjusted(self, stats: SeriesStats, store: _Weighted, now: float) -> SeriesStats:
+        """``stats`` with counts, rates and the mean summed by weight and the percentiles weighted.
+
+        The unweighted window already counts every sample once; adding ``w - 1`` per kept sample makes the
+        sums exact, samples of weight 1 from before the store began included.
+        """
+        lat = stats.latency
+        start = store.since(now - stats.window_s)
+        values, weights, ok = store.arrays(start)
+        extra = weights - 1.0
+        count = lat.count + float(extra.sum())
+        if lat.count == 0 or count <= 0:
+            return stats
+        span = lat.count / lat.rate_per_s if lat.rate_per_s > 0 else stats.window_s
+        total = (lat.mean * lat.count if lat.count else 0.0) + float((extra * values).sum())
+        p50, p95, p99 = weighted_quantiles(values, weights, (0.5, 0.95, 0.99)) if values.size else (lat.p50, lat.p95, lat.p99)
+        errors = stats.errors + float(extra[~ok].sum())
+        w_sum = float(weights.sum())
+        tokens = {}
+        for name, column in (("input_tokens_per_s", store.input_tokens), ("output_tokens_per_s", store.output_tokens)):
+            extra_tokens = np.asarray(column[start:], dtype=float) * extra
+            tokens[name] = getattr(stats, name) + float(np.nansum(extra_tokens)) / span
+        return dataclasses.replace(
+            stats,
+            latency=WindowStats(
+                count=int(round(count)), rate_per_s=count / span, mean=total / count, min=lat.min, max=lat.max,
+                p50=p50, p95=p95, p99=p99, error_bound=lat.error_bound,
+            ),
+            errors=int(round(errors)),
+            error_ratio=errors / count,
+            sampled=int(values.size),
+            effective_samples=w_sum * w_sum / float((weights * weights).sum()) if values.size else 0.0,
+            **tokens,
         )
 
     def stats(
@@ -319,7 +457,7 @@ class PerformanceMonitor:
 
     def totals(self) -> list[tuple[SeriesKey, int, int]]:
         """(key, requests_total, errors_total) of every series: monotonic counters since start."""
-        return [(k, s.requests_total, s.errors_total) for k, s in self._series.items()]
+        return [(k, int(round(s.requests_total)), int(round(s.errors_total))) for k, s in self._series.items()]
 
     def resource_names(self) -> list[tuple[str, str]]:
         return sorted(self._resources)
@@ -340,4 +478,4 @@ class PerformanceMonitor:
         return len(self._series)
 
 
-__all__ = ["INFERENCE", "REQUEST", "PerformanceMonitor", "SeriesKey", "SeriesStats"]
+__all__ = ["INFERENCE", "REQUEST", "PerformanceMonitor", "SeriesKey", "SeriesStats", "weighted_quantiles"]

@@ -10,6 +10,9 @@ Which spans count (also written down in ``docs/sidecar-api.md``; the orchestrato
   inference span whatever its kind.
 * Every other span carrying ``gen_ai.operation.name`` is an **inference** sample (per-model inference time, 9.2).
 * Spans without ``gen_ai.operation.name`` are accepted (and forwarded) but feed no statistics.
+
+A span sampled with OpenTelemetry's consistent probability sampling says so in its ``tracestate``
+(``ot=th:...``); its sample carries the adjusted count 1/p as ``weight``, which the monitor sums and weights by.
 """
 
 from __future__ import annotations
@@ -85,6 +88,36 @@ class SpanSample:
     input_tokens: int | None = None
     output_tokens: int | None = None
     engine: str | None = None
+    weight: float = 1.0
+    """The span's adjusted count: 1/p of its ``ot=th:`` sampling threshold, 1 when it carries none."""
+
+
+_SPACE = float(1 << 56)
+
+
+def adjusted_count(trace_state: str) -> float:
+    """1/p of a W3C ``tracestate``'s OpenTelemetry threshold (``ot=th:<hex>``); 1 when absent or malformed.
+
+    The threshold ``T`` (56 bits, trailing hex zeros dropped) rejects randomness below it, so ``p = 1 - T / 2**56``.
+    """
+    if "th:" not in trace_state:
+        return 1.0
+    for member in trace_state.split(","):
+        key, _, value = member.strip().partition("=")
+        if key != "ot":
+            continue
+        for part in value.split(";"):
+            if part.startswith("th:"):
+                th = part[3:]
+                if not 0 < len(th) <= 14:
+                    return 1.0
+                try:
+                    threshold = int(th.ljust(14, "0"), 16)
+                except ValueError:
+                    return 1.0
+                return _SPACE / (_SPACE - threshold)
+        return 1.0
+    return 1.0
 
 
 @dataclass(slots=True)
@@ -289,6 +322,7 @@ def map_request(request: ExportTraceServiceRequest) -> MappedBatch:
                         input_tokens,
                         output_tokens,
                         _label(attrs.get(ATTR_ENGINE)),
+                        adjusted_count(span.trace_state) if span.trace_state else 1.0,
                     )
                 )
     return MappedBatch(samples, spans, rejected, first_error)
@@ -328,6 +362,7 @@ __all__ = [
     "SCOPES",
     "MappedBatch",
     "SpanSample",
+    "adjusted_count",
     "decode_request",
     "decompress",
     "encode_response",

@@ -22,10 +22,15 @@ from orchestrator.tracing import (
     CountingSpanProcessor,
     ObservedSpanExporter,
     build_tracing,
+    encode_threshold,
     extract_context,
     inject_headers,
     make_exporter,
+    parse_threshold,
+    probability_of,
+    threshold_for,
 )
+from sidecar.otlp import adjusted_count
 
 pytestmark = pytest.mark.timeout(120)
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
@@ -52,6 +57,101 @@ def test_ratio_sampler_changes_at_runtime_and_parents_win():
     assert tracer.start_span("root").is_recording()
     with pytest.raises(ValueError):
         sampler.set_ratio(1.5)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _th(span) -> str:
+    ot = span.get_span_context().trace_state.get("ot")
+    assert ot is not None and ot.startswith("th:"), ot
+    return ot.split(";")[0][3:]
+
+
+def test_thresholds_follow_the_specification():
+    # The specification's examples: p = 1 -> "0", 1/2 -> "8", 1/4 -> "c", 2/3 -> "55" at 4 digits of precision.
+    assert encode_threshold(threshold_for(1.0)) == "0"
+    assert encode_threshold(threshold_for(0.5)) == "8"
+    assert encode_threshold(threshold_for(0.25)) == "c"
+    assert encode_threshold(threshold_for(0.1)) == "e666"
+    for p in (1.0, 0.5, 0.25, 0.1, 0.013, 1e-4):
+        th = encode_threshold(threshold_for(p))
+        assert probability_of(parse_threshold(th)) == pytest.approx(p, rel=2e-4 / p + 1e-9)
+        # The sidecar's reading of the same tracestate is 1/p of the very threshold that decided.
+        assert adjusted_count(f"vendor=x,ot=th:{th};rv:00000000000001") == pytest.approx(1 / probability_of(parse_threshold(th)))
+    assert parse_threshold("") is None and parse_threshold("xyz") is None and parse_threshold("0" * 15) is None
+    assert adjusted_count("ot=th:zz") == 1.0 and adjusted_count("other=th:8") == 1.0
+
+
+def test_consistent_decisions_carry_their_threshold_and_children_inherit_it():
+    sampler = AdjustableRatioSampler(0.25)
+    provider = TracerProvider(sampler=ParentBased(root=sampler), shutdown_on_exit=False)
+    tracer = provider.get_tracer("t")
+    kept = 0
+    for _ in range(4000):
+        root = tracer.start_span("root")
+        randomness = root.get_span_context().trace_id & ((1 << 56) - 1)
+        # Consistent: kept exactly when the trace's randomness reaches the threshold of p.
+        assert root.is_recording() == (randomness >= threshold_for(0.25))
+        if root.is_recording():
+            kept += 1
+            assert _th(root) == "c"
+            child = tracer.start_span("child", context=trace.set_span_in_context(root))
+            assert child.is_recording() and _th(child) == "c"
+    assert 850 < kept < 1150
+
+
+def test_sampled_incoming_traceparent_stays_sampled_at_any_probability():
+    sampler = AdjustableRatioSampler(0.0, budget_per_s=1.0)
+    tracer = TracerProvider(sampler=ParentBased(root=sampler), shutdown_on_exit=False).get_tracer("t")
+    ctx = extract_context({"traceparent": TRACEPARENT, "tracestate": "ot=th:8,vendor=a"})
+    span = tracer.start_span("server", context=ctx)
+    assert span.is_recording() and span.get_span_context().trace_state.get("ot") == "th:8"
+    assert not tracer.start_span("new root").is_recording()
+
+
+def test_probability_follows_the_traffic_within_the_budget():
+    clock = _Clock()
+    sampler = AdjustableRatioSampler(1.0, budget_per_s=50.0, clock=clock)
+    # Below the budget: every request.
+    for second in range(3):
+        for i in range(40):
+            clock.now = 1000.0 + second + i / 40
+            assert sampler.probability() == 1.0
+    # 1000 requests per second: the probability falls to keep about 50 per second.
+    tracer = TracerProvider(sampler=ParentBased(root=sampler), shutdown_on_exit=False).get_tracer("t")
+    kept, weight = [], []
+    for second in range(3, 13):
+        sampled = 0
+        for i in range(1000):
+            clock.now = 1000.0 + second + i / 1000
+            span = tracer.start_span("r")
+            if span.is_recording():
+                sampled += 1
+                weight.append(adjusted_count(f"ot={span.get_span_context().trace_state.get('ot')}"))
+        kept.append(sampled)
+    assert all(k < 400 for k in kept[:1]) and all(20 <= k <= 90 for k in kept[1:]), kept
+    # The adjusted counts add up to the requests they stand for.
+    assert sum(weight) == pytest.approx(10_000, rel=0.15)
+    # Traffic gone quiet: back to every request.
+    clock.now += 30
+    sampler.probability()
+    clock.now += 1.5
+    assert sampler.probability() == 1.0
+
+
+def test_default_config_samples_adaptively():
+    tracing = build_tracing(TracingConfig(endpoint="http://127.0.0.1:9/v1/traces"), exporter=InMemorySpanExporter())
+    try:
+        assert tracing.sampler.budget_per_s == TracingConfig().sampling_budget_per_s == 100.0
+        assert tracing.sampler.ratio == 1.0
+    finally:
+        tracing.shutdown(1)
 
 
 def test_w3c_context_in_and_out():

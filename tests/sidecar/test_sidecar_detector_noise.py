@@ -27,8 +27,12 @@ def simulate(rps: float, seed: int, duration_s: int, *, change_at: float | None 
     if change_at is not None:
         latency[arrivals >= change_at] *= factor
     monitor = PerformanceMonitor(windows=MonitorConfig().windows)
-    # Defaults, with CUSUM on as well; the threshold rules are not what this is about.
-    config = DetectorsConfig(latency={"enabled": False}, error_rate={"enabled": False}, statistical={"cusum": {"enabled": True}})
+    # Defaults, with MAD and CUSUM (off by default) on as well, so every detector is held to the same bar; the
+    # threshold rules are not what this is about.
+    config = DetectorsConfig(
+        latency={"enabled": False}, error_rate={"enabled": False},
+        statistical={"mad": {"enabled": True}, "cusum": {"enabled": True}},
+    )
     evaluator = Evaluator(config, monitor=monitor, book=AlertBook())
     ends = np.searchsorted(arrivals, np.arange(1, duration_s + 1), side="right")
     fired, start = [], 0

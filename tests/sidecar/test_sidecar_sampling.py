@@ -1,0 +1,137 @@
+"""Sampled traces still count right: adjusted counts (1/p from ``ot=th:``) summed and weighted by the monitor.
+
+End to end: the orchestrator's consistent probability sampler decides in a real SDK provider, the SDK's real
+OTLP/HTTP exporter posts the kept spans, and the real sidecar (on a clock the test advances) reports the counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ParentBased
+from opentelemetry.trace import SpanKind
+
+from orchestrator.tracing import AdjustableRatioSampler
+from sidecar.monitor import PerformanceMonitor, SeriesKey, weighted_quantiles
+from sidecar.otlp import REQUEST, SpanSample
+
+T0 = 1_700_000_000_000_000_000
+
+
+class _SeededIds(IdGenerator):
+    """Random ids from a seeded generator: the sampling outcome, and so the test, is the same on every run."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+
+    def generate_span_id(self) -> int:
+        return self._rng.getrandbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        return self._rng.getrandbits(128) or 1
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=200))
+def test_equal_weights_are_numpys_linear_quantiles(values):
+    arr = np.array(values)
+    for w in (1.0, 4.0):
+        got = weighted_quantiles(arr, np.full(arr.size, w), (0.0, 0.5, 0.95, 0.99, 1.0))
+        assert got == pytest.approx(list(np.quantile(arr, [0.0, 0.5, 0.95, 0.99, 1.0])), rel=1e-9, abs=1e-12)
+
+
+def test_monitor_sums_weights_across_the_switch_to_sampling():
+    monitor = PerformanceMonitor(windows={"1m": 60.0})
+    key = SeriesKey(REQUEST, "m", "chat")
+    for i in range(100):  # unsampled traffic first: weight 1
+        monitor.record(SpanSample(REQUEST, "m", "chat", 0.1, error=i < 10), 10.0 + i * 0.1)
+    for i in range(100):  # then one span in four, each standing for four requests
+        monitor.record(SpanSample(REQUEST, "m", "chat", 0.3, error=i < 5, weight=4.0), 30.0 + i * 0.1)
+    s = monitor.series_stats(key, "1m", 45.0)
+    assert s.requests == 500 and s.throughput_rps == pytest.approx(500 / 60)
+    assert s.errors == 10 + 20 and s.error_ratio == pytest.approx(30 / 500)
+    assert s.latency.mean == pytest.approx((100 * 0.1 + 400 * 0.3) / 500)
+    assert (s.requests_total, s.errors_total) == (500, 30)
+    assert s.sampled == 100 and s.to_json()["sampling"]["effective_samples"] == pytest.approx(100)
+    monitor.track_slo("m", 0.2)
+    monitor.record(SpanSample(REQUEST, "m", "chat", 0.1, error=False, weight=4.0), 46.0)
+    # Weighted over the samples kept since the first weight: 1 met of 101 spans, weight 4 of 404.
+    assert monitor.slo_attainment(key, "1m", 46.0) == pytest.approx(4 / 404)
+
+
+async def test_sampled_requests_through_the_real_exporter_count_within_two_percent(start_sidecar, http):
+    clock = _Clock()
+    server, state = await start_sidecar(clock=clock)
+    sampler = AdjustableRatioSampler(0.25)
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": "muai-orchestrator"}), sampler=ParentBased(root=sampler),
+        id_generator=_SeededIds(16), shutdown_on_exit=False,
+    )
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("tests.sampling")
+    exporter = OTLPSpanExporter(endpoint=str(server.make_url("/v1/traces")), timeout=30)
+
+    rng = np.random.default_rng(16)
+    total, batches = 60_000, 12
+    # Two traffic levels, so the spans carry two thresholds and the percentiles must be weighted to come out
+    # right: a slow phase kept at 1 in 4, then a fast one kept at 1 in 10.
+    durations = np.concatenate([rng.lognormal(-1.0, 0.5, total // 2), rng.lognormal(-2.5, 0.5, total // 2)])
+    attributes = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "llama", "muai.request": True}
+    per_batch = total // batches
+    kept: list[float] = []
+    try:
+        for b in range(batches):
+            if b == batches // 2:
+                sampler.set_ratio(0.1)
+            for d in durations[b * per_batch : (b + 1) * per_batch]:
+                span = tracer.start_span("POST /v1/chat/completions", kind=SpanKind.SERVER, start_time=T0,
+                                         attributes=attributes)
+                span.end(end_time=T0 + int(d * 1e9))
+            spans = list(memory.get_finished_spans())
+            memory.clear()
+            kept.extend((sp.end_time - sp.start_time) / 1e9 for sp in spans)
+            # The SDK exporter blocks (requests); the sidecar is served from this test's loop.
+            assert await asyncio.to_thread(exporter.export, spans) == SpanExportResult.SUCCESS
+            clock.now += 5.0  # twelve batches over one minute
+    finally:
+        exporter.shutdown()
+
+    clock.now -= 4.0  # every batch is inside the last minute
+    async with http.get(server.make_url("/api/v1/stats"), params={"model": "llama", "window": "1m"}) as resp:
+        (s,) = (await resp.json())["stats"]
+    sampled = s["sampling"]["spans"]
+    assert 0.15 * total < sampled < 0.2 * total  # about 1/4 + 1/10 of half each
+    assert s["requests"] == pytest.approx(total, rel=0.02)
+    assert s["throughput_rps"] == pytest.approx(total / 60.0, rel=0.02)
+    assert s["totals"]["requests"] == pytest.approx(total, rel=0.02)
+    # Percentiles within the stated sampling error: where each reported quantile falls in the true
+    # distribution is within a few rank errors of q (3 standard errors at the median, the widest).
+    rank_error = s["sampling"]["rank_error"]
+    assert 0 < rank_error < 0.01
+    truth = np.sort(np.floor(durations * 1e9) / 1e9)
+    for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+        rank = np.searchsorted(truth, s["latency_s"][name]) / total
+        assert abs(rank - q) <= 3 * rank_error, (name, rank, q, rank_error)
+    # Unweighted, the slow phase's 1-in-4 spans outnumber the fast phase's 1-in-10: that median would be far off.
+    naive_rank = np.searchsorted(truth, float(np.median(kept))) / total
+    assert abs(naive_rank - 0.5) > 10 * rank_error
