@@ -26,6 +26,7 @@ loaded within the same budget. Without it every loaded model stays loaded until 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -581,9 +582,12 @@ class ModelManager:
         recording = span.is_recording()
         last: StreamChunk | None = None
         try:
-            async for chunk in chain.generate_stream(request):
-                last = chunk
-                yield chunk
+            # Closed explicitly: when our caller leaves, the chain's stream (and through it the engine's) ends now,
+            # handing back the engine's lease and cancelling its work, not whenever garbage collection gets to it.
+            async with contextlib.aclosing(chain.generate_stream(request)) as stream:
+                async for chunk in stream:
+                    last = chunk
+                    yield chunk
         except BaseException as exc:
             if recording and not isinstance(exc, GeneratorExit):
                 span.set_attribute("error.type", _error_type(exc))
