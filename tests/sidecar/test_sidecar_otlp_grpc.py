@@ -12,7 +12,11 @@ from grpc import aio
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from sidecar.config import SidecarConfig
 from sidecar.otlp_grpc import METHOD, SERVICE
@@ -147,3 +151,22 @@ async def test_stops_with_the_app(start_sidecar):
     with pytest.raises(aio.AioRpcError) as info:
         await _raw_export(target, b"")
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_vllm_shaped_spans_are_named_by_otel_service_name(start_sidecar, http, monkeypatch):
+    # What docs/deployment.md tells an operator: OTEL_SERVICE_NAME names vLLM's llm_request spans' model.
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "llama-3.1-8b")
+    server, _, target = await _grpc_sidecar(start_sidecar)
+    provider = TracerProvider(resource=Resource.create(), shutdown_on_exit=False)  # the SDK reads the variable
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    span = provider.get_tracer("vllm").start_span("llm_request", kind=SpanKind.SERVER,
+                                                  attributes={"gen_ai.latency.e2e": 0.25})
+    span.end()
+    exporter = OTLPSpanExporter(endpoint=target, insecure=True, timeout=10)
+    try:
+        assert await asyncio.to_thread(exporter.export, memory.get_finished_spans()) == SpanExportResult.SUCCESS
+    finally:
+        exporter.shutdown()
+    (s,) = (await _stats(http, server, model="llama-3.1-8b", window="1m"))["stats"]
+    assert (s["operation"], s["requests"], s["latency_s"]["p50"]) == ("text_completion", 1, 0.25)
