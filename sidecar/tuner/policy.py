@@ -7,9 +7,9 @@ Two loops share one object:
   may be inside the server at once, or the last admitted one cannot finish in time; so when the queue is what is
   slow, the queue capacity is cut to that figure at once, and while requests are turned away with latency to
   spare it grows again. The batch size grows while batches fill from the queue (with headroom, or when saturated),
-  and halves when latency breaches with a short queue and a slow median (the batch's own run time is the latency);
-  both are trials, rolled back if goodput fell, because a smaller batch can also lower throughput and with it what
-  admission lets in. The batch timeout is the time in which half a batch is
+  and halves when latency breaches with a short queue, full batches and a slow median (the batch's own run time is
+  the latency); both are trials: a bigger batch is rolled back if goodput fell, a smaller one unless p99 fell or
+  attainment rose, because a smaller batch also lowers throughput and with it what admission lets in. The batch timeout is the time in which half a batch is
   expected to arrive, never more than a small share of the objective. The KV-cache budget grows while
   conversations are evicted and memory is plentiful, and shrinks under memory pressure. In front of an engine that
   batches by itself, a breach with nothing queued lowers the running limit.
@@ -286,6 +286,13 @@ class _Trial:
     """What was changed; their ``old`` values are the last good settings a rollback returns to."""
     goodput_ratio: float
     attainment: float
+    p99_ratio: float = math.nan
+    """The worst model's p99 / SLO when the change was made."""
+
+    @property
+    def remedy(self) -> bool:
+        """A change made to cure a breach: it must show that it cured something, whatever the load did."""
+        return any(d.reason == SLO_BREACH for d in self.decisions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,7 +402,9 @@ class TunerPolicy:
         if decisions and gain:
             ratio = readings.goodput_per_s / readings.offered_per_s if readings.offered_per_s else 1.0
             attainment = readings.goodput_per_s / readings.completed_per_s if readings.completed_per_s else 1.0
-            self._trial = _Trial(now + self.trial_s, decisions[0].load_level, decisions, ratio, attainment)
+            worst = _worst(readings.models)
+            p99_ratio = worst.p99_s / worst.slo_p99_s if worst is not None else math.nan
+            self._trial = _Trial(now + self.trial_s, decisions[0].load_level, decisions, ratio, attainment, p99_ratio)
         for d in decisions:
             self._last_change[d.knob] = now
             self.sources[d.knob] = d.source
@@ -426,13 +435,24 @@ class TunerPolicy:
         if trial is None or now < trial.until:
             return []
         self._trial = None
-        if level != trial.level or readings.offered_per_s <= 0:
-            return []  # the load moved: the comparison would say nothing about the change
+        if readings.offered_per_s <= 0:
+            return []
         ratio = readings.goodput_per_s / readings.offered_per_s
         attainment = readings.goodput_per_s / readings.completed_per_s if readings.completed_per_s else 1.0
-        regressed = ratio < trial.goodput_ratio - self.rollback_tolerance or (
-            trial.attainment >= self.attainment_target and attainment < self.attainment_target
-        )
+        if trial.remedy:
+            # A smaller batch that did not bring p99 down (or attainment up) only cost throughput: undo it, or a
+            # breach with another cause (a starved CPU) would walk the batch down to one.
+            worst = _worst(readings.models)
+            p99_ratio = worst.p99_s / worst.slo_p99_s if worst is not None else math.nan
+            cured = (not math.isnan(p99_ratio) and p99_ratio < 0.9 * trial.p99_ratio) or (
+                attainment > trial.attainment + self.rollback_tolerance)
+            regressed = not cured
+        elif level != trial.level:
+            return []  # the load moved: the comparison would say nothing about the change
+        else:
+            regressed = ratio < trial.goodput_ratio - self.rollback_tolerance or (
+                trial.attainment >= self.attainment_target and attainment < self.attainment_target
+            )
         if not regressed:
             return []
         out = []
@@ -559,13 +579,16 @@ class TunerPolicy:
                 if d:
                     out.append(d)
         breach = worst is not None and (worst.p99_s > worst.slo_p99_s or _ttft_breach(worst))
-        if breach and batch is not None and queued < float(batch) and worst.p50_s > 0.5 * worst.slo_p99_s:
-            # Slow with a short queue: the batch's own run time is the latency (long prompts, a big model). A
-            # smaller batch finishes sooner; it is an experiment like any gain, rolled back if goodput fell.
-            d = self._move(MAX_BATCH, settings, float(batch) / 2, SLO_BREACH, "tuned", level, readings, now)
-            if d:
-                out.append(d)
-        elif worst is not None and (headroom or readings.rejected_per_s > 0):
+        running = sum(m.running for m in readings.models)
+        shrink = None
+        if (breach and batch is not None and queued < float(batch) and running >= float(batch)
+                and worst.p50_s > 0.5 * worst.slo_p99_s):
+            # Slow with a short queue and full batches: the batch's own run time is the latency (long prompts, a
+            # big model). A smaller batch finishes sooner; the trial undoes it unless p99 or attainment improved.
+            shrink = self._move(MAX_BATCH, settings, float(batch) / 2, SLO_BREACH, "tuned", level, readings, now)
+            if shrink:
+                out.append(shrink)
+        if shrink is None and worst is not None and (headroom or readings.rejected_per_s > 0):
             # Batches that fill from the queue: a bigger one may raise throughput (and with it what admission
             # lets in). Worth trying when saturated even without headroom; the trial undoes it if goodput fell.
             if batch is not None and queued >= float(batch):

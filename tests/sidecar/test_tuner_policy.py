@@ -311,3 +311,23 @@ def test_a_full_gpu_is_memory_pressure_too():
     roomy = Readings((reading(),), dict(START), kv_evictions_per_s=2.0, gpu_memory_used_ratio=0.5)
     assert [d.reason for d in policy(bounds={KV_BUDGET: BOUNDS[KV_BUDGET]}).tick(roomy, 0.0).decisions] == [
         "cache_evictions"]
+
+
+def test_a_smaller_batch_that_cured_nothing_is_rolled_back_and_the_batch_cannot_walk_down_to_one():
+    """A breach with another cause (a starved CPU): halving the batch does not bring p99 down, so it is undone."""
+    p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]}, trial_s=12.0, cooldown_s=0.0)
+    current = {MAX_BATCH: 16}
+    seen = []
+    for t in range(0, 200, 2):
+        r = readings(current, rps=20.0, p99=2.0, p50=1.2, attainment=0.4, waiting=2, running=2 * current[MAX_BATCH])
+        decisions = p.tick(r, float(t)).decisions
+        seen += decisions
+        current = apply(current, decisions)
+    assert [d.reason for d in seen][:2] == ["slo_breach", ROLLBACK]
+    assert min(d.new for d in seen) == 8 and current[MAX_BATCH] == 16
+
+
+def test_no_shrink_while_batches_are_not_full():
+    p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]})
+    r = readings({MAX_BATCH: 16}, rps=5.0, p99=2.0, p50=1.5, attainment=0.3, waiting=0, running=3)
+    assert p.tick(r, 0.0).decisions == []
