@@ -7,6 +7,9 @@
   are sampled with OpenTelemetry's consistent probability sampling (:class:`AdjustableRatioSampler`): at
   ``sampling_ratio`` (runtime) while traffic is below ``sampling_budget_per_s`` traces per second, at that budget
   above it, each kept span carrying its threshold as ``ot=th:`` in its ``tracestate`` (adjusted count 1/p).
+- **Cost**: :class:`LeanTracer` decides a new trace before the SDK sees it; an unsampled request is one
+  ``NonRecordingSpan`` made current (its inner spans are that same span, with no context work), and only
+  sampled spans go through the SDK, the processor and the exporter.
 - **Failures** (15.5): :class:`ObservedSpanExporter` wraps the real exporter, counts each failed export call (a
   batch: ``muai_telemetry_export_failures_total{signal="traces"}``) and the spans it carried, logs at most once per
   ``log_period_s``, and reports "exporter failing" to the health state until an export succeeds again. The OTLP
@@ -26,6 +29,7 @@ Which spans count as requests is the sidecar's rule (``docs/sidecar-api.md``): t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -34,11 +38,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
 from opentelemetry.trace import TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -142,6 +148,7 @@ class AdjustableRatioSampler(Sampler):
         self._interval_start = clock()
         self._count = 0
         self._rate = 0.0  # traces per second over the last complete interval
+        self._decided: tuple[int, SamplingResult] | None = None
 
     @staticmethod
     def _check(ratio: float) -> float:
@@ -174,6 +181,21 @@ class AdjustableRatioSampler(Sampler):
         return ratio if rate * ratio <= budget else budget / rate
 
     def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None) -> SamplingResult:
+        decided = self._decided
+        if decided is not None and decided[0] == trace_id:
+            # The lean tracer's root decision, now asked again by the SDK building that very span.
+            self._decided = None
+            return decided[1]
+        return self._decide(parent_context, trace_id, attributes)
+
+    def decide_root(self, trace_id: int, attributes=None) -> SamplingResult:
+        """Decide a new trace; a kept one's decision is held for the SDK's own call for the same trace id."""
+        result = self._decide(None, trace_id, attributes)
+        if result.decision is Decision.RECORD_AND_SAMPLE:
+            self._decided = (trace_id, result)
+        return result
+
+    def _decide(self, parent_context, trace_id, attributes) -> SamplingResult:
         p = self.probability()
         parent = trace.get_current_span(parent_context).get_span_context() if parent_context is not None else None
         parent_state = parent.trace_state if parent is not None else None
@@ -423,6 +445,94 @@ class CountingSpanProcessor(SpanProcessor):
         return self._inner.force_flush(timeout_millis)
 
 
+class _PresetIds(IdGenerator):
+    """The provider's id generator, except that the lean tracer can hand it the trace id it already decided on."""
+
+    def __init__(self, inner: IdGenerator) -> None:
+        self.inner = inner
+        self._next = threading.local()
+
+    def preset(self, trace_id: int) -> None:
+        self._next.trace_id = trace_id
+
+    def generate_span_id(self) -> int:
+        return self.inner.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        trace_id = getattr(self._next, "trace_id", None)
+        if trace_id is None:
+            return self.inner.generate_trace_id()
+        self._next.trace_id = None
+        return trace_id
+
+
+class LeanTracer(trace.Tracer):
+    """The SDK's tracer, minus the work for spans that will never be seen.
+
+    Under a valid parent that is not sampled, a new span would be dropped anyway: the parent span itself is
+    returned (its ``end()`` and attribute calls are no-ops) and ``start_as_current_span`` attaches nothing, so
+    an unsampled request's inner spans cost one context lookup. With the provider's sampler and ids at hand, a
+    new trace is decided here first: a dropped one is one ``NonRecordingSpan`` (which children need as their
+    unsampled parent), never the SDK's span machinery; a kept one is built by the SDK with the same trace id and
+    decision.
+    """
+
+    def __init__(self, inner: trace.Tracer, *, sampler: AdjustableRatioSampler | None = None,
+                 ids: _PresetIds | None = None) -> None:
+        self.inner = inner
+        self._sampler = sampler
+        self._ids = ids
+
+    def _lean(self, context: Context | None, attributes) -> trace.Span | None:
+        parent = trace.get_current_span(context)
+        span_context = parent.get_span_context()
+        if span_context.is_valid:
+            if not span_context.trace_flags.sampled and not parent.is_recording():
+                return parent
+            return None
+        sampler, ids = self._sampler, self._ids
+        if sampler is None or ids is None:
+            return None
+        trace_id = ids.inner.generate_trace_id()
+        result = sampler.decide_root(trace_id, attributes)
+        if result.decision is Decision.RECORD_AND_SAMPLE:
+            ids.preset(trace_id)
+            return None
+        return trace.NonRecordingSpan(
+            trace.SpanContext(trace_id, ids.inner.generate_span_id(), is_remote=False, trace_state=result.trace_state)
+        )
+
+    def start_span(self, name, context=None, kind=trace.SpanKind.INTERNAL, attributes=None, links=None,
+                   start_time=None, record_exception=True, set_status_on_exception=True) -> trace.Span:
+        span = self._lean(context, attributes)
+        if span is not None:
+            return span
+        return self.inner.start_span(name, context, kind, attributes, links, start_time, record_exception,
+                                     set_status_on_exception)
+
+    @contextlib.contextmanager
+    def start_as_current_span(self, name, context=None, kind=trace.SpanKind.INTERNAL, attributes=None, links=None,
+                              start_time=None, record_exception=True, set_status_on_exception=True,
+                              end_on_exit=True):
+        span = self._lean(context, attributes)
+        if span is not None and span is trace.get_current_span(context) and context is None:
+            yield span  # the current, unsampled span stays current: nothing to attach
+            return
+        if span is not None:
+            # A dropped trace's stand-in: current (so its children know), with nothing to end or record.
+            token = context_api.attach(trace.set_span_in_context(span, context))
+            try:
+                yield span
+            finally:
+                context_api.detach(token)
+            return
+        span = self.inner.start_span(name, context, kind, attributes, links, start_time, record_exception,
+                                     set_status_on_exception)
+        with trace.use_span(span, end_on_exit=end_on_exit, record_exception=record_exception,
+                            set_status_on_exception=set_status_on_exception) as current:
+            yield current
+
+
 def make_exporter(config: Any) -> SpanExporter:
     """The real OTLP exporter for ``telemetry.tracing`` (http/protobuf or grpc)."""
     endpoint = config.endpoint
@@ -509,7 +619,9 @@ def build_tracing(
         return Tracing(None, trace.NoOpTracer(), owned=False)
     sampler = AdjustableRatioSampler(config.sampling_ratio, budget_per_s=getattr(config, "sampling_budget_per_s", None))
     resource = Resource.create({"service.name": config.service_name})
-    provider = TracerProvider(resource=resource, sampler=ParentBased(root=sampler), shutdown_on_exit=False)
+    ids = _PresetIds(RandomIdGenerator())
+    provider = TracerProvider(resource=resource, sampler=ParentBased(root=sampler), id_generator=ids,
+                              shutdown_on_exit=False)
     inner = exporter if exporter is not None else make_exporter(config)
     _limit_exporter_logs(log_period_s)
     observed = ObservedSpanExporter(
@@ -526,7 +638,8 @@ def build_tracing(
             log_period_s=log_period_s,
         )
     )
-    return Tracing(provider, provider.get_tracer(INSTRUMENTATION_NAME), sampler, observed, owned=True)
+    tracer = LeanTracer(provider.get_tracer(INSTRUMENTATION_NAME), sampler=sampler, ids=ids)
+    return Tracing(provider, tracer, sampler, observed, owned=True)
 
 
 def extract_context(headers: Mapping[str, str]) -> Context:
@@ -548,6 +661,7 @@ __all__ = [
     "AdjustableRatioSampler",
     "ConsistentProbabilitySampler",
     "CountingSpanProcessor",
+    "LeanTracer",
     "ObservedSpanExporter",
     "Tracing",
     "TracingConfigError",

@@ -334,3 +334,55 @@ async def test_serving_is_unaffected_with_the_collector_down(tmp_path):
         assert failures >= 1
         dropped = state.metrics.registry.get_sample_value("muai_telemetry_spans_dropped_total", {"reason": "export_failed"})
         assert dropped >= failures  # every failed batch carried at least one span
+
+
+def test_lean_tracer_builds_nothing_for_unsampled_requests():
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class Counting(SpanProcessor):
+        started = 0
+
+        def on_start(self, span, parent_context=None):
+            Counting.started += 1
+
+    tracing = build_tracing(TracingConfig(endpoint="http://127.0.0.1:9/v1/traces", sampling_ratio=0.0),
+                            exporter=InMemorySpanExporter())
+    try:
+        tracing.provider.add_span_processor(Counting())
+        tracer = tracing.tracer
+        for _ in range(100):
+            with tracer.start_as_current_span("POST /v1/chat/completions", context=extract_context({})) as root:
+                assert not root.is_recording() and root.get_span_context().is_valid
+                child = tracer.start_span("generate m")
+                assert child is root  # the unsampled parent stands in: no new span object
+                with tracer.start_as_current_span("step") as step:
+                    assert step is root and trace.get_current_span() is root
+                headers = inject_headers({})
+                assert headers["traceparent"].endswith("-00")  # still propagated, as not sampled
+            assert not trace.get_current_span().get_span_context().is_valid  # detached again
+        assert Counting.started == 0
+        # A sampled incoming traceparent is still followed through the lean tracer, children included.
+        with tracer.start_as_current_span("server", context=extract_context({"traceparent": TRACEPARENT})) as root:
+            assert root.is_recording() and root.get_span_context().trace_id == TRACE_ID
+            assert tracer.start_span("child").is_recording()
+        assert Counting.started == 2
+    finally:
+        tracing.shutdown(1)
+
+
+def test_lean_tracer_decides_each_new_trace_once():
+    tracing = build_tracing(TracingConfig(endpoint="http://127.0.0.1:9/v1/traces", sampling_ratio=0.5,
+                                          sampling_budget_per_s=None), exporter=InMemorySpanExporter())
+    try:
+        kept = 0
+        for _ in range(2000):
+            with tracing.tracer.start_as_current_span("r") as span:
+                randomness = span.get_span_context().trace_id & ((1 << 56) - 1)
+                # The trace id the SDK built the span with is the one the decision was made on.
+                assert span.is_recording() == (randomness >= threshold_for(0.5))
+                kept += span.is_recording()
+                if span.is_recording():
+                    assert _th(span) == "8"
+        assert 850 < kept < 1150
+    finally:
+        tracing.shutdown(1)
