@@ -869,10 +869,10 @@ class ModelManager:
             out[name] = probed[1]
         return out
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ManagerStatus:
         """The full status (blocking; run it on a worker thread): per model, state, engine, degraded reasons,
         batching and its chain's own status; per engine, availability and why not. Samples the availability that
-        :meth:`snapshot` reports.
+        :meth:`snapshot` reports; ``as_dict()`` is the admin API's JSON.
 
         A model's reported ``state`` is ``unavailable`` (and ``servable`` False) when it was loaded but no engine of
         its chain serves it now (all failed; the chain retries them after their back-off)."""
@@ -889,7 +889,7 @@ class ModelManager:
                     chain_status = {"error": str(exc)}
             models[m.name] = self._model_status(m, chain_status)
         self._availability = self._engines_status(chain_statuses)
-        return ManagerStatus(models, dict(self._availability)).as_dict()
+        return ManagerStatus(models, dict(self._availability))
 
     def batcher(self, name: str) -> Batcher | None:
         """The model's dynamic batcher (None when batching is off or the model is not loaded)."""

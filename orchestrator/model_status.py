@@ -104,4 +104,4 @@ class ManagerStatus:
                 "engines": {name: e.as_dict() for name, e in self.engines.items()}}
 
 
-__all__ = ["BatchingStatus", "EngineAvailability", "ManagerStatus", "ModelStatus", "UNAVAILABLE"]
+__all__ = ["UNAVAILABLE", "BatchingStatus", "EngineAvailability", "ManagerStatus", "ModelStatus"]

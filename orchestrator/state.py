@@ -21,6 +21,7 @@ from orchestrator.errors import (
 )
 from orchestrator.health import HealthState
 from orchestrator.metrics import ResourceSampler, ServerMetrics
+from orchestrator.model_status import ManagerStatus
 from orchestrator.tracing import Tracing
 
 log = logging.getLogger("orchestrator.server")  # one logger name for the whole server, as before the split
@@ -136,7 +137,7 @@ def bind_queue_gauges(state: ServerState, model: str) -> None:
     state.metrics.bind_queue_gauges(model, lambda: counts.waiting, lambda: counts.running)
 
 
-async def refresh_status(state: ServerState) -> dict[str, Any] | None:
+async def refresh_status(state: ServerState) -> ManagerStatus | None:
     """Sample the manager's full status on a worker thread (it asks every engine for its status and probes the
     engines no model holds, which may import an engine library); what readiness then reads as the engines'
     availability. None when the manager failed (logged)."""
@@ -154,7 +155,7 @@ __all__ = [
     "UpdateConfig",
     "attach_hooks",
     "bind_queue_gauges",
-    "refresh_status",
     "make_event_hook",
+    "refresh_status",
     "running_limit",
 ]

@@ -130,8 +130,9 @@ async def admin_load_model(request: web.Request) -> web.Response:
     except Exception as exc:
         raise ApiError(500, f"loading model {name!r} failed: {exc}", type_="server_error",
                        code="model_load_failed") from None
-    status = await refresh_status(state) or {}
-    return web.json_response({"model": name, "status": (status.get("models") or {}).get(name, {})})
+    status = await refresh_status(state)
+    entry = status.models.get(name) if status is not None else None
+    return web.json_response({"model": name, "status": entry.as_dict() if entry is not None else {}})
 
 
 async def admin_unload_model(request: web.Request) -> web.Response:

@@ -65,7 +65,7 @@ async def test_registered_but_not_loaded_is_not_ready():
     assert m.models() == ["echo-a", "echo-b", "echo-emb"] and not m.is_loaded("echo-a")
     with pytest.raises(ModelNotReadyError, match="state unloaded"):
         await m.generate("echo-a", req("x"))
-    st = m.status()
+    st = m.status().as_dict()
     assert st["models"]["echo-a"]["state"] == "unloaded" and st["models"]["echo-a"]["engine"] is None
     assert st["engines"] == {"echo": {"available": True, "reason": None}}
     await m.aclose()
@@ -84,7 +84,7 @@ async def test_bad_model_path_fails_its_load_clearly_and_disturbs_nothing_else(t
     with pytest.raises(ModelLoadFailedError) as info:
         await m.aload_model("bad")
     assert str(bad) in str(info.value) and "'bad'" in str(info.value)
-    status = m.status()["models"]
+    status = m.status().as_dict()["models"]
     assert status["bad"]["state"] == "failed" and str(bad) in status["bad"]["error"]
     assert status["good"]["state"] == "ready"
     assert (await m.generate("good", req("hello there"))).completion_tokens > 0
@@ -193,7 +193,7 @@ async def test_unload_fails_waiting_requests_and_stops_serving():
     assert await m.aunload_model("echo-a") is True
     outs = await asyncio.gather(*waiting, return_exceptions=True)
     assert all(isinstance(o, BatcherClosedError) for o in outs)
-    assert m.status()["models"]["echo-a"]["state"] == "unloaded"
+    assert m.status().as_dict()["models"]["echo-a"]["state"] == "unloaded"
     with pytest.raises(ModelNotReadyError):
         await m.generate("echo-a", req("x"))
     await m.aclose()
@@ -230,12 +230,12 @@ async def test_a_loaded_model_whose_engines_all_failed_is_reported_unavailable()
     # echo, then torch behind it, which cannot load the (missing) path: once echo fails, nothing serves.
     m = ModelManager(echo_config(), engine_factory=factory)
     await m.aload_model("echo-a")
-    entry = m.status()["models"]["echo-a"]
+    entry = m.status().as_dict()["models"]["echo-a"]
     assert entry["state"] == "ready" and entry["servable"] is True
     faults.fail_generate_always = True
     with pytest.raises(Exception):
         await m.generate("echo-a", req("x"))
-    entry = m.status()["models"]["echo-a"]
+    entry = m.status().as_dict()["models"]["echo-a"]
     assert entry["state"] == "unavailable" and entry["servable"] is False
     assert m.is_loaded("echo-a")  # still registered as loaded: the chain re-probes its engines later
     await m.aclose()
@@ -291,7 +291,7 @@ async def test_runtime_config_reaches_batcher_and_engine():
     b = m.batcher("echo-a")
     assert (b.batch_size, b.batch_timeout_s) == (4, 0.5)
     assert m.get_model("echo-a").engine.status()["inject_delay_s"] == 0.25
-    st = m.status()["models"]["echo-a"]
+    st = m.status().as_dict()["models"]["echo-a"]
     assert st["batching"]["batch_size"] == 4 and st["batching"]["batch_timeout_s"] == 0.5
     await m.aclose()
 
@@ -310,14 +310,14 @@ async def test_fallback_is_forwarded_and_degradation_shown(tiny_llama_path):
     cfg = MuaiConfig(models=[{"name": "m", "path": tiny_llama_path}], engines={"preference": ["echo", "torch"]})
     m = ModelManager(cfg, engine_factory=factory, on_fallback=fallbacks.append, on_event=events.append)
     await m.aload_model("m")
-    assert m.status()["models"]["m"]["engine"] == "echo"
+    assert m.status().as_dict()["models"]["m"]["engine"] == "echo"
     out = await m.generate("m", req("hello there", 3))
     assert out.completion_tokens > 0
     assert [(f.from_engine, f.to_engine) for f in fallbacks] == [("echo", "torch")]
     assert any(e.kind == "fallback" and e.engine == "torch" for e in events)
-    st = m.status()["models"]["m"]
+    st = m.status().as_dict()["models"]["m"]
     assert st["engine"] == "torch" and st["degraded"] and any("echo" in r for r in st["degraded_reasons"])
-    assert m.status()["engines"]["echo"]["available"] is True
+    assert m.status().as_dict()["engines"]["echo"]["available"] is True
     await m.aclose()
 
 
@@ -351,7 +351,7 @@ def test_everything_disabled_equals_plain_transformers(tiny_llama_path):
     )
     m = ModelManager(cfg)
     m.load_model("llama")
-    assert m.status()["models"]["llama"]["engine"] == "torch"
+    assert m.status().as_dict()["models"]["llama"]["engine"] == "torch"
     ours = [m.infer("llama", p, max_new_tokens=8) for p in PROMPTS]
     assert ours == _plain_transformers(tiny_llama_path, PROMPTS, 8)
     m.close()
@@ -442,7 +442,7 @@ async def test_resident_budget_unloads_the_least_recently_used_on_demand_model(t
     await m.generate("a", req("a is used last"))
     await m.aload_model("c")  # two fit: b, the least recently used, makes room
     assert [m.is_loaded(n) for n in "abc"] == [True, False, True]
-    assert m.status()["models"]["b"]["evicted"] is True
+    assert m.status().as_dict()["models"]["b"]["evicted"] is True
     result = await m.generate("b", req("b comes back on demand"))  # loads b again, evicting a
     assert result.completion_tokens == 4
     assert [m.is_loaded(n) for n in "abc"] == [False, True, True]

@@ -43,7 +43,7 @@ def test_an_ad_hoc_chain_counts_against_the_resident_budget(tmp_path):
     m.load_model("b")
     assert m.infer("b", "one two", max_new_tokens=1, engine_preference=["torch"]) == "two"
     # b's second chain needed b's weights again: a, the evictable one, made room.
-    assert not m.is_loaded("a") and m.status()["models"]["a"]["evicted"] is True
+    assert not m.is_loaded("a") and m.status().as_dict()["models"]["a"]["evicted"] is True
     assert m.is_loaded("b")
     # Nothing evictable is left: a third copy of b does not fit and says why.
     with pytest.raises(ModelLoadFailedError, match="resident_budget_bytes"):

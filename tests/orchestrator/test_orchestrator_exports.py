@@ -6,7 +6,8 @@ import orchestrator
 
 def test_public_surface_is_pinned():
     assert sorted(orchestrator.__all__) == sorted([
-        "Batcher", "BatcherClosedError", "BatchingPolicy", "ManagedModel", "ModelEvent", "ModelLoadFailedError",
+        "Batcher", "BatcherClosedError", "BatchingPolicy", "EngineAvailability", "ManagedModel", "ManagerStatus",
+        "ModelStatus", "ModelEvent", "ModelLoadFailedError",
         "ModelManager", "ModelNotReadyError", "MuaiError", "UnknownModelError", "UnknownWorkflowError", "Workflow",
         "WorkflowResult", "WorkflowValidationError", "create_app", "default_workflows", "serve",
     ])

@@ -79,7 +79,7 @@ def test_the_snapshot_probes_nothing_and_reports_the_last_sample():
     assert isinstance(snap, ManagerStatus) and snap.engines == {}
     assert snap.models["e"].state == "ready" and snap.models["e"].engine == "echo"
     assert snap.models["e"].chain is None and StatusRecordingEngine.calls == []
-    full = m.status()
+    full = m.status().as_dict()
     assert StatusRecordingEngine.calls and full["models"]["e"]["chain"]["engine_status"]["engine"] == "echo"
     assert m.snapshot().engines["echo"] == EngineAvailability(True, None)
     # The typed snapshot and the full status agree on everything the snapshot holds.
