@@ -37,7 +37,6 @@ from typing import Any, Literal
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from adapters.base import (
     EmbeddingResult,
@@ -45,16 +44,26 @@ from adapters.base import (
     GenerationRequest,
     GenerationResult,
     ModelSpec,
-    SamplingParams,
     StreamChunk,
 )
 from orchestrator.batcher import Batcher, Submission
+from orchestrator.blocking import SyncRunner, blocking_infer
 from orchestrator.config import ENGINE_NAMES, ModelConfig
 from orchestrator.errors import (
     ModelLoadFailedError,
     ModelNotReadyError,
     MuaiError,
     UnknownModelError,
+)
+from orchestrator.inference_spans import (
+    OP_EMBED,
+    OP_GENERATE,
+    TRACER_NAME,
+    CallSpans,
+    StreamSpan,
+    base_attributes,
+    embed_error,
+    tracing_off,
 )
 from orchestrator.model_status import UNAVAILABLE, BatchingStatus, EngineAvailability, ManagerStatus, ModelStatus
 from orchestrator.residency import Resident, describe_held, plan_room
@@ -64,9 +73,6 @@ log = logging.getLogger(__name__)
 ModelState = Literal["unloaded", "loading", "ready", "failed"]
 """A model's lifecycle state. ``status()`` also reports ``unavailable``: ready, but no engine serves it now."""
 EventKind = Literal["load_start", "load_ok", "load_fail", "unload", "fallback"]
-TRACER_NAME = "muai.orchestrator"
-OP_GENERATE = "text_completion"
-OP_EMBED = "embeddings"
 PROBE_CACHE_S = 300.0
 
 
@@ -140,39 +146,6 @@ def _call_hook(hook: Callable[..., Any] | None, *args: Any) -> None:
         log.exception("model manager hook %r failed", getattr(hook, "__name__", hook))
 
 
-class _SyncRunner:
-    """A private event loop on its own thread for the blocking API (``infer``, ``Workflow.execute``)."""
-
-    def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def run(self, coro: Any) -> Any:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            coro.close()
-            raise MuaiError("this call blocks; from async code use the manager's async API (await manager.generate)")
-        with self._lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=self._loop.run_forever, name="muai-manager-sync", daemon=True)
-                self._thread.start()
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def close(self) -> None:
-        with self._lock:
-            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            if thread is not None:
-                thread.join(timeout=10)
-            loop.close()
-
-
 class ModelManager:
     """Registered models, their engines and lifecycle; the one way the server and workflows reach a model."""
 
@@ -197,7 +170,7 @@ class ModelManager:
         self._clock = clock
         self._models: dict[str, ManagedModel] = {}
         self._lock = threading.RLock()
-        self._sync = _SyncRunner()
+        self._sync = SyncRunner()
         self._adhoc: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._probed: dict[str, tuple[float, EngineAvailability]] = {}
         # Replaced whole by each status() (never updated in place), so snapshot() reads it without a lock.
@@ -564,7 +537,7 @@ class ModelManager:
         if b is not None:
             return await b.submit(texts, key=(OP_EMBED,), length=max((len(t) for t in texts), default=0))
         results = await self._infer(m, OP_EMBED, [texts], [None], None)
-        err = _embed_error(results[0])
+        err = embed_error(results[0])
         if err is not None:
             raise err
         return results[0]
@@ -578,8 +551,7 @@ class ModelManager:
         if chain is None:  # unloaded since _ready()
             raise ModelNotReadyError(name, m.state, m.error or "")
         engine_before = chain.engine_name
-        span = self.tracer.start_span(f"{OP_GENERATE} {name}", kind=SpanKind.INTERNAL)
-        recording = span.is_recording()
+        span = StreamSpan(self.tracer, f"{OP_GENERATE} {name}")
         last: StreamChunk | None = None
         try:
             # Closed explicitly: when our caller leaves, the chain's stream (and through it the engine's) ends now,
@@ -589,21 +561,10 @@ class ModelManager:
                     last = chunk
                     yield chunk
         except BaseException as exc:
-            if recording and not isinstance(exc, GeneratorExit):
-                span.set_attribute("error.type", _error_type(exc))
-                span.set_status(Status(StatusCode.ERROR, str(exc)))
+            span.fail(exc)
             raise
         finally:
-            if recording:
-                attrs = self._base_attrs(m, OP_GENERATE, engine_before, 1)
-                if last is not None:
-                    attrs["gen_ai.usage.input_tokens"] = last.prompt_tokens
-                    attrs["gen_ai.usage.output_tokens"] = last.completion_tokens
-                    if last.finish_reason:
-                        attrs["gen_ai.response.finish_reasons"] = (last.finish_reason,)
-                attrs["muai.streaming"] = True
-                span.set_attributes(attrs)
-            span.end()
+            span.end(self._base_attrs(m, OP_GENERATE, engine_before, 1) if span.recording else None, last)
             _call_hook(self.on_batch, name, chain.engine_name, 1)
 
     async def _run_submissions(self, m: ManagedModel, subs: Sequence[Submission]) -> list[Any]:
@@ -625,12 +586,8 @@ class ModelManager:
         if chain is None:
             raise ModelNotReadyError(m.name, m.state, m.error or "")
         engine_before = chain.engine_name
-        if self._tracing_off():
-            spans: list[Any] = [None] * len(contexts)
-        else:
-            tracer, name = self.tracer, f"{op} {m.name}"
-            spans = [tracer.start_span(name, context=ctx, kind=SpanKind.INTERNAL) for ctx in contexts]
-            spans = [s if s.is_recording() else None for s in spans]
+        tracer = None if tracing_off(self._tracer_given) else self.tracer
+        spans = CallSpans(tracer, f"{op} {m.name}", contexts)
         size = len(payloads)
         try:
             if op == OP_GENERATE:
@@ -652,69 +609,18 @@ class ModelManager:
                     engine=chain.engine_name, model=m.name, retryable=False,
                 )
         except BaseException as exc:
-            base = self._base_attrs(m, op, engine_before, size) if any(s is not None for s in spans) else {}
-            for span in spans:
-                if span is not None:
-                    span.set_attributes(base)
-                    span.set_attribute("error.type", _error_type(exc))
-                    span.set_status(Status(StatusCode.ERROR, str(exc)))
-                    span.end()
+            if spans.recording:
+                spans.fail(self._base_attrs(m, op, engine_before, size), exc)
             _call_hook(self.on_batch, m.name, chain.engine_name, size)
             raise
         engine = chain.engine_name
-        base = self._base_attrs(m, op, engine_before, size) if any(s is not None for s in spans) else {}
-        for i, span in enumerate(spans):
-            if span is None:
-                continue
-            attrs = dict(base)
-            if waits is not None:
-                attrs["muai.batch_wait_s"] = waits[i]
-            result = results[i]
-            err: BaseException | None
-            if op == OP_GENERATE:
-                req = payloads[i]
-                sp = req.sampling
-                attrs.update({
-                    "gen_ai.request.max_tokens": sp.max_new_tokens,
-                    "gen_ai.request.temperature": sp.temperature,
-                    "gen_ai.request.top_p": sp.top_p,
-                    "gen_ai.usage.input_tokens": result.prompt_tokens,
-                    "gen_ai.usage.output_tokens": result.completion_tokens,
-                    "gen_ai.response.finish_reasons": (result.finish_reason,),
-                    "muai.cache_hit": bool(result.cache_hit),
-                })
-                if result.cached_tokens:
-                    attrs["muai.cached_tokens"] = result.cached_tokens
-                err = result.error
-            else:
-                attrs["gen_ai.usage.input_tokens"] = sum(r.prompt_tokens for r in result)
-                err = _embed_error(result)
-            span.set_attributes(attrs)
-            if err is not None:
-                span.set_attribute("error.type", _error_type(err))
-                span.set_status(Status(StatusCode.ERROR, str(err)))
-            span.end()
+        if spans.recording:
+            spans.finish(self._base_attrs(m, op, engine_before, size), op, payloads, results, waits)
         _call_hook(self.on_batch, m.name, engine, size)
         return results
 
-    def _tracing_off(self) -> bool:
-        # No tracer given and no SDK provider installed globally: every span would be a no-op, so skip making
-        # them (a microsecond per request on the batched path). Checked per call: a provider may be set later.
-        return not self._tracer_given and isinstance(
-            trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
-        )
-
     def _base_attrs(self, m: ManagedModel, op: str, engine_before: str, size: int) -> dict[str, Any]:
-        chain = m.chain
-        engine = chain.engine_name if chain is not None else engine_before
-        degraded = bool(getattr(chain, "degraded_reasons", None)) if chain is not None else False
-        return {
-            "gen_ai.operation.name": op,
-            "gen_ai.request.model": m.name,
-            "muai.engine": engine,
-            "muai.batch_size": size,
-            "muai.fallback": engine != engine_before or degraded,
-        }
+        return base_attributes(m.name, op, m.chain, engine_before, size)
 
     # -- blocking API (existing contract) -------------------------------------------------------------------------
 
@@ -727,32 +633,7 @@ class ModelManager:
         list out, run as one engine batch. Keyword arguments: ``max_new_tokens``, ``temperature``, ``top_p``,
         ``stop``, ``seed``, ``engine_preference`` (engines to try for this call, e.g. ``["onnxruntime", "torch"]``).
         """
-        m = self._ready(model_name)
-        single = isinstance(inputs, str)
-        items = [inputs] if single else list(inputs)
-        preference = kwargs.pop("engine_preference", None)
-        sampling_keys = {"max_new_tokens", "temperature", "top_p", "stop", "seed"}
-        unknown = set(kwargs) - sampling_keys
-        if unknown:
-            raise TypeError(f"infer() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-        if "stop" in kwargs and kwargs["stop"] is not None:
-            kwargs["stop"] = (kwargs["stop"],) if isinstance(kwargs["stop"], str) else tuple(kwargs["stop"])
-        target = self._with_preference(m, preference) if preference else m
-        if m.task == "generate":
-            sampling = SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
-            requests = [GenerationRequest(p, sampling) for p in items]
-            results = self.run_sync(self._infer(target, OP_GENERATE, requests, [None] * len(requests), None))
-            for r in results:
-                if r.error is not None:
-                    raise r.error
-            texts = [r.text for r in results]
-            return texts[0] if single else texts
-        (vectors,) = self.run_sync(self._infer(target, OP_EMBED, [items], [None], None))
-        err = _embed_error(vectors)
-        if err is not None:
-            raise err
-        out = [v.vector for v in vectors]
-        return out[0] if single else out
+        return blocking_infer(self, model_name, inputs, **kwargs)
 
     def _with_preference(self, m: ManagedModel, preference: Iterable[str]) -> ManagedModel:
         """A view of ``m`` served by an ad-hoc chain for ``preference`` (``infer(engine_preference=...)``).
@@ -1002,19 +883,8 @@ def _weights_bytes(path: str) -> int:
 
 def _batch_result_error(result: Any) -> BaseException | None:
     if isinstance(result, list):
-        return _embed_error(result)
+        return embed_error(result)
     return result.error
-
-
-def _embed_error(results: Sequence[EmbeddingResult]) -> BaseException | None:
-    for r in results:
-        if r.error is not None:
-            return r.error
-    return None
-
-
-def _error_type(exc: BaseException) -> str:
-    return type(exc).__qualname__
 
 
 __all__ = ["ManagedModel", "ModelConfigError", "ModelEvent", "ModelManager", "ModelState"]
