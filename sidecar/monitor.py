@@ -142,6 +142,19 @@ class _Series:
         self.weighted: _Weighted | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Summary:
+    n: int
+    weight: float
+    weight_sq: float
+    extra: float
+    extra_latency: float
+    extra_errors: float
+    extra_input_tokens: float
+    extra_output_tokens: float
+    quantiles: tuple[float, ...]
+
+
 class _Weighted:
     """A series' samples with their weights (the newest ``max_samples``), in arrival order.
 
@@ -149,7 +162,8 @@ class _Weighted:
     head is compacted once half the lists are behind it.
     """
 
-    __slots__ = ("t", "value", "weight", "ok", "input_tokens", "output_tokens", "head", "max_samples")
+    __slots__ = ("t", "value", "weight", "ok", "input_tokens", "output_tokens", "head", "max_samples", "base",
+                 "quantiles")
 
     def __init__(self, max_samples: int) -> None:
         self.t: list[float] = []
@@ -160,6 +174,10 @@ class _Weighted:
         self.output_tokens: list[float] = []
         self.head = 0
         self.max_samples = max_samples
+        self.base = 0  # samples compacted away, so (base + index) names a sample for good
+        # window horizon -> ((first, end) absolute indices, summary): the sums and the sort are redone only when
+        # the window's samples changed, not on every query of the same state.
+        self.quantiles: dict[float, tuple[tuple[int, int], _Summary]] = {}
 
     def add(self, sample: SpanSample, now: float) -> None:
         if self.t and now < self.t[-1]:
@@ -175,7 +193,32 @@ class _Weighted:
         if self.head > 1024 and self.head * 2 > len(self.t):
             for name in ("t", "value", "weight", "ok", "input_tokens", "output_tokens"):
                 setattr(self, name, getattr(self, name)[self.head:])
+            self.base += self.head
             self.head = 0
+
+    def summary(self, horizon: float, start: int) -> _Summary:
+        """The weighted sums and quantiles of the samples from ``start`` on, recomputed only when they changed."""
+        key = (self.base + start, self.base + len(self.t))
+        cached = self.quantiles.get(horizon)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        values = np.asarray(self.value[start:], dtype=float)
+        weights = np.asarray(self.weight[start:], dtype=float)
+        failed = ~np.asarray(self.ok[start:], dtype=bool)
+        extra = weights - 1.0
+        summary = _Summary(
+            n=int(values.size),
+            weight=float(weights.sum()),
+            weight_sq=float((weights * weights).sum()),
+            extra=float(extra.sum()),
+            extra_latency=float((extra * values).sum()),
+            extra_errors=float(extra[failed].sum()),
+            extra_input_tokens=float(np.nansum(np.asarray(self.input_tokens[start:], dtype=float) * extra)),
+            extra_output_tokens=float(np.nansum(np.asarray(self.output_tokens[start:], dtype=float) * extra)),
+            quantiles=tuple(weighted_quantiles(values, weights, (0.5, 0.95, 0.99))),
+        )
+        self.quantiles[horizon] = (key, summary)
+        return summary
 
     def since(self, cutoff: float) -> int:
         """Index of the first sample younger than ``cutoff`` (a window counts ``t > now - horizon``)."""
@@ -187,21 +230,26 @@ class _Weighted:
 
 
 def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs: Iterable[float]) -> list[float]:
-    """Quantiles of weighted samples; equal weights give numpy's ``linear`` definition exactly.
+    """Quantiles of samples that each stand for ``weight`` requests (adjusted counts, so weights >= 1).
 
-    Each sorted value sits at the weight below it (``S_i - w_i``) over the total less the last weight, the
-    weighted form of linear's rank ``(i - 1) / (n - 1)``; between two values the quantile is interpolated.
+    numpy's ``linear`` definition over the requests the samples stand for: a sample of weight ``w`` is ``w``
+    equal values, so an integer weight gives exactly ``np.quantile(np.repeat(values, weights), q)`` and weights of
+    1 the plain ``np.quantile(values, q)``. Each sorted value holds from its first rank ``S_i - w_i`` to its
+    last ``S_i - 1`` (``S_i`` the weight up to and including it) and the quantile at rank ``q (W - 1)`` is
+    interpolated between neighbours, as for repeated values.
     """
+    qs = list(qs)
     if values.size == 0:
         return [math.nan for _ in qs]
-    if values.size == 1:
-        return [float(values[0]) for _ in qs]
     order = np.argsort(values, kind="stable")
-    v, w = values[order], weights[order]
-    below = np.cumsum(w) - w
-    span = below[-1]
-    ranks = below / span if span > 0 else np.linspace(0.0, 1.0, v.size)
-    return [float(np.interp(q, ranks, v)) for q in qs]
+    v, w = values[order], np.maximum(weights[order], 1.0)
+    upto = np.cumsum(w)
+    first = upto - w
+    last = np.maximum(first, upto - 1.0)
+    ranks = np.column_stack((first, last)).ravel()
+    knots = np.repeat(v, 2)
+    top = upto[-1] - 1.0
+    return [float(np.interp(q * top, ranks, knots)) for q in qs]
 
 
 def _sum_rate(window: MultiWindow | None, name: str, now: float) -> float:
@@ -401,21 +449,18 @@ class PerformanceMonitor:
         sums exact, samples of weight 1 from before the store began included.
         """
         lat = stats.latency
-        start = store.since(now - stats.window_s)
-        values, weights, ok = store.arrays(start)
-        extra = weights - 1.0
-        count = lat.count + float(extra.sum())
+        summary = store.summary(stats.window_s, store.since(now - stats.window_s))
+        count = lat.count + summary.extra
         if lat.count == 0 or count <= 0:
             return stats
         span = lat.count / lat.rate_per_s if lat.rate_per_s > 0 else stats.window_s
-        total = (lat.mean * lat.count if lat.count else 0.0) + float((extra * values).sum())
-        p50, p95, p99 = weighted_quantiles(values, weights, (0.5, 0.95, 0.99)) if values.size else (lat.p50, lat.p95, lat.p99)
-        errors = stats.errors + float(extra[~ok].sum())
-        w_sum = float(weights.sum())
-        tokens = {}
-        for name, column in (("input_tokens_per_s", store.input_tokens), ("output_tokens_per_s", store.output_tokens)):
-            extra_tokens = np.asarray(column[start:], dtype=float) * extra
-            tokens[name] = getattr(stats, name) + float(np.nansum(extra_tokens)) / span
+        total = lat.mean * lat.count + summary.extra_latency
+        p50, p95, p99 = summary.quantiles if summary.n else (lat.p50, lat.p95, lat.p99)
+        errors = stats.errors + summary.extra_errors
+        tokens = {
+            "input_tokens_per_s": stats.input_tokens_per_s + summary.extra_input_tokens / span,
+            "output_tokens_per_s": stats.output_tokens_per_s + summary.extra_output_tokens / span,
+        }
         return dataclasses.replace(
             stats,
             latency=WindowStats(
@@ -424,8 +469,8 @@ class PerformanceMonitor:
             ),
             errors=int(round(errors)),
             error_ratio=errors / count,
-            sampled=int(values.size),
-            effective_samples=w_sum * w_sum / float((weights * weights).sum()) if values.size else 0.0,
+            sampled=summary.n,
+            effective_samples=summary.weight * summary.weight / summary.weight_sq if summary.n else 0.0,
             **tokens,
         )
 

@@ -51,12 +51,16 @@ class _Clock:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=200))
-def test_equal_weights_are_numpys_linear_quantiles(values):
-    arr = np.array(values)
-    for w in (1.0, 4.0):
-        got = weighted_quantiles(arr, np.full(arr.size, w), (0.0, 0.5, 0.95, 0.99, 1.0))
-        assert got == pytest.approx(list(np.quantile(arr, [0.0, 0.5, 0.95, 0.99, 1.0])), rel=1e-9, abs=1e-12)
+@given(st.lists(st.tuples(st.floats(0, 1e3, allow_nan=False), st.integers(1, 5)), min_size=1, max_size=100))
+def test_weighted_quantiles_are_numpys_linear_over_the_requests_stood_for(samples):
+    values = np.array([v for v, _ in samples])
+    weights = np.array([w for _, w in samples], dtype=float)
+    qs = [0.0, 0.5, 0.95, 0.99, 1.0]
+    # Weight 1: numpy's linear definition itself; weight k: the same over each value repeated k times.
+    assert weighted_quantiles(values, np.ones(values.size), qs) == pytest.approx(
+        list(np.quantile(values, qs)), rel=1e-9, abs=1e-9)
+    assert weighted_quantiles(values, weights, qs) == pytest.approx(
+        list(np.quantile(np.repeat(values, weights.astype(int)), qs)), rel=1e-9, abs=1e-9)
 
 
 def test_monitor_sums_weights_across_the_switch_to_sampling():
@@ -135,3 +139,17 @@ async def test_sampled_requests_through_the_real_exporter_count_within_two_perce
     # Unweighted, the slow phase's 1-in-4 spans outnumber the fast phase's 1-in-10: that median would be far off.
     naive_rank = np.searchsorted(truth, float(np.median(kept))) / total
     assert abs(naive_rank - 0.5) > 10 * rank_error
+
+
+def test_weighted_figures_follow_new_and_expiring_samples():
+    # The weighted summary is cached per window; a new sample or one leaving the window must show at once.
+    monitor = PerformanceMonitor(windows={"10s": 10.0})
+    key = SeriesKey(REQUEST, "m", "chat")
+    monitor.record(SpanSample(REQUEST, "m", "chat", 1.0, error=False, weight=2.0), 0.0)
+    assert monitor.series_stats(key, "10s", 1.0).requests == 2
+    assert monitor.series_stats(key, "10s", 1.0).requests == 2  # cached, same state
+    monitor.record(SpanSample(REQUEST, "m", "chat", 3.0, error=True, weight=8.0), 5.0)
+    s = monitor.series_stats(key, "10s", 5.0)
+    assert (s.requests, s.errors) == (10, 8) and s.latency.p50 == pytest.approx(3.0)
+    s = monitor.series_stats(key, "10s", 12.0)  # the first sample has left the window
+    assert (s.requests, s.errors, s.sampled) == (8, 8, 1) and s.latency.p99 == 3.0
