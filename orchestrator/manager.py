@@ -3,7 +3,8 @@
 The existing contract is kept (13.4): ``register_model``, ``load_model(name, device=None, backend_override=None)``,
 ``get_model``, ``unload_model``, ``unload_all``, ``is_loaded`` and the blocking ``infer(model_name, inputs,
 **kwargs)``. The server uses the async API: ``generate``, ``generate_stream``, ``embed``, ``aload_model``,
-``status``, ``end_conversation``, ``apply_config`` and ``aclose``.
+``snapshot`` (readiness: a read of state), ``status`` (the full, blocking sample), ``end_conversation``,
+``apply_config`` and ``aclose``.
 
 Each model gets an ``adapters.fallback.FallbackChain`` built from ``engines.preference`` (a model's ``engine``
 forces that engine first, with torch behind it) and the per-engine settings. Requests to engines without
@@ -11,9 +12,9 @@ continuous batching of their own go through one dynamic batcher per model when `
 and for engines that batch by themselves (vLLM), each request goes to the engine on its own. With every optimisation
 off (batching off, KV cache off, preference ``["torch"]``) this is plain transformers inference (13.1).
 
-Telemetry: each request gets an ``INTERNAL`` inference span (GenAI attributes plus ``muai.*``), parented to the
-span that was current when the request was submitted, even across the batcher's asyncio boundary; attributes are
-built only when the span records. Lifecycle events (``load_start``, ``load_ok``, ``load_fail``, ``unload``,
+Telemetry: each request gets an ``INTERNAL`` inference span (``orchestrator.inference_spans`` builds them), parented
+to the span that was current when the request was submitted, even across the batcher's asyncio boundary. Lifecycle
+events (``load_start``, ``load_ok``, ``load_fail``, ``unload``,
 ``fallback``) go to ``on_event``, batch sizes to ``on_batch(model, engine, size)``, fallbacks also to
 ``on_fallback(event)``. Hooks never break serving: their errors are logged.
 
@@ -21,6 +22,13 @@ Residency: with ``engines.resident_budget_bytes`` set, loading past it first unl
 that are neither ``preload`` nor ``required`` (``orchestrator.residency`` plans which); such a model loads again on
 its next request. An ad-hoc chain (``infer(engine_preference=...)``) holds the model's weights once more and is
 loaded within the same budget. Without it every loaded model stays loaded until unloaded.
+
+What is apart: the model record and its events (``orchestrator.managed``), the status contract and its building
+(``orchestrator.model_status``), span building (``orchestrator.inference_spans``), the blocking API
+(``orchestrator.blocking``), the residency plan (``orchestrator.residency``) and the runtime-config diff
+(``orchestrator.runtime_config``). Why this module is still over 500 lines: registry, load/unload with eviction,
+and the serving paths share one set of locks (the registry's, the residency lock, each model's) and the models'
+state; split across classes, the lock order that keeps an eviction from deadlocking a load would be spread out too.
 """
 
 from __future__ import annotations
@@ -31,9 +39,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -52,7 +58,6 @@ from orchestrator.config import ENGINE_NAMES, ModelConfig
 from orchestrator.errors import (
     ModelLoadFailedError,
     ModelNotReadyError,
-    MuaiError,
     UnknownModelError,
 )
 from orchestrator.inference_spans import (
@@ -65,76 +70,27 @@ from orchestrator.inference_spans import (
     embed_error,
     tracing_off,
 )
-from orchestrator.model_status import UNAVAILABLE, BatchingStatus, EngineAvailability, ManagerStatus, ModelStatus
+from orchestrator.managed import (
+    ManagedModel,
+    ModelConfigError,
+    ModelEvent,
+    ModelState,
+    weights_bytes,
+)
+from orchestrator.model_status import (
+    EngineAvailability,
+    ManagerStatus,
+    ModelStatus,
+    ProbeCache,
+    chain_availability,
+    model_status_of,
+)
 from orchestrator.residency import Resident, describe_held, plan_room
+from orchestrator.runtime_config import diff_manager_config
 
 log = logging.getLogger(__name__)
 
-ModelState = Literal["unloaded", "loading", "ready", "failed"]
-"""A model's lifecycle state. ``status()`` also reports ``unavailable``: ready, but no engine serves it now."""
-EventKind = Literal["load_start", "load_ok", "load_fail", "unload", "fallback"]
 PROBE_CACHE_S = 300.0
-
-
-class ModelConfigError(MuaiError, ValueError):
-    """A model cannot be registered (a name clash with a loaded model, a malformed config)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ModelEvent:
-    """One lifecycle event of a model, for metrics, logs and spans."""
-
-    kind: EventKind
-    model: str
-    engine: str | None = None
-    duration_s: float | None = None
-    error: str | None = None
-    detail: Any = None
-    """The ``FallbackEvent`` for ``fallback``."""
-
-
-@dataclass(eq=False)
-class ManagedModel:
-    """A registered model: its config, its state and, once loaded, the fallback chain that serves it."""
-
-    config: ModelConfig
-    state: ModelState = "unloaded"
-    error: str | None = None
-    spec: ModelSpec | None = None
-    chain: Any = None
-    batcher: Batcher | None = None
-    load_duration_s: float | None = None
-    preference: tuple[str, ...] = ()
-    weights_bytes: int = 0
-    last_used: float = 0.0
-    evicted: bool = False
-    """Unloaded to make room under ``engines.resident_budget_bytes``: the next request loads it again."""
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def evictable(self) -> bool:
-        return not (self.config.preload or self.config.required)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def task(self) -> str:
-        return self.config.task
-
-    @property
-    def engine_name(self) -> str | None:
-        return self.chain.engine_name if self.chain is not None else None
-
-    @property
-    def engine(self) -> Any:
-        """The engine serving now (changes on fallback)."""
-        return self.chain.active_engine if self.chain is not None else None
-
-    @property
-    def loaded(self) -> bool:
-        return self.state == "ready"
 
 
 def _call_hook(hook: Callable[..., Any] | None, *args: Any) -> None:
@@ -172,7 +128,7 @@ class ModelManager:
         self._lock = threading.RLock()
         self._sync = SyncRunner()
         self._adhoc: dict[tuple[str, tuple[str, ...]], Any] = {}
-        self._probed: dict[str, tuple[float, EngineAvailability]] = {}
+        self._probes = ProbeCache(PROBE_CACHE_S, clock)
         # Replaced whole by each status() (never updated in place), so snapshot() reads it without a lock.
         self._availability: dict[str, EngineAvailability] = {}
         # Taken before any model's own lock by every load, so a load that evicts another model never waits on a
@@ -323,7 +279,7 @@ class ModelManager:
             chain = None
             try:
                 spec = self._spec(m.config, device)
-                m.weights_bytes = _weights_bytes(spec.path)
+                m.weights_bytes = weights_bytes(spec.path)
                 self._make_room(m)
                 chain = self._new_chain(spec, preference)
                 chain.load()
@@ -692,30 +648,6 @@ class ModelManager:
         chain = m.chain if m is not None else None
         return chain.engine_name if chain is not None else None
 
-    def _model_status(self, m: ManagedModel, chain_status: Mapping[str, Any] | None) -> ModelStatus:
-        chain = m.chain  # read once: an unload on a worker thread may clear it meanwhile
-        state = m.state
-        if state == "ready" and (chain is None or not chain.loaded):
-            # Loaded once, but every engine of its chain has failed since: requests get 503 until an engine
-            # comes back (the chain re-probes), so readiness must not call it ready.
-            state = UNAVAILABLE
-        if chain_status is not None:
-            reasons = tuple(chain_status.get("degraded_reasons") or ())
-        else:
-            reasons = tuple(chain.degraded_reasons) if chain is not None else ()
-        batching = None
-        b = m.batcher
-        if b is not None:
-            st = b.stats()
-            batching = BatchingStatus(st.policy.batch_size, st.policy.batch_timeout_s, st.policy.pending,
-                                      st.in_flight, st.policy.batches, st.policy.dispatched)
-        return ModelStatus(
-            state=state, task=m.task, engine=chain.engine_name if chain is not None else None,
-            degraded_reasons=reasons, error=m.error, required=m.config.required, preload=m.config.preload,
-            load_duration_s=m.load_duration_s, weights_bytes=m.weights_bytes, evicted=m.evicted,
-            batching=batching, chain=chain_status,
-        )
-
     def snapshot(self) -> ManagerStatus:
         """Every model's state, engine and degraded reasons, and the engines' availability as last sampled.
 
@@ -723,31 +655,18 @@ class ModelManager:
         its status (an engine's status may expire KV-cache entries), probes no engine (a probe may import an engine
         library) and changes nothing. Availability is sampled by :meth:`status`, which the server's background
         loop runs on a worker thread."""
-        return ManagerStatus({m.name: self._model_status(m, None) for m in list(self._models.values())},
+        return ManagerStatus({m.name: model_status_of(m) for m in list(self._models.values())},
                              dict(self._availability))
 
     def _engines_status(self, chain_statuses: Iterable[Mapping[str, Any]]) -> dict[str, EngineAvailability]:
         """Availability per engine: what the loaded models' chains found (live), and for engines no chain holds,
         a registry probe cached for a while (probing may import an engine library: not on every sample)."""
-        out: dict[str, EngineAvailability] = {}
-        for chain_status in chain_statuses:
-            for name, st in (chain_status.get("engines") or {}).items():
-                if name not in out and st.get("available") is not None:
-                    out[name] = EngineAvailability(bool(st["available"]), st.get("reason") or None)
+        out = chain_availability(chain_statuses)
         wanted = [*self.config.engines.preference, *(e for m in self._models.values() for e in m.preference)]
-        now = self._clock()
-        settings: dict[str, dict[str, Any]] | None = None
+        settings = self.engine_settings()
         for name in dict.fromkeys(wanted):
-            if name in out:
-                continue
-            probed = self._probed.get(name)
-            if probed is None or now - probed[0] >= PROBE_CACHE_S:
-                from adapters import registry
-
-                settings = settings or self.engine_settings()
-                av = registry.probe(name, settings.get(name, {}))
-                probed = self._probed[name] = (now, EngineAvailability(av.ok, av.reason or None))
-            out[name] = probed[1]
+            if name not in out:
+                out[name] = self._probes.get(name, settings.get(name, {}))
         return out
 
     def status(self) -> ManagerStatus:
@@ -768,7 +687,7 @@ class ModelManager:
                     chain_statuses.append(chain_status)
                 except Exception as exc:
                     chain_status = {"error": str(exc)}
-            models[m.name] = self._model_status(m, chain_status)
+            models[m.name] = model_status_of(m, chain_status)
         self._availability = self._engines_status(chain_statuses)
         return ManagerStatus(models, dict(self._availability))
 
@@ -779,42 +698,30 @@ class ModelManager:
     def apply_config(self, new_config: Any) -> list[str]:
         """Apply runtime changes (batch limits, KV-cache budget and idle TTL, ``inject_delay_s``); returns what
         changed. Critical keys are the config loader's business (``muai.config.apply_update`` refuses them)."""
-        old, self.config = self.config, new_config
-        changed: list[str] = []
-        ob, nb = old.batching, new_config.batching
-        limits = {
-            k: getattr(nb, k)
-            for k in ("max_batch_size", "min_batch_size", "batch_timeout_s", "adaptive", "length_bucketing")
-            if getattr(ob, k) != getattr(nb, k)
-        }
-        if limits:
-            changed += [f"batching.{k}" for k in limits]
+        diff = diff_manager_config(self.config, new_config, [m.config for m in self._models.values()])
+        self.config = new_config
+        if diff.batch_limits:
             for m in list(self._models.values()):
                 if m.batcher is not None:
-                    m.batcher.set_limits(**limits)
+                    m.batcher.set_limits(**diff.batch_limits)
         engine_changes: dict[str, Any] = {}
-        if old.kv_cache.budget_bytes != new_config.kv_cache.budget_bytes:
-            changed.append("kv_cache.budget_bytes")
+        if diff.kv_budget_bytes is not None:
             if self._kv_cache is not None:
-                self._kv_cache.set_budget(new_config.kv_cache.budget_bytes)
+                self._kv_cache.set_budget(diff.kv_budget_bytes)
             else:
-                engine_changes["kv_cache_budget_bytes"] = new_config.kv_cache.budget_bytes
-        if old.kv_cache.idle_ttl_s != new_config.kv_cache.idle_ttl_s:
-            changed.append("kv_cache.idle_ttl_s")
-            if self._kv_cache is not None:
-                self._kv_cache.set_idle_ttl(new_config.kv_cache.idle_ttl_s)
+                engine_changes["kv_cache_budget_bytes"] = diff.kv_budget_bytes
+        if diff.kv_idle_ttl_changed and self._kv_cache is not None:
+            self._kv_cache.set_idle_ttl(diff.kv_idle_ttl_s)
         new_models = {mc.name: mc for mc in new_config.models}
         for m in list(self._models.values()):
             per_model = dict(engine_changes)
-            mc = new_models.get(m.name)
-            if mc is not None and mc.inject_delay_s != m.config.inject_delay_s:
-                per_model["inject_delay_s"] = mc.inject_delay_s
-                changed.append(f"models.{m.name}.inject_delay_s")
+            if m.name in diff.inject_delay_s:
+                per_model["inject_delay_s"] = diff.inject_delay_s[m.name]
                 # ModelConfig is frozen; the model keeps the config it will be reloaded with.
-                m.config = mc
+                m.config = new_models[m.name]
             if per_model and m.chain is not None:
                 self._reconfigure(m, per_model)
-        return changed
+        return diff.changed
 
     @staticmethod
     def _reconfigure(m: ManagedModel, changes: dict[str, Any]) -> None:
@@ -865,20 +772,6 @@ async def _embed_chunked(chain: Any, texts: list[str]) -> list[Any]:
     for start in range(0, len(texts), size):
         out.extend(await chain.embed(texts[start:start + size]))
     return out
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".gguf")
-
-
-def _weights_bytes(path: str) -> int:
-    """Size of a model directory's weight files: the resident budget's measure, known before loading."""
-    root = Path(path)
-    if root.is_file():
-        return root.stat().st_size
-    try:
-        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
-    except OSError:
-        return 0
 
 
 def _batch_result_error(result: Any) -> BaseException | None:

@@ -9,7 +9,7 @@ adapters' plain mapping: it is passed through for operators, never parsed here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,4 +104,61 @@ class ManagerStatus:
                 "engines": {name: e.as_dict() for name, e in self.engines.items()}}
 
 
-__all__ = ["UNAVAILABLE", "BatchingStatus", "EngineAvailability", "ManagerStatus", "ModelStatus"]
+def model_status_of(m: Any, chain_status: Mapping[str, Any] | None = None) -> ModelStatus:
+    """The status of a ``ManagedModel`` from its attributes, or with ``chain_status`` (the chain's own, asked for
+    by a full sample) its degraded reasons from there. Reads only: nothing is asked of an engine."""
+    chain = m.chain  # read once: an unload on a worker thread may clear it meanwhile
+    state = m.state
+    if state == "ready" and (chain is None or not chain.loaded):
+        # Loaded once, but every engine of its chain has failed since: requests get 503 until an engine comes
+        # back (the chain re-probes), so readiness must not call it ready.
+        state = UNAVAILABLE
+    if chain_status is not None:
+        reasons = tuple(chain_status.get("degraded_reasons") or ())
+    else:
+        reasons = tuple(chain.degraded_reasons) if chain is not None else ()
+    batching = None
+    b = m.batcher
+    if b is not None:
+        st = b.stats()
+        batching = BatchingStatus(st.policy.batch_size, st.policy.batch_timeout_s, st.policy.pending,
+                                  st.in_flight, st.policy.batches, st.policy.dispatched)
+    return ModelStatus(
+        state=state, task=m.task, engine=chain.engine_name if chain is not None else None,
+        degraded_reasons=reasons, error=m.error, required=m.config.required, preload=m.config.preload,
+        load_duration_s=m.load_duration_s, weights_bytes=m.weights_bytes, evicted=m.evicted,
+        batching=batching, chain=chain_status,
+    )
+
+
+def chain_availability(chain_statuses: Iterable[Mapping[str, Any]]) -> dict[str, EngineAvailability]:
+    """Per engine, what the first chain that probed it found (the chains' statuses, in the adapters' shape)."""
+    out: dict[str, EngineAvailability] = {}
+    for chain_status in chain_statuses:
+        for name, st in (chain_status.get("engines") or {}).items():
+            if name not in out and st.get("available") is not None:
+                out[name] = EngineAvailability(bool(st["available"]), st.get("reason") or None)
+    return out
+
+
+class ProbeCache:
+    """Registry probes of engines no chain holds, each kept ``ttl_s``: a probe may import an engine library."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._probed: dict[str, tuple[float, EngineAvailability]] = {}
+
+    def get(self, name: str, settings: Mapping[str, Any]) -> EngineAvailability:
+        now = self._clock()
+        probed = self._probed.get(name)
+        if probed is None or now - probed[0] >= self._ttl_s:
+            from adapters import registry
+
+            av = registry.probe(name, settings)
+            probed = self._probed[name] = (now, EngineAvailability(av.ok, av.reason or None))
+        return probed[1]
+
+
+__all__ = ["UNAVAILABLE", "BatchingStatus", "EngineAvailability", "ManagerStatus", "ModelStatus", "ProbeCache",
+           "chain_availability", "model_status_of"]

@@ -427,7 +427,7 @@ async def test_all_models_share_one_kv_cache_budget(tiny_llama_path):
 
 
 async def test_resident_budget_unloads_the_least_recently_used_on_demand_model(tiny_llama_path):
-    from orchestrator.manager import _weights_bytes
+    from orchestrator.managed import weights_bytes as _weights_bytes
 
     size = _weights_bytes(tiny_llama_path)
     assert size > 0
@@ -450,7 +450,7 @@ async def test_resident_budget_unloads_the_least_recently_used_on_demand_model(t
 
 
 async def test_concurrent_requests_to_an_evicted_model_share_one_reload(tiny_llama_path):
-    from orchestrator.manager import _weights_bytes
+    from orchestrator.managed import weights_bytes as _weights_bytes
 
     on_demand = {"path": tiny_llama_path, "preload": False, "required": False}
     cfg = MuaiConfig(
@@ -491,7 +491,7 @@ async def test_resident_budget_never_unloads_preloaded_or_required_models(tiny_l
 
 
 def _size(path):
-    from orchestrator.manager import _weights_bytes
+    from orchestrator.managed import weights_bytes as _weights_bytes
 
     return _weights_bytes(path)
 
