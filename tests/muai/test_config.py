@@ -136,3 +136,14 @@ class TestRuntimeUpdate:
     def test_sampling_ratio_is_runtime(self):
         new, _ = apply_update(load_config(env={}), {"telemetry": {"tracing": {"sampling_ratio": 0.5}}})
         assert new.telemetry.tracing.sampling_ratio == 0.5
+
+
+def test_every_runtime_key_of_the_orchestrator_has_an_applier():
+    # The ``runtime`` markers are the one source of which keys may change while serving; a key marked runtime with
+    # nothing that applies it would be accepted by PATCH /admin/config and then silently not take effect.
+    from muai.config import ORCHESTRATOR_SECTIONS, is_runtime, iter_fields
+    from orchestrator.runtime_config import APPLIERS
+
+    marked = {path for path, field, _ in iter_fields()
+              if is_runtime(field) and path.split(".")[0].removesuffix("[]") in ORCHESTRATOR_SECTIONS}
+    assert marked == set(APPLIERS)
