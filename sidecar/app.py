@@ -218,6 +218,7 @@ def create_app(
     app.router.add_get("/api/v1/host", _host)
     app.router.add_get("/api/v1/alerts", _alerts)
     app.router.add_get("/api/v1/tuner", _tuner)
+    app.router.add_patch("/api/v1/config", _patch_config)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/health", _health)
     app.cleanup_ctx.append(_background)
@@ -511,6 +512,41 @@ async def _tuner(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = state.tuner.describe() if state.tuner is not None else {"enabled": False, "active": False}
     return web.json_response({"time": _iso(state.wall_clock()), **body})
+
+
+async def _patch_config(request: web.Request) -> web.Response:
+    """Runtime keys of the sidecar (``detectors.*``), as ``sidecar.runtime_update`` validates them. Bearer auth with
+    the stack's admin token (``sidecar.tuner.admin_token``, which ``muai up`` sets to the orchestrator's); without one
+    the endpoint is off (404), as the orchestrator's admin API is."""
+    import hmac
+    import json
+
+    from sidecar.runtime_update import SidecarUpdateError, apply_patch
+
+    state = request.app[STATE]
+    secret = state.config.tuner.admin_token
+    if secret is None:
+        return _json_error(404, "runtime configuration is off: no admin token (sidecar.tuner.admin_token)")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), secret.get_secret_value().encode()):
+        return _json_error(401, "missing or wrong bearer token")
+    try:
+        patch = json.loads(await _read_body(request, state.config.receiver.max_body_bytes))
+    except PayloadTooLarge as exc:
+        return _json_error(413, str(exc))
+    except MalformedPayload as exc:
+        return _json_error(400, str(exc))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return _json_error(400, f"request body is not valid JSON: {type(exc).__name__}")
+    try:
+        new, changed = apply_patch(state.config, patch)
+    except SidecarUpdateError as exc:
+        return _json_error(exc.status, str(exc), key=exc.key)
+    if changed:
+        state.config = new
+        state.reconfigure_detectors(new.detectors)
+        log.info("runtime configuration changed: %s", ", ".join(changed))
+    return web.json_response({"changed": changed})
 
 
 async def _metrics(request: web.Request) -> web.Response:

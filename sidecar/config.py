@@ -331,28 +331,27 @@ class RateLimitConfig(Section):
 
     Alertmanager itself groups and repeats on its own; its sink only re-posts firing alerts
     (``sinks.alertmanager.resend_interval_s``).
+
+    Not runtime: every sink's dispatcher builds its throttle (groups, their timers, the bucket) from these at start,
+    and changing them under live groups would have to drop or re-time those groups; they take a restart.
     """
 
     group_by: list[str] = Field(
         ["alertname"], description="Labels that define a notification group (`...` alone: every alert on its own).",
-        json_schema_extra=RUNTIME,
     )
     group_wait_s: float = Field(
         1.0, ge=0, le=3600, description="A new group waits this long for company before its first notification.",
-        json_schema_extra=RUNTIME,
     )
     group_interval_s: float = Field(
-        30.0, gt=0, le=86_400, description="A group that changed is notified again at most this often.", json_schema_extra=RUNTIME
+        30.0, gt=0, le=86_400, description="A group that changed is notified again at most this often."
     )
     repeat_interval_s: float = Field(
         3600.0, gt=0, le=7 * 86_400, description="A group that keeps firing unchanged is re-notified this often.",
-        json_schema_extra=RUNTIME,
     )
     rate_per_s: float = Field(
         0.2, gt=0, le=1000, description="Token bucket refill: notifications per second across all groups, per sink.",
-        json_schema_extra=RUNTIME,
     )
-    burst: int = Field(10, ge=1, le=100_000, description="Token bucket size: notifications one sink may send in a burst.", json_schema_extra=RUNTIME)
+    burst: int = Field(10, ge=1, le=100_000, description="Token bucket size: notifications one sink may send in a burst.")
 
     @field_validator("group_by")
     @classmethod

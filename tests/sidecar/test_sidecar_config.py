@@ -93,3 +93,54 @@ def test_detector_defaults_are_quiet_on_noise():
     st = SidecarConfig().detectors.statistical
     assert st.for_s > 0 and st.interval_s >= 10 and st.min_rel_spread >= 0.1
     assert SidecarConfig().forwarding.queue_bytes == 64 * 1024**2
+
+
+def test_every_runtime_key_of_the_sidecar_has_an_applier():
+    # The markers are the one source of what may change while running; one marked with nothing that applies it
+    # would be accepted and then silently not take effect.
+    from sidecar.runtime_update import applier_of, runtime_keys
+
+    keys = runtime_keys()
+    assert "detectors.latency.threshold_s" in keys and "detectors.statistical.ewma.alpha" in keys
+    assert [k for k in keys if applier_of(k) is None] == []
+    # The sinks' throttles are built at start: their keys take a restart.
+    assert [k for k in keys if k.startswith("alerting.")] == []
+
+
+TOKEN = "sidecar-admin-token-0123456789"
+
+
+async def test_patch_config_applies_detector_keys_at_runtime(start_sidecar, http):
+    from sidecar_helpers import quiet_config
+
+    server, state = await start_sidecar(quiet_config(tuner={"admin_token": TOKEN}))
+    url = str(server.make_url("/api/v1/config"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"}):
+        async with http.patch(url, json={"detectors.latency.threshold_s": 0.5}, headers=headers) as resp:
+            assert resp.status == 401
+    patch = {"detectors": {"latency": {"threshold_s": 0.5}, "error_rate": {"for_s": 5}}}
+    async with http.patch(url, json=patch, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["changed"] == ["detectors.latency.threshold_s", "detectors.error_rate.for_s"]
+    assert state.config.detectors.latency.threshold_s == 0.5
+    assert state.evaluator.config.latency.threshold_s == 0.5 and state.evaluator.config.error_rate.for_s == 5
+    # Restart-only keys are 409, bad values and unknown keys 422; either way nothing changes.
+    for body, status, key in (({"port": 1234, "detectors.latency.for_s": 1}, 409, "port"),
+                              ({"alerting.rate_limit.burst": 3}, 409, "alerting.rate_limit.burst"),
+                              ({"detectors.latency.threshold_s": -1}, 422, "detectors.latency.threshold_s"),
+                              ({"detectors.window": "7m"}, 422, None),
+                              ({"detectors.latency.treshold_s": 1}, 422, "detectors.latency.treshold_s")):
+        async with http.patch(url, json=body, headers=auth) as resp:
+            assert resp.status == status, (body, await resp.text())
+            error = (await resp.json())["error"]
+            assert error["code"] == status and (key is None or error["key"] == key)
+    assert state.config.detectors.latency.for_s == quiet_config().detectors.latency.for_s
+    assert state.config.detectors.latency.threshold_s == 0.5
+
+
+async def test_patch_config_is_off_without_an_admin_token(start_sidecar, http):
+    server, state = await start_sidecar()
+    async with http.patch(str(server.make_url("/api/v1/config")), json={"detectors.latency.threshold_s": 1},
+                          headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+        assert resp.status == 404
