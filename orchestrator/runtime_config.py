@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+
 BATCH_LIMIT_KEYS = ("max_batch_size", "min_batch_size", "batch_timeout_s", "adaptive", "length_bucketing")
 
 APPLIERS: Mapping[str, str] = {
@@ -64,4 +66,29 @@ def diff_manager_config(old: Any, new: Any, models: Iterable[Any]) -> ManagerCha
     return ManagerChanges(changed, limits, budget, new.kv_cache.idle_ttl_s, ttl_changed, delays)
 
 
-__all__ = ["APPLIERS", "BATCH_LIMIT_KEYS", "ManagerChanges", "diff_manager_config"]
+def is_runtime_field(info: Any) -> bool:
+    """Whether a config field carries the ``runtime`` marker."""
+    extra = getattr(info, "json_schema_extra", None)
+    return isinstance(extra, Mapping) and bool(extra.get("runtime"))
+
+
+def is_restart_only(config: Any, key: str) -> bool:
+    """True when ``key`` (dotted; per-model keys as ``models.<name>.<key>``) names an existing key of ``config``
+    that is not marked runtime: the admin API answers 409 for it rather than 422."""
+    if not key:
+        return False
+    path = key.split(".")
+    owner: Any = type(config)
+    if path[0] == "models" and len(path) == 3 and config.models:
+        owner, path = type(config.models[0]), path[2:]
+    for part in path[:-1]:
+        info = getattr(owner, "model_fields", {}).get(part)
+        if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+            return False
+        owner = info.annotation
+    info = getattr(owner, "model_fields", {}).get(path[-1])
+    return info is not None and not is_runtime_field(info)
+
+
+__all__ = ["APPLIERS", "BATCH_LIMIT_KEYS", "ManagerChanges", "diff_manager_config", "is_restart_only",
+           "is_runtime_field"]

@@ -9,10 +9,10 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel
 
 from orchestrator.http import errors as err
 from orchestrator.http.errors import ApiError
+from orchestrator.runtime_config import is_restart_only
 from orchestrator.state import STATE, ServerState, refresh_status
 
 log = logging.getLogger("orchestrator.server")  # one logger name for the whole server, as before the split
@@ -41,26 +41,6 @@ def _redacted(config: Any) -> dict[str, Any]:
         return node
 
     return scrub(config.model_dump(mode="json"))
-
-
-def _is_critical_key(config: Any, key: str) -> bool:
-    """True when ``key`` names an existing configuration key that cannot change at runtime."""
-    if not key:
-        return False
-    path = key.split(".")
-    owner: Any = type(config)
-    if path[0] == "models" and len(path) == 3 and config.models:
-        owner, path = type(config.models[0]), path[2:]
-    for part in path[:-1]:
-        info = getattr(owner, "model_fields", {}).get(part)
-        if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
-            return False
-        owner = info.annotation
-    info = getattr(owner, "model_fields", {}).get(path[-1])
-    if info is None:
-        return False
-    extra = info.json_schema_extra
-    return not (isinstance(extra, dict) and extra.get("runtime"))
 
 
 async def _read_object(request: web.Request, limit: int) -> dict[str, Any]:
@@ -95,7 +75,7 @@ async def admin_patch_config(request: web.Request) -> web.Response:
         new_config, changed = state.update_config(state.config, patch)
     except ValueError as exc:
         key = getattr(exc, "key", "") or ""
-        if _is_critical_key(state.config, key):
+        if is_restart_only(state.config, key):
             raise ApiError(409, str(exc), code="critical_key", param=key) from None
         raise err.invalid_field(key or None, str(exc)) from None
     changed = list(changed)

@@ -45,3 +45,14 @@ def test_server_keys_are_not_the_managers():
     new, _ = apply_update(config, {"server.queue_capacity": 9, "telemetry.tracing.sampling_ratio": 0.5},
                           sections=ORCHESTRATOR_SECTIONS)
     assert diff_manager_config(config, new, config.models).changed == []
+
+
+def test_restart_only_keys_are_the_unmarked_existing_ones():
+    from orchestrator.runtime_config import is_restart_only
+
+    config = load_config(env={})
+    assert is_restart_only(config, "server.port") and is_restart_only(config, "models.tiny-llama.path")
+    for key in ("batching.max_batch_size", "models.tiny-llama.inject_delay_s", "telemetry.tracing.sampling_ratio"):
+        assert not is_restart_only(config, key)
+    for unknown in ("", "server.prot", "nope.key", "batching.max_batch_size.deeper"):
+        assert not is_restart_only(config, unknown)
