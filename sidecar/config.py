@@ -400,6 +400,11 @@ class SidecarConfig(Section):
 
     host: str = Field("127.0.0.1", description="Listen address.")
     port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="Listen port (OTLP /v1/traces, /metrics, /api/v1/*).")
+    otlp_grpc_port: int | None = Field(
+        DEFAULT_OTLP_GRPC_PORT, ge=0, le=65535,
+        description="OTLP/gRPC receiver port on `host` (TraceService/Export, the transport most SDKs and vLLM use by "
+        "default); null turns it off, 0 picks a free port. A port already taken is logged and shown on /health.",
+    )
     shutdown_timeout_s: float = Field(10.0, ge=0, le=300, description="On SIGTERM, how long in-flight requests may take.")
     collectors: CollectorsConfig = CollectorsConfig()
     monitor: MonitorConfig = MonitorConfig()
@@ -411,15 +416,12 @@ class SidecarConfig(Section):
 
     @model_validator(mode="after")
     def _cross_fields(self) -> SidecarConfig:
+        if self.otlp_grpc_port is not None and self.otlp_grpc_port == self.port:
+            raise ValueError(f"sidecar.otlp_grpc_port {self.otlp_grpc_port} is the same as sidecar.port")
         if self.tuner.window not in self.monitor.windows:
             raise ValueError(
                 f"sidecar.tuner.window {self.tuner.window!r} is not one of sidecar.monitor.windows "
                 f"{sorted(self.monitor.windows)}"
-    otlp_grpc_port: int | None = Field(
-        DEFAULT_OTLP_GRPC_PORT, ge=0, le=65535,
-        description="OTLP/gRPC receiver port on `host` (TraceService/Export, the transport most SDKs and vLLM use by "
-        "default); null turns it off, 0 picks a free port. A port already taken is logged and shown on /health.",
-    )
             )
         if self.detectors.window not in self.monitor.windows:
             raise ValueError(
@@ -430,9 +432,8 @@ class SidecarConfig(Section):
 
 
 __all__ = [
+    "DEFAULT_OTLP_GRPC_PORT",
     "DEFAULT_PORT",
-        if self.otlp_grpc_port is not None and self.otlp_grpc_port == self.port:
-            raise ValueError(f"sidecar.otlp_grpc_port {self.otlp_grpc_port} is the same as sidecar.port")
     "AlertingConfig",
     "AlertmanagerSinkConfig",
     "CollectorsConfig",
@@ -447,7 +448,6 @@ __all__ = [
     "LogSinkConfig",
     "MadConfig",
     "MemoryRuleConfig",
-    "DEFAULT_OTLP_GRPC_PORT",
     "MonitorConfig",
     "OrchestratorTargetConfig",
     "RateLimitConfig",
