@@ -171,9 +171,10 @@ class Tuner:
         if self.store is not None:
             self.decisions.extend(self.store.recent_decisions(config.decisions_kept))
         self.settings: dict[str, Any] = {}
-        self.sources: dict[str, str] = {}
-        for d in self.decisions:  # a restarted tuner still knows who set what
-            self.sources[str(d["knob"])] = str(d["source"])
+        # knob -> (source, value) of the last change the tuner applied; a restarted tuner still knows who set what.
+        self.sources: dict[str, tuple[str, Any]] = {}
+        for d in self.decisions:
+            self.sources[str(d["knob"])] = (str(d["source"]), d["new"])
         self.last_readings: dict[str, Any] | None = None
         self.last_error: str | None = None
         self.ticks = 0
@@ -347,7 +348,7 @@ class Tuner:
         for d in decisions:
             self.metrics.decided(d)
             self.metrics.setting.labels(d.knob).set(float(d.new) if d.new is not None else math.nan)
-            self.sources[d.knob] = d.source
+            self.sources[d.knob] = (d.source, d.new)
             self.settings[d.knob] = d.new
             entry = {**d.to_json(), "wall": wall}
             self.decisions.append(entry)
@@ -371,9 +372,12 @@ class Tuner:
     def describe(self) -> dict[str, Any]:
         knobs = {}
         for knob in self.config.knobs:
+            value = self.settings.get(knob)
+            source, set_to = self.sources.get(knob, ("static", None))
             knobs[knob] = {
-                "value": self.settings.get(knob),
-                "source": self.sources.get(knob, "static"),
+                "value": value,
+                # Someone else (an operator, an orchestrator restart) may have changed it since.
+                "source": source if value == set_to or knob not in self.settings else "static",
                 "bounds": {"min": self.config.knobs[knob].min, "max": self.config.knobs[knob].max},
             }
         observations = decisions = 0
