@@ -26,254 +26,37 @@ is barred at that level for a while.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
-QUEUE_CAPACITY = "server.queue_capacity"
-MAX_BATCH = "batching.max_batch_size"
-BATCH_TIMEOUT = "batching.batch_timeout_s"
-KV_BUDGET = "kv_cache.budget_bytes"
-RUNNING_LIMIT = "server.max_running_per_model"
-
-KNOBS: tuple[str, ...] = (QUEUE_CAPACITY, MAX_BATCH, BATCH_TIMEOUT, KV_BUDGET, RUNNING_LIMIT)
-INTEGER_KNOBS = frozenset({QUEUE_CAPACITY, MAX_BATCH, KV_BUDGET, RUNNING_LIMIT})
-
-# Why a knob moved; the metric label and the log line use these words.
-SLO_BREACH = "slo_breach"
-QUEUE_WAIT = "queue_wait"
-HEADROOM = "headroom"
-BATCH_WINDOW = "batch_window"
-CACHE_EVICTIONS = "cache_evictions"
-MEMORY_PRESSURE = "memory_pressure"
-LEARNED = "learned"
-ROLLBACK = "rollback"
-REASONS = (SLO_BREACH, QUEUE_WAIT, HEADROOM, BATCH_WINDOW, CACHE_EVICTIONS, MEMORY_PRESSURE, LEARNED, ROLLBACK)
-
-Source = Literal["static", "tuned", "learned", "rollback"]
-Value = float | int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """Hard limits of one knob and how far one tick may move it.
-
-    One step may multiply or divide the value by at most ``max_step_ratio``, or move it by ``min_step`` where that
-    is more (so a value near zero can still move).
-    """
-
-    lo: float
-    hi: float
-    max_step_ratio: float = 2.0
-    min_step: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.lo <= self.hi:
-            raise ValueError(f"bounds: lo ({self.lo}) must not exceed hi ({self.hi})")
-        if self.max_step_ratio < 1:
-            raise ValueError(f"bounds: max_step_ratio must be at least 1, got {self.max_step_ratio}")
-        if self.min_step < 0:
-            raise ValueError(f"bounds: min_step must not be negative, got {self.min_step}")
-
-    def step_range(self, old: float) -> tuple[float, float]:
-        """The values one tick may reach from ``old`` (before the hard bounds are applied)."""
-        down = max(old - old / self.max_step_ratio, self.min_step)
-        up = max(old * self.max_step_ratio - old, self.min_step)
-        return old - down, old + up
-
-    def clamp(self, old: float | None, wanted: float, *, integer: bool) -> float:
-        """``wanted`` limited to one step from ``old`` and to the bounds; integers stay inside both."""
-        low, high = self.lo, self.hi
-        if old is not None:
-            s_low, s_high = self.step_range(old)
-            low, high = max(low, s_low), min(high, s_high)
-            if low > high:  # old lies outside the bounds: step towards them
-                low = high = self.lo if old < self.lo else self.hi
-        if integer:
-            low, high = math.ceil(low - 1e-9), math.floor(high + 1e-9)
-            if low > high:
-                return float(round(old)) if old is not None else float(math.ceil(self.lo))
-            return float(min(max(round(wanted), low), high))
-        return min(max(wanted, low), high)
-
-
-@dataclass(frozen=True, slots=True)
-class ModelReading:
-    """What the sidecar's windows say of one model's admitted requests over the tuner's window."""
-
-    model: str
-    slo_p99_s: float
-    requests_per_s: float
-    p99_s: float = math.nan
-    p50_s: float = math.nan
-    attainment: float = math.nan
-    """Share of the window's requests that finished within ``slo_p99_s`` (NaN with no requests)."""
-    ttft_p99_s: float = math.nan
-    slo_ttft_s: float | None = None
-    error_ratio: float = 0.0
-    waiting: int = 0
-    running: int = 0
-    mean_input_tokens: float = math.nan
-    continuous_batching: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Readings:
-    """One tick's inputs: the models' windows, the orchestrator's settings and counters, the host."""
-
-    models: tuple[ModelReading, ...]
-    settings: Mapping[str, Value]
-    rejected_per_s: float = 0.0
-    kv_evictions_per_s: float = 0.0
-    kv_bytes: float = 0.0
-    memory_available_bytes: float | None = None
-    memory_total_bytes: float | None = None
-    gpu_memory_used_ratio: float | None = None
-    """The fullest GPU's framebuffer in use, 0 to 1 (NVML); None without a GPU."""
-
-    @property
-    def completed_per_s(self) -> float:
-        return sum(m.requests_per_s for m in self.models)
-
-    @property
-    def offered_per_s(self) -> float:
-        return self.completed_per_s + self.rejected_per_s
-
-    @property
-    def goodput_per_s(self) -> float:
-        return sum(m.requests_per_s * m.attainment for m in self.models if not math.isnan(m.attainment))
-
-    @property
-    def in_flight(self) -> int:
-        return sum(m.waiting + m.running for m in self.models)
-
-    def summary(self) -> dict[str, float | int | None]:
-        """The figures a decision is logged with."""
-        worst = _worst(self.models)
-        return {
-            "offered_rps": round(self.offered_per_s, 3),
-            "goodput_rps": round(self.goodput_per_s, 3),
-            "rejected_rps": round(self.rejected_per_s, 3),
-            "in_flight": self.in_flight,
-            "p99_s": None if worst is None or math.isnan(worst.p99_s) else round(worst.p99_s, 4),
-            "slo_p99_s": None if worst is None else worst.slo_p99_s,
-            "attainment": None if worst is None or math.isnan(worst.attainment) else round(worst.attainment, 4),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """One knob moved: from ``old`` to ``new``, why, and what the tuner saw."""
-
-    at: float
-    knob: str
-    old: Value
-    new: Value
-    reason: str
-    source: Source
-    load_level: str
-    readings: Mapping[str, float | int | None] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, object]:
-        return {"at": self.at, "knob": self.knob, "old": self.old, "new": self.new, "reason": self.reason,
-                "source": self.source, "load_level": self.load_level, "readings": dict(self.readings)}
-
-
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """One tick as history: at this load level these settings gave this goodput."""
-
-    at: float
-    load_level: str
-    settings: Mapping[str, Value]
-    goodput_per_s: float
-    attainment: float
-    offered_per_s: float
-
-
-@dataclass(slots=True)
-class _Score:
-    n: int = 0
-    goodput: float = 0.0
-    attainment: float = 0.0
-
-    def add(self, goodput: float, attainment: float) -> None:
-        self.n += 1
-        self.goodput += (goodput - self.goodput) / self.n
-        self.attainment += (attainment - self.attainment) / self.n
-
-
-class LearnedTable:
-    """Per load level, the mean goodput and attainment each settings signature achieved. Pure."""
-
-    def __init__(self, *, min_samples: int = 3, attainment_target: float = 0.99) -> None:
-        self.min_samples = min_samples
-        self.attainment_target = attainment_target
-        self._levels: dict[str, dict[tuple[tuple[str, Value], ...], _Score]] = {}
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self._levels.values())
-
-    def levels(self) -> list[str]:
-        return sorted(self._levels)
-
-    def observe(self, obs: Observation) -> None:
-        if math.isnan(obs.attainment) or math.isnan(obs.goodput_per_s):
-            return
-        sig = _signature(obs.settings)
-        self._levels.setdefault(obs.load_level, {}).setdefault(sig, _Score()).add(obs.goodput_per_s, obs.attainment)
-
-    def load(self, observations: Iterable[Observation]) -> int:
-        n = 0
-        for obs in observations:
-            self.observe(obs)
-            n += 1
-        return n
-
-    def best(self, level: str) -> tuple[dict[str, Value], float, float] | None:
-        """The settings with the best goodput at ``level`` among those that met the attainment target (else the
-        best attainment), with their mean goodput and attainment; None before ``min_samples`` ticks of any."""
-        scores = [(sig, s) for sig, s in self._levels.get(level, {}).items() if s.n >= self.min_samples]
-        if not scores:
-            return None
-        meeting = [(sig, s) for sig, s in scores if s.attainment >= self.attainment_target]
-        if meeting:
-            sig, score = max(meeting, key=lambda item: (item[1].goodput, item[1].n))
-        else:
-            sig, score = max(scores, key=lambda item: (item[1].attainment, item[1].goodput))
-        return dict(sig), score.goodput, score.attainment
-
-
-def _signature(settings: Mapping[str, Value]) -> tuple[tuple[str, Value], ...]:
-    out = []
-    for knob in KNOBS:
-        if knob not in settings:
-            continue
-        value = settings[knob]
-        if isinstance(value, float) and knob not in INTEGER_KNOBS:
-            value = round(value, 4)
-        out.append((knob, value))
-    return tuple(out)
-
-
-def load_level(readings: Readings) -> str:
-    """Which load bucket a tick falls in: offered requests per second in half-octaves, prompt length in octaves.
-
-    Coarse on purpose: the slow loop needs several ticks per bucket before it trusts what it learned there.
-    """
-    offered = readings.offered_per_s
-    rate = "idle" if offered < 0.05 else f"{round(2 * math.log2(offered)) / 2:g}"
-    lengths = [m.mean_input_tokens for m in readings.models if not math.isnan(m.mean_input_tokens) and m.requests_per_s]
-    prompt = "-" if not lengths else f"{round(math.log2(max(1.0, max(lengths))))}"
-    return f"rps2^{rate}/tok2^{prompt}"
-
-
-def _worst(models: Iterable[ModelReading]) -> ModelReading | None:
-    """The model closest to (or furthest past) its objective, among those with traffic."""
-    busy = [m for m in models if m.requests_per_s > 0 and not math.isnan(m.p99_s)]
-    if not busy:
-        return None
-    return max(busy, key=lambda m: m.p99_s / m.slo_p99_s)
+from sidecar.tuner.learned import LearnedTable, load_level
+from sidecar.tuner.readings import (
+    BATCH_TIMEOUT,
+    BATCH_WINDOW,
+    CACHE_EVICTIONS,
+    HEADROOM,
+    INTEGER_KNOBS,
+    KNOBS,
+    KV_BUDGET,
+    LEARNED,
+    MAX_BATCH,
+    MEMORY_PRESSURE,
+    QUEUE_CAPACITY,
+    QUEUE_WAIT,
+    REASONS,
+    ROLLBACK,
+    RUNNING_LIMIT,
+    SLO_BREACH,
+    Bounds,
+    Decision,
+    ModelReading,
+    Observation,
+    Readings,
+    Source,
+    Value,
+    ttft_breach,
+    worst_model,
+)
 
 
 @dataclass(slots=True)
@@ -402,7 +185,7 @@ class TunerPolicy:
         if decisions and gain:
             ratio = readings.goodput_per_s / readings.offered_per_s if readings.offered_per_s else 1.0
             attainment = readings.goodput_per_s / readings.completed_per_s if readings.completed_per_s else 1.0
-            worst = _worst(readings.models)
+            worst = worst_model(readings.models)
             p99_ratio = worst.p99_s / worst.slo_p99_s if worst is not None else math.nan
             self._trial = _Trial(now + self.trial_s, decisions[0].load_level, decisions, ratio, attainment, p99_ratio)
         for d in decisions:
@@ -442,7 +225,7 @@ class TunerPolicy:
         if trial.remedy:
             # A smaller batch that did not bring p99 down (or attainment up) only cost throughput: undo it, or a
             # breach with another cause (a starved CPU) would walk the batch down to one.
-            worst = _worst(readings.models)
+            worst = worst_model(readings.models)
             p99_ratio = worst.p99_s / worst.slo_p99_s if worst is not None else math.nan
             cured = (not math.isnan(p99_ratio) and p99_ratio < 0.9 * trial.p99_ratio) or (
                 attainment > trial.attainment + self.rollback_tolerance)
@@ -486,9 +269,9 @@ class TunerPolicy:
 
     def _protect(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float) -> list[Decision]:
         """Changes that keep admitted requests inside their objective; made at once, never rolled back."""
-        worst = _worst(readings.models)
+        worst = worst_model(readings.models)
         out: list[Decision] = []
-        breach = worst is not None and (worst.p99_s > worst.slo_p99_s or _ttft_breach(worst))
+        breach = worst is not None and (worst.p99_s > worst.slo_p99_s or ttft_breach(worst))
         capacity = settings.get(QUEUE_CAPACITY)
         target = self._capacity_target(readings, settings)
         batch = settings.get(MAX_BATCH)
@@ -563,8 +346,8 @@ class TunerPolicy:
     def _gain(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float) -> list[Decision]:
         if self._trial is not None:
             return []  # one experiment at a time, or the trial would not know what to blame
-        worst = _worst(readings.models)
-        headroom = worst is None or (worst.p99_s < (1 - self.deadband) * worst.slo_p99_s and not _ttft_breach(worst))
+        worst = worst_model(readings.models)
+        headroom = worst is None or (worst.p99_s < (1 - self.deadband) * worst.slo_p99_s and not ttft_breach(worst))
         out: list[Decision] = []
         queued = sum(m.waiting for m in readings.models)
         batch = settings.get(MAX_BATCH)
@@ -578,7 +361,7 @@ class TunerPolicy:
                                level, readings, now)
                 if d:
                     out.append(d)
-        breach = worst is not None and (worst.p99_s > worst.slo_p99_s or _ttft_breach(worst))
+        breach = worst is not None and (worst.p99_s > worst.slo_p99_s or ttft_breach(worst))
         running = sum(m.running for m in readings.models)
         shrink = None
         if (breach and batch is not None and queued < float(batch) and running >= float(batch)
@@ -631,10 +414,6 @@ class TunerPolicy:
         if abs(wanted - timeout) < max(0.5 * timeout, 0.001):
             return None
         return self._move(BATCH_TIMEOUT, settings, wanted, BATCH_WINDOW, "tuned", level, readings, now)
-
-
-def _ttft_breach(m: ModelReading) -> bool:
-    return m.slo_ttft_s is not None and not math.isnan(m.ttft_p99_s) and m.ttft_p99_s > m.slo_ttft_s
 
 
 __all__ = [
