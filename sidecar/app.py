@@ -7,25 +7,23 @@ Endpoints (``docs/sidecar-api.md`` has the shapes):
 * ``GET /api/v1/tuner``: the auto-tuner's settings, their source and its recent decisions (``docs/tuner.md``).
 * ``GET /metrics``: Prometheus exposition of the sidecar's registry. ``GET /health``.
 
-Background work (collectors, the evaluation tick, span forwarding, alert dispatch) runs in tasks started and
-stopped by ``cleanup_ctx``; none of it ever blocks ingestion.
+Background work (collectors, the evaluation tick, span forwarding, alert dispatch, the tuner) runs in tasks started
+and stopped by ``cleanup_ctx``; none of it ever blocks ingestion. This module wires the app, its background work and
+the OTLP/HTTP receiver; the query API's handlers are in ``sidecar.api``, the state in ``sidecar.state``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import datetime as _dt
 import logging
 import signal
 import time
-from urllib.parse import urlsplit
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from alerting import (
     AlertBook,
@@ -39,10 +37,22 @@ from alerting import (
     TokenBucket,
     WebhookSink,
 )
-from sidecar.collectors.gpu import GpuCollector, GpuSample
-from sidecar.collectors.host import HostCollector, HostSample
-from sidecar.config import DetectorsConfig, SidecarConfig
-from sidecar.errors import MalformedPayload, OtlpError, PayloadTooLarge
+from sidecar.api import (
+    get_alerts,
+    get_gpus,
+    get_health,
+    get_host,
+    get_metrics,
+    get_stats,
+    get_tuner,
+    json_errors,
+    patch_config,
+    read_body,
+)
+from sidecar.collectors.gpu import GpuCollector
+from sidecar.collectors.host import HostCollector
+from sidecar.config import SidecarConfig
+from sidecar.errors import OtlpError, PayloadTooLarge
 from sidecar.evaluation import Evaluator
 from sidecar.forwarding import Forwarder
 from sidecar.metrics import SidecarMetrics
@@ -58,60 +68,13 @@ from sidecar.otlp import (
     map_request,
     media_kind,
 )
-from sidecar.otlp_grpc import GrpcReceiver, start_receiver
+from sidecar.otlp_grpc import start_receiver
+from sidecar.state import STATE, SidecarState
 from sidecar.tuner import Tuner
-
 
 log = logging.getLogger("muai.sidecar")
 
-_READ_CHUNK = 64 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
-
-
-@dataclasses.dataclass(eq=False)
-class SidecarState:
-    """Everything one sidecar app owns. Only the event loop's thread touches it."""
-
-    config: SidecarConfig
-    clock: Callable[[], float]
-    wall_clock: Callable[[], float]
-    monitor: PerformanceMonitor
-    registry: CollectorRegistry
-    gpu: GpuCollector | None
-    host: HostCollector | None
-    forwarder: Forwarder | None
-    book: AlertBook
-    evaluator: Evaluator | None
-    dispatchers: list[Dispatcher]
-    metrics: SidecarMetrics | None = None
-    gpu_samples: list[GpuSample] = dataclasses.field(default_factory=list)
-    host_sample: HostSample | None = None
-    gpu_sampled_at: float | None = None
-    host_sampled_at: float | None = None
-    started_at: float = 0.0
-    loop_errors: dict[str, str] = dataclasses.field(default_factory=dict)
-    tuner: Tuner | None = None
-    otlp_grpc: GrpcReceiver | None = None
-
-    def reconfigure_detectors(self, detectors: DetectorsConfig) -> None:
-        """Apply runtime changes of the ``detectors`` section (thresholds, ``for`` durations, detector parameters)."""
-        if self.evaluator is not None:
-            self.evaluator.reconfigure(detectors)
-
-    def evaluate(self) -> int:
-        """Run one evaluation tick now and hand its transitions to the dispatchers; returns how many."""
-        if self.evaluator is None:
-            return 0
-        transitions = self.evaluator.tick(
-            self.clock(), self.wall_clock(), gpus=self.gpu_samples, host=self.host_sample
-        )
-        for alert in transitions:
-            for dispatcher in self.dispatchers:
-                dispatcher.submit(alert)
-        return len(transitions)
-
-
-STATE: web.AppKey[SidecarState] = web.AppKey("muai_sidecar_state", SidecarState)
 
 
 # -- construction --------------------------------------------------------------------------------------------
@@ -210,17 +173,17 @@ def create_app(
         clock=clock, wall_clock=wall_clock, host=lambda: state.host_sample, gpus=lambda: state.gpu_samples,
     )
 
-    app = web.Application(middlewares=[_json_errors], client_max_size=config.receiver.max_body_bytes)
+    app = web.Application(middlewares=[json_errors], client_max_size=config.receiver.max_body_bytes)
     app[STATE] = state
     app.router.add_post("/v1/traces", _traces)
-    app.router.add_get("/api/v1/stats", _stats)
-    app.router.add_get("/api/v1/gpus", _gpus)
-    app.router.add_get("/api/v1/host", _host)
-    app.router.add_get("/api/v1/alerts", _alerts)
-    app.router.add_get("/api/v1/tuner", _tuner)
-    app.router.add_patch("/api/v1/config", _patch_config)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/health", _health)
+    app.router.add_get("/api/v1/stats", get_stats)
+    app.router.add_get("/api/v1/gpus", get_gpus)
+    app.router.add_get("/api/v1/host", get_host)
+    app.router.add_get("/api/v1/alerts", get_alerts)
+    app.router.add_get("/api/v1/tuner", get_tuner)
+    app.router.add_patch("/api/v1/config", patch_config)
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/health", get_health)
     app.cleanup_ctx.append(_background)
     return app
 
@@ -327,42 +290,6 @@ async def _evaluate_loop(state: SidecarState) -> None:
 # -- handlers ------------------------------------------------------------------------------------------------
 
 
-def _json_error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": {"code": status, "message": message, **extra}}, status=status)
-
-
-@web.middleware
-async def _json_errors(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _json_error(exc.status, exc.reason, **({"allowed": sorted(exc.allowed_methods)} if isinstance(exc, web.HTTPMethodNotAllowed) else {}))
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return _json_error(500, "internal error")
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    chunks = []
-    size = 0
-    while True:
-        try:
-            chunk = await request.content.read(_READ_CHUNK)
-        except RequestPayloadError as exc:  # e.g. aiohttp's own gzip inflation failed
-            raise MalformedPayload(f"could not read the body: {exc}") from exc
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _traces(request: web.Request) -> web.Response:
     state = request.app[STATE]
     metrics = state.metrics
@@ -375,11 +302,11 @@ async def _traces(request: web.Request) -> web.Response:
         if length is not None and length > cfg.max_body_bytes:
             raise PayloadTooLarge(f"Content-Length {length} exceeds the {cfg.max_body_bytes}-byte limit")
         if encoding is None or encoding.strip().lower() in ("", "identity"):
-            body = await _read_body(request, cfg.max_body_bytes)
+            body = await read_body(request, cfg.max_body_bytes)
         else:
             # aiohttp may already have inflated the stream (its servers do by default; serve() turns that off):
             # gzip's magic number starts neither protobuf nor JSON, so it tells which case this is.
-            body = await _read_body(request, cfg.max_decompressed_bytes)
+            body = await read_body(request, cfg.max_decompressed_bytes)
             if body[:2] == _GZIP_MAGIC or encoding.strip().lower() != "gzip":
                 body = decompress(body, encoding, limit=cfg.max_decompressed_bytes)
         message, raw = decode_request(body, kind)
@@ -406,178 +333,6 @@ async def _traces(request: web.Request) -> web.Response:
     return web.Response(
         body=encode_response(kind, rejected=mapped.rejected, error_message=mapped.error_message),
         content_type=RESPONSE_CONTENT_TYPE[kind],
-    )
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-async def _stats(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    q = request.query
-    window = q.get("window") or None
-    if window is not None and window not in state.monitor.windows:
-        return _json_error(422, f"unknown window {window!r}", windows=list(state.monitor.windows))
-    scope_arg = q.get("scope", REQUEST)
-    if scope_arg not in (REQUEST, INFERENCE, "all"):
-        return _json_error(422, f"unknown scope {scope_arg!r}", scopes=[REQUEST, INFERENCE, "all"])
-    model = q.get("model") or None
-    stats = state.monitor.stats(
-        state.clock(),
-        model=model,
-        operation=q.get("operation") or None,
-        window=window,
-        scope=None if scope_arg == "all" else scope_arg,
-    )
-    if model is not None and not stats and not any(k.model == model for k in state.monitor.keys(scope=None)):
-        return _json_error(404, f"unknown model {model!r}")
-    return web.json_response(
-        {
-            "time": _iso(state.wall_clock()),
-            "windows": state.monitor.windows,
-            "stats": [s.to_json() for s in stats],
-        }
-    )
-
-
-async def _gpus(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    gpu = state.gpu
-    now = state.clock()
-    gpus = []
-    for g in state.gpu_samples:
-        d = g.as_dict()
-        idx = str(g.index)
-        d["windows"] = {
-            "utilization_ratio": state.monitor.resource_stats("gpu_utilization_ratio", idx, now),
-            "framebuffer_used_percent": state.monitor.resource_stats("gpu_framebuffer_used_percent", idx, now),
-            "power_watts": state.monitor.resource_stats("gpu_power_watts", idx, now),
-        }
-        gpus.append(d)
-    return web.json_response(
-        {
-            "available": bool(gpu is not None and gpu.available),
-            "reason": "GPU collector disabled" if gpu is None else gpu.reason,
-            "driver_version": None if gpu is None else gpu.driver_version,
-            "count": len(gpus),
-            "sampled_at": _iso(state.gpu_sampled_at),
-            "gpus": gpus,
-        }
-    )
-
-
-async def _host(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    now = state.clock()
-    sample = state.host_sample
-    r = state.monitor.resource_stats
-    return web.json_response(
-        {
-            "enabled": state.host is not None,
-            "sampled_at": _iso(state.host_sampled_at),
-            "host": None if sample is None else sample.as_dict(),
-            "windows": {
-                "cpu_percent": r("host_cpu_percent", "", now),
-                "memory_percent": r("host_memory_percent", "", now),
-                "orchestrator_cpu_percent": r("orchestrator_cpu_percent", "", now),
-                "orchestrator_rss_bytes": r("orchestrator_rss_bytes", "", now),
-            },
-        }
-    )
-
-
-def _sink_stats(state: SidecarState) -> dict[str, Any]:
-    out = {}
-    for dispatcher in state.dispatchers:
-        for name, st in dispatcher.stats().items():
-            out[name] = {
-                "sent": st.sent, "failed": st.failed, "dropped": st.dropped, "retries": st.retries,
-                "suppressed": st.suppressed, "queued": st.queued, "last_error": st.last_error,
-            }
-    return out
-
-
-async def _alerts(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    body = state.book.to_json()
-    body["enabled"] = state.evaluator is not None
-    body["sinks"] = _sink_stats(state)
-    return web.json_response(body)
-
-
-async def _tuner(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    body = state.tuner.describe() if state.tuner is not None else {"enabled": False, "active": False}
-    return web.json_response({"time": _iso(state.wall_clock()), **body})
-
-
-async def _patch_config(request: web.Request) -> web.Response:
-    """Runtime keys of the sidecar (``detectors.*``), as ``sidecar.runtime_update`` validates them. Bearer auth with
-    the stack's admin token (``sidecar.tuner.admin_token``, which ``muai up`` sets to the orchestrator's); without one
-    the endpoint is off (404), as the orchestrator's admin API is."""
-    import hmac
-    import json
-
-    from sidecar.runtime_update import SidecarUpdateError, apply_patch
-
-    state = request.app[STATE]
-    secret = state.config.tuner.admin_token
-    if secret is None:
-        return _json_error(404, "runtime configuration is off: no admin token (sidecar.tuner.admin_token)")
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), secret.get_secret_value().encode()):
-        return _json_error(401, "missing or wrong bearer token")
-    try:
-        patch = json.loads(await _read_body(request, state.config.receiver.max_body_bytes))
-    except PayloadTooLarge as exc:
-        return _json_error(413, str(exc))
-    except MalformedPayload as exc:
-        return _json_error(400, str(exc))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        return _json_error(400, f"request body is not valid JSON: {type(exc).__name__}")
-    try:
-        new, changed = apply_patch(state.config, patch)
-    except SidecarUpdateError as exc:
-        return _json_error(exc.status, str(exc), key=exc.key)
-    if changed:
-        state.config = new
-        state.reconfigure_detectors(new.detectors)
-        log.info("runtime configuration changed: %s", ", ".join(changed))
-    return web.json_response({"changed": changed})
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    # The collector reads windows that only this loop's thread may touch, so render here, not in a thread.
-    body = generate_latest(state.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def _health(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    gpu = state.gpu
-    degraded = dict(state.loop_errors)
-    fwd = state.forwarder
-    return web.json_response(
-        {
-            "status": "degraded" if degraded else "ok",
-            "uptime_s": max(0.0, state.clock() - state.started_at),
-            "series": state.monitor.series_count,
-            "samples": state.monitor.samples,
-            "gpu": {"available": bool(gpu is not None and gpu.available), "reason": "disabled" if gpu is None else gpu.reason},
-            "host": {"enabled": state.host is not None},
-            "detectors": {"enabled": state.evaluator is not None, "ticks": 0 if state.evaluator is None else state.evaluator.ticks},
-            "alerts": state.book.counts(),
-            "tuner": None if state.tuner is None else {"active": state.tuner.active, "status": state.tuner.describe()["status"]},
-            "forwarding": None if fwd is None else {
-                "endpoint": fwd.endpoint, "sent": fwd.sent, "failed": fwd.failed, "dropped": fwd.dropped, "queued": fwd.queued,
-                "queued_bytes": fwd.queued_bytes,
-            },
-            "degraded": degraded,
-        }
     )
 
 

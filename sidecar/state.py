@@ -1,0 +1,72 @@
+"""What one sidecar app owns (:class:`SidecarState`), kept on the app under :data:`STATE`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from alerting import (
+    AlertBook,
+    Dispatcher,
+)
+from sidecar.collectors.gpu import GpuCollector, GpuSample
+from sidecar.collectors.host import HostCollector, HostSample
+from sidecar.config import DetectorsConfig, SidecarConfig
+from sidecar.evaluation import Evaluator
+from sidecar.forwarding import Forwarder
+from sidecar.metrics import SidecarMetrics
+from sidecar.monitor import PerformanceMonitor
+from sidecar.otlp_grpc import GrpcReceiver
+from sidecar.tuner import Tuner
+
+
+@dataclasses.dataclass(eq=False)
+class SidecarState:
+    """Everything one sidecar app owns. Only the event loop's thread touches it."""
+
+    config: SidecarConfig
+    clock: Callable[[], float]
+    wall_clock: Callable[[], float]
+    monitor: PerformanceMonitor
+    registry: CollectorRegistry
+    gpu: GpuCollector | None
+    host: HostCollector | None
+    forwarder: Forwarder | None
+    book: AlertBook
+    evaluator: Evaluator | None
+    dispatchers: list[Dispatcher]
+    metrics: SidecarMetrics | None = None
+    gpu_samples: list[GpuSample] = dataclasses.field(default_factory=list)
+    host_sample: HostSample | None = None
+    gpu_sampled_at: float | None = None
+    host_sampled_at: float | None = None
+    started_at: float = 0.0
+    loop_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    tuner: Tuner | None = None
+    otlp_grpc: GrpcReceiver | None = None
+
+    def reconfigure_detectors(self, detectors: DetectorsConfig) -> None:
+        """Apply runtime changes of the ``detectors`` section (thresholds, ``for`` durations, detector parameters)."""
+        if self.evaluator is not None:
+            self.evaluator.reconfigure(detectors)
+
+    def evaluate(self) -> int:
+        """Run one evaluation tick now and hand its transitions to the dispatchers; returns how many."""
+        if self.evaluator is None:
+            return 0
+        transitions = self.evaluator.tick(
+            self.clock(), self.wall_clock(), gpus=self.gpu_samples, host=self.host_sample
+        )
+        for alert in transitions:
+            for dispatcher in self.dispatchers:
+                dispatcher.submit(alert)
+        return len(transitions)
+
+
+STATE: web.AppKey[SidecarState] = web.AppKey("muai_sidecar_state", SidecarState)
+
+
+__all__ = ["STATE", "SidecarState"]
