@@ -58,18 +58,15 @@ from sidecar.forwarding import Forwarder
 from sidecar.metrics import SidecarMetrics
 from sidecar.monitor import PerformanceMonitor
 from sidecar.otlp import (
-    INFERENCE,
-    REQUEST,
     RESPONSE_CONTENT_TYPE,
     decode_request,
     decompress,
     encode_response,
     encode_status,
-    map_request,
     media_kind,
 )
 from sidecar.otlp_grpc import start_receiver
-from sidecar.state import STATE, SidecarState
+from sidecar.state import STATE, SidecarState, ingest
 from sidecar.tuner import Tuner
 
 log = logging.getLogger("muai.sidecar")
@@ -314,22 +311,7 @@ async def _traces(request: web.Request) -> web.Response:
         metrics.export(kind or "unknown", exc.status)
         payload, content_type = encode_status(kind, exc.status, exc.message)
         return web.Response(status=exc.status, body=payload, content_type=content_type)
-    mapped = map_request(message)
-    now = state.clock()
-    tracked = state.monitor.record_many(mapped.samples, now)
-    requests = sum(1 for s in mapped.samples if s.scope == REQUEST)
-    if requests:
-        metrics.samples[REQUEST].inc(requests)
-    if len(mapped.samples) - requests:
-        metrics.samples[INFERENCE].inc(len(mapped.samples) - requests)
-    if tracked < len(mapped.samples):
-        metrics.samples_untracked.inc(len(mapped.samples) - tracked)
-    metrics.spans_received.inc(mapped.spans)
-    if mapped.rejected:
-        metrics.spans_rejected.inc(mapped.rejected)
-    if state.forwarder is not None and mapped.spans:
-        state.forwarder.submit(raw)
-    metrics.export(kind, 200)
+    mapped = ingest(state, message, raw, kind)
     return web.Response(
         body=encode_response(kind, rejected=mapped.rejected, error_message=mapped.error_message),
         content_type=RESPONSE_CONTENT_TYPE[kind],

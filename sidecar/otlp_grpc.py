@@ -19,7 +19,8 @@ from grpc import aio
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from sidecar.errors import OtlpError
-from sidecar.otlp import INFERENCE, PROTOBUF, REQUEST, decode_request, encode_response, map_request
+from sidecar.otlp import PROTOBUF, decode_request, encode_response
+from sidecar.state import ingest
 
 if TYPE_CHECKING:
     from sidecar.app import SidecarState
@@ -87,22 +88,7 @@ class GrpcReceiver:
         except OtlpError as exc:
             metrics.export(ENCODING, exc.status)
             await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
-        mapped = map_request(message)
-        # The same bookkeeping as the HTTP receiver's (sidecar.app._traces).
-        tracked = state.monitor.record_many(mapped.samples, state.clock())
-        requests = sum(1 for s in mapped.samples if s.scope == REQUEST)
-        if requests:
-            metrics.samples[REQUEST].inc(requests)
-        if len(mapped.samples) - requests:
-            metrics.samples[INFERENCE].inc(len(mapped.samples) - requests)
-        if tracked < len(mapped.samples):
-            metrics.samples_untracked.inc(len(mapped.samples) - tracked)
-        metrics.spans_received.inc(mapped.spans)
-        if mapped.rejected:
-            metrics.spans_rejected.inc(mapped.rejected)
-        if state.forwarder is not None and mapped.spans:
-            state.forwarder.submit(raw)
-        metrics.export(ENCODING, 200)
+        mapped = ingest(state, message, raw, ENCODING)
         return encode_response(PROTOBUF, rejected=mapped.rejected, error_message=mapped.error_message)
 
 

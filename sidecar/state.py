@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -19,8 +20,11 @@ from sidecar.evaluation import Evaluator
 from sidecar.forwarding import Forwarder
 from sidecar.metrics import SidecarMetrics
 from sidecar.monitor import PerformanceMonitor
-from sidecar.otlp_grpc import GrpcReceiver
+from sidecar.otlp import INFERENCE, REQUEST, MappedBatch, map_request
 from sidecar.tuner import Tuner
+
+if TYPE_CHECKING:  # the receiver module reaches back here for ingest()
+    from sidecar.otlp_grpc import GrpcReceiver
 
 
 @dataclasses.dataclass(eq=False)
@@ -69,4 +73,26 @@ class SidecarState:
 STATE: web.AppKey[SidecarState] = web.AppKey("muai_sidecar_state", SidecarState)
 
 
-__all__ = ["STATE", "SidecarState"]
+def ingest(state: SidecarState, message: Any, raw: bytes, encoding: str) -> MappedBatch:
+    """One decoded export request into the statistics, the counters and the forwarder, whichever transport brought
+    it (OTLP/HTTP or gRPC): the same mapping and the same bookkeeping for both."""
+    metrics = state.metrics
+    mapped = map_request(message)
+    tracked = state.monitor.record_many(mapped.samples, state.clock())
+    requests = sum(1 for s in mapped.samples if s.scope == REQUEST)
+    if requests:
+        metrics.samples[REQUEST].inc(requests)
+    if len(mapped.samples) - requests:
+        metrics.samples[INFERENCE].inc(len(mapped.samples) - requests)
+    if tracked < len(mapped.samples):
+        metrics.samples_untracked.inc(len(mapped.samples) - tracked)
+    metrics.spans_received.inc(mapped.spans)
+    if mapped.rejected:
+        metrics.spans_rejected.inc(mapped.rejected)
+    if state.forwarder is not None and mapped.spans:
+        state.forwarder.submit(raw)
+    metrics.export(encoding, 200)
+    return mapped
+
+
+__all__ = ["STATE", "SidecarState", "ingest"]
