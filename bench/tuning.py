@@ -45,6 +45,7 @@ from typing import Any
 
 from bench._report import add_output_args, finish
 from bench.server import _free_port, _wait_ready
+from sidecar.tuner.shell import parse_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-llama"
@@ -285,10 +286,8 @@ async def _settle(stack: Stack, session: Any) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         async with session.get(f"{stack.base}/metrics") as resp:
-            text = await resp.text()
-        busy = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(("muai_requests_waiting{", "muai_requests_running{")))
-        if busy == 0:
+            view = parse_metrics(await resp.text())
+        if sum(view.waiting.values()) + sum(view.running.values()) == 0:
             return
         await asyncio.sleep(0.5)
 
