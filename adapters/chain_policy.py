@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ChainPolicy", "EngineState"]
+__all__ = ["ChainPolicy", "EngineSnapshot", "EngineState"]
 
 
 @dataclass(slots=True)
@@ -36,6 +36,23 @@ class EngineState:
     @property
     def sitting_out(self) -> bool:
         return self.state in ("unavailable", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """One engine of a chain at one instant, as status readers see it (``EngineState`` is the policy's own,
+    mutable record)."""
+
+    state: str
+    available: bool | None
+    reason: str
+    failures: int
+    retry_in_s: float | None
+    """Seconds until its back-off ends and it is tried again; None when it is not backing off."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "available": self.available, "reason": self.reason,
+                "failures": self.failures, "retry_in_s": self.retry_in_s}
 
 
 class ChainPolicy:
@@ -84,15 +101,10 @@ class ChainPolicy:
         parts = [f"{st.name}: {st.reason or st.state}" for st in self.engines]
         return f"no engine can serve model {model!r} ({'; '.join(parts)})"
 
-    def snapshot(self, now: float) -> dict[str, dict[str, Any]]:
+    def snapshot(self, now: float) -> dict[str, EngineSnapshot]:
         return {
-            st.name: {
-                "state": st.state,
-                "available": st.available,
-                "reason": st.reason,
-                "failures": st.failures,
-                "retry_in_s": max(0.0, st.retry_at - now) if st.retry_at is not None else None,
-            }
+            st.name: EngineSnapshot(st.state, st.available, st.reason, st.failures,
+                                    max(0.0, st.retry_at - now) if st.retry_at is not None else None)
             for st in self.engines
         }
 

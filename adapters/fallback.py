@@ -51,7 +51,7 @@ from typing import Any
 
 from adapters import registry
 from adapters._hf import is_out_of_memory
-from adapters.chain_policy import ChainPolicy
+from adapters.chain_policy import ChainPolicy, EngineSnapshot
 from adapters.base import (
     Capabilities,
     EmbeddingResult,
@@ -68,7 +68,7 @@ from adapters.base import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChainConfigError", "FallbackChain", "FallbackEvent"]
+__all__ = ["ChainConfigError", "ChainStatus", "EngineSnapshot", "FallbackChain", "FallbackEvent"]
 
 EngineFactory = Callable[[str, Mapping[str, Any]], Engine]
 
@@ -94,6 +94,39 @@ class FallbackEvent:
     reason: str
     detail: str
     at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ChainStatus:
+    """A chain at one instant: which engine serves, why the model is degraded, each engine's state and back-off.
+
+    ``engine_status`` is the active engine's own facts (``Engine.status()``: execution provider, TP size, its KV
+    cache, vLLM's counters); they differ per engine by design, so they stay a mapping that readers pass through to
+    operators and never branch on."""
+
+    model: str
+    active_engine: str | None
+    preference: tuple[str, ...]
+    degraded_reasons: tuple[str, ...]
+    engines: Mapping[str, EngineSnapshot]
+    engine_status: Mapping[str, Any] | None
+    fallbacks: int
+
+    @property
+    def degraded(self) -> bool:
+        return bool(self.degraded_reasons)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "active_engine": self.active_engine,
+            "preference": list(self.preference),
+            "degraded": self.degraded,
+            "degraded_reasons": list(self.degraded_reasons),
+            "engines": {name: st.as_dict() for name, st in self.engines.items()},
+            "engine_status": dict(self.engine_status) if self.engine_status is not None else None,
+            "fallbacks": self.fallbacks,
+        }
 
 
 class FallbackChain:
@@ -193,24 +226,23 @@ class FallbackChain:
         with self._lock:
             return self._policy.degraded_reasons(self.model, serving=self._active is not None, closed=self._closed)
 
-    def status(self) -> dict[str, Any]:
-        """Per-engine availability and why not, the active engine, degraded reasons, fallback count."""
+    def status(self) -> ChainStatus:
+        """Per-engine availability and why not, the active engine, degraded reasons, fallback count. Asks the
+        active engine for its facts (``Engine.status()``), so call it from a worker thread, not an event loop."""
         now = self._clock()
         with self._lock:
             engines = self._policy.snapshot(now)
             active = self._active
             fallbacks = self._policy.fallbacks
-        reasons = self.degraded_reasons
-        return {
-            "model": self.model,
-            "active_engine": self.engine_name,
-            "preference": [st.name for st in self._policy.engines],
-            "degraded": bool(reasons),
-            "degraded_reasons": reasons,
-            "engines": engines,
-            "engine_status": active.status() if active is not None else None,
-            "fallbacks": fallbacks,
-        }
+        return ChainStatus(
+            model=self.model,
+            active_engine=self.engine_name,
+            preference=tuple(st.name for st in self._policy.engines),
+            degraded_reasons=tuple(self.degraded_reasons),
+            engines=engines,
+            engine_status=active.status() if active is not None else None,
+            fallbacks=fallbacks,
+        )
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def load(self) -> Engine:

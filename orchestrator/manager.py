@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -87,6 +87,9 @@ from orchestrator.model_status import (
 )
 from orchestrator.residency import Resident, describe_held, plan_room
 from orchestrator.runtime_config import diff_manager_config
+
+if TYPE_CHECKING:
+    from adapters.fallback import ChainStatus
 
 log = logging.getLogger(__name__)
 
@@ -658,7 +661,7 @@ class ModelManager:
         return ManagerStatus({m.name: model_status_of(m) for m in list(self._models.values())},
                              dict(self._availability))
 
-    def _engines_status(self, chain_statuses: Iterable[Mapping[str, Any]]) -> dict[str, EngineAvailability]:
+    def _engines_status(self, chain_statuses: Iterable[ChainStatus]) -> dict[str, EngineAvailability]:
         """Availability per engine: what the loaded models' chains found (live), and for engines no chain holds,
         a registry probe cached for a while (probing may import an engine library: not on every sample)."""
         out = chain_availability(chain_statuses)
@@ -677,17 +680,19 @@ class ModelManager:
         A model's reported ``state`` is ``unavailable`` (and ``servable`` False) when it was loaded but no engine of
         its chain serves it now (all failed; the chain retries them after their back-off)."""
         models: dict[str, ModelStatus] = {}
-        chain_statuses: list[Mapping[str, Any]] = []
+        chain_statuses: list[ChainStatus] = []
         for m in list(self._models.values()):
             chain = m.chain
-            chain_status: Mapping[str, Any] | None = None
+            chain_status: ChainStatus | None = None
+            chain_error: str | None = None
             if chain is not None:
                 try:
                     chain_status = chain.status()
                     chain_statuses.append(chain_status)
-                except Exception as exc:
-                    chain_status = {"error": str(exc)}
-            models[m.name] = model_status_of(m, chain_status)
+                except Exception as exc:  # an engine's own status() failing must not hide the other models
+                    log.warning("model %r: reading its chain's status failed: %s", m.name, exc)
+                    chain_error = str(exc)
+            models[m.name] = model_status_of(m, chain_status, chain_error)
         self._availability = self._engines_status(chain_statuses)
         return ManagerStatus(models, dict(self._availability))
 

@@ -3,15 +3,19 @@ it and why it is degraded, and whether each engine can run here.
 
 :class:`ManagerStatus` is what ``ModelManager.snapshot()`` reads (a read of state: nothing is probed, imported or
 expired) and what ``orchestrator.health.evaluate_readiness`` decides on; ``as_dict()`` gives the JSON shapes the
-admin API and ``ModelManager.status()`` have always answered. The chain's own per-engine detail (``chain``) stays the
-adapters' plain mapping: it is passed through for operators, never parsed here.
+admin API and ``ModelManager.status()`` have always answered. The chain's own per-engine detail (``chain``) is the
+adapters' typed ``ChainStatus``; only the active engine's own facts inside it (``engine_status``) stay a mapping,
+since they differ per engine by design and are passed through for operators, never parsed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from adapters.fallback import ChainStatus
 
 UNAVAILABLE = "unavailable"
 
@@ -59,8 +63,10 @@ class ModelStatus:
     weights_bytes: int = 0
     evicted: bool = False
     batching: BatchingStatus | None = None
-    chain: Mapping[str, Any] | None = None
-    """The fallback chain's own status (adapters' shape); only in a full ``ModelManager.status()``."""
+    chain: ChainStatus | None = None
+    """The fallback chain's own status; only in a full ``ModelManager.status()``."""
+    chain_error: str | None = None
+    """Why a full sample could not read the chain's status (the active engine's ``status()`` raised)."""
 
     @property
     def servable(self) -> bool:
@@ -86,7 +92,9 @@ class ModelStatus:
             "evicted": self.evicted,
         }
         if self.chain is not None:
-            out["chain"] = dict(self.chain)
+            out["chain"] = self.chain.as_dict()
+        elif self.chain_error is not None:
+            out["chain"] = {"error": self.chain_error}
         if self.batching is not None:
             out["batching"] = self.batching.as_dict()
         return out
@@ -104,7 +112,7 @@ class ManagerStatus:
                 "engines": {name: e.as_dict() for name, e in self.engines.items()}}
 
 
-def model_status_of(m: Any, chain_status: Mapping[str, Any] | None = None) -> ModelStatus:
+def model_status_of(m: Any, chain_status: ChainStatus | None = None, chain_error: str | None = None) -> ModelStatus:
     """The status of a ``ManagedModel`` from its attributes, or with ``chain_status`` (the chain's own, asked for
     by a full sample) its degraded reasons from there. Reads only: nothing is asked of an engine."""
     chain = m.chain  # read once: an unload on a worker thread may clear it meanwhile
@@ -114,7 +122,7 @@ def model_status_of(m: Any, chain_status: Mapping[str, Any] | None = None) -> Mo
         # back (the chain re-probes), so readiness must not call it ready.
         state = UNAVAILABLE
     if chain_status is not None:
-        reasons = tuple(chain_status.get("degraded_reasons") or ())
+        reasons = chain_status.degraded_reasons
     else:
         reasons = tuple(chain.degraded_reasons) if chain is not None else ()
     batching = None
@@ -127,17 +135,17 @@ def model_status_of(m: Any, chain_status: Mapping[str, Any] | None = None) -> Mo
         state=state, task=m.task, engine=chain.engine_name if chain is not None else None,
         degraded_reasons=reasons, error=m.error, required=m.config.required, preload=m.config.preload,
         load_duration_s=m.load_duration_s, weights_bytes=m.weights_bytes, evicted=m.evicted,
-        batching=batching, chain=chain_status,
+        batching=batching, chain=chain_status, chain_error=chain_error,
     )
 
 
-def chain_availability(chain_statuses: Iterable[Mapping[str, Any]]) -> dict[str, EngineAvailability]:
-    """Per engine, what the first chain that probed it found (the chains' statuses, in the adapters' shape)."""
+def chain_availability(chain_statuses: Iterable[ChainStatus]) -> dict[str, EngineAvailability]:
+    """Per engine, what the first chain that probed it found."""
     out: dict[str, EngineAvailability] = {}
     for chain_status in chain_statuses:
-        for name, st in (chain_status.get("engines") or {}).items():
-            if name not in out and st.get("available") is not None:
-                out[name] = EngineAvailability(bool(st["available"]), st.get("reason") or None)
+        for name, st in chain_status.engines.items():
+            if name not in out and st.available is not None:
+                out[name] = EngineAvailability(st.available, st.reason or None)
     return out
 
 

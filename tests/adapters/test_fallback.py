@@ -7,6 +7,7 @@ No engine library is mocked: "vLLM absent" is an engine whose ``available()`` sa
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,11 +82,11 @@ async def test_absent_preferred_engine_falls_back_to_torch_and_comes_back(llama_
     assert "vllm is not installed here" in rec.events[0].detail
     assert chain.degraded and "echo unavailable: vllm is not installed here" in chain.degraded_reasons[0]
     status = chain.status()
-    assert status["active_engine"] == "torch" and status["degraded"]
-    assert status["engines"]["echo"]["available"] is False
-    assert status["engines"]["echo"]["reason"] == "vllm is not installed here"
-    assert status["engines"]["torch"]["state"] == "active"
-    assert status["fallbacks"] == 1
+    assert status.active_engine == "torch" and status.degraded
+    assert status.engines["echo"].available is False
+    assert status.engines["echo"].reason == "vllm is not installed here"
+    assert status.engines["torch"].state == "active"
+    assert status.fallbacks == 1
 
     # The fault clears; nothing happens before the back-off is over, then a re-probe brings echo back.
     faults.clear()
@@ -109,7 +110,7 @@ async def test_load_failure_falls_back(llama_spec):
     assert chain.engine_name == "torch" and res.completion_tokens == 4
     assert [(e.from_engine, e.to_engine, e.reason) for e in rec.events] == [("echo", "torch", "load_error")]
     assert "injected load failure" in chain.degraded_reasons[0]
-    assert chain.status()["engines"]["echo"]["state"] == "failed"
+    assert chain.status().engines["echo"].state == "failed"
     chain.close()
 
 
@@ -155,18 +156,35 @@ async def test_backoff_doubles_while_the_engine_keeps_failing():
     chain = echo_chain({"primary": primary, "backup": backup}, clock=clock, rec=rec)
     chain.load()
     assert chain.engine_name == "backup"
-    assert chain.status()["engines"]["primary"]["retry_in_s"] == 10.0
+    assert chain.status().engines["primary"].retry_in_s == 10.0
     clock.t += 10
     assert await chain.reprobe() is False
-    assert chain.status()["engines"]["primary"]["retry_in_s"] == 20.0
-    assert chain.status()["engines"]["primary"]["failures"] == 2
+    assert chain.status().engines["primary"].retry_in_s == 20.0
+    assert chain.status().engines["primary"].failures == 2
     clock.t += 19
     assert not chain.reprobe_due()
     primary.clear()
     clock.t += 1
     assert await chain.reprobe() is True
-    assert chain.engine_name == "primary" and chain.status()["engines"]["primary"]["failures"] == 0
+    assert chain.engine_name == "primary" and chain.status().engines["primary"].failures == 0
     assert len(rec.events) == 1  # failed re-probes do not count as new fallbacks
+    chain.close()
+
+
+def test_status_is_typed_and_its_json_is_the_shape_operators_read():
+    clock = Clock()
+    chain = echo_chain({"primary": EchoFaults(fail_load=True), "backup": EchoFaults()}, clock=clock, rec=Recorder())
+    chain.load()
+    status = chain.status()
+    assert status.active_engine == "backup" and status.degraded and status.preference == ("primary", "backup")
+    assert status.engines["primary"].failures == 1 and status.engines["backup"].retry_in_s is None
+    as_json = json.loads(json.dumps(status.as_dict()))
+    assert set(as_json) == {"model", "active_engine", "preference", "degraded", "degraded_reasons", "engines",
+                            "engine_status", "fallbacks"}
+    primary = as_json["engines"]["primary"]
+    assert "injected load failure" in primary.pop("reason")
+    assert primary == {"state": "failed", "available": True, "failures": 1, "retry_in_s": 10.0}
+    assert as_json["engine_status"]["engine"] == "echo" and as_json["degraded_reasons"] == list(status.degraded_reasons)
     chain.close()
 
 
@@ -231,7 +249,7 @@ async def test_disabled_engines_are_skipped_silently():
     chain = FallbackChain(ModelSpec("m", "unused"), ["torch", "echo"], {"torch": {"enabled": False}}, on_fallback=rec)
     chain.load()
     assert chain.engine_name == "echo" and not chain.degraded and rec.events == []
-    assert chain.status()["engines"]["torch"]["state"] == "disabled"
+    assert chain.status().engines["torch"].state == "disabled"
     chain.close()
 
 
@@ -239,9 +257,9 @@ async def test_runtime_changes_reach_the_next_engine_too():
     chain = echo_chain({"a": EchoFaults(fail_generate_times=1), "b": EchoFaults()})
     chain.load()
     chain.reconfigure(inject_delay_s=0.01)
-    assert chain.status()["engine_status"]["inject_delay_s"] == 0.01
+    assert chain.status().engine_status["inject_delay_s"] == 0.01
     await chain.generate(REQ)
-    assert chain.engine_name == "b" and chain.status()["engine_status"]["inject_delay_s"] == 0.01
+    assert chain.engine_name == "b" and chain.status().engine_status["inject_delay_s"] == 0.01
     assert chain.capabilities.streaming
     chain.close()
 
@@ -324,7 +342,7 @@ async def test_a_slow_fail_over_never_blocks_status_reads_and_waiting_requests_a
         # What readiness and telemetry call on the event loop answer while b is still loading.
         status = await asyncio.wait_for(asyncio.to_thread(chain.status), 10)
         reasons = await asyncio.wait_for(asyncio.to_thread(lambda: chain.degraded_reasons), 10)
-        assert status["engines"]["a"]["state"] == "failed" and reasons
+        assert status.engines["a"].state == "failed" and reasons
         second = asyncio.create_task(chain.generate([GenerationRequest("four five")]))  # waits for the switch
     finally:
         gate.set()
@@ -343,8 +361,8 @@ async def test_an_engine_config_error_makes_that_engine_unavailable_not_the_mode
     chain.load()
     assert chain.engine_name == "b"
     assert [(e.from_engine, e.reason) for e in rec.events] == [("a", "unavailable")]
-    st = chain.status()["engines"]["a"]
-    assert st["state"] == "unavailable" and st["available"] is False and "dim must be >= 1" in st["reason"]
+    st = chain.status().engines["a"]
+    assert st.state == "unavailable" and st.available is False and "dim must be >= 1" in st.reason
     chain.close()
 
 
@@ -356,7 +374,7 @@ def test_deepspeed_tensor_parallel_without_its_launcher_falls_back_to_the_next_e
     chain.load()
     assert chain.engine_name == "echo"
     assert [(e.from_engine, e.to_engine, e.reason) for e in rec.events] == [("deepspeed", "echo", "unavailable")]
-    assert "deepspeed launcher" in chain.status()["engines"]["deepspeed"]["reason"]
+    assert "deepspeed launcher" in chain.status().engines["deepspeed"].reason
     chain.close()
 
 
@@ -370,7 +388,7 @@ async def test_a_fatal_load_error_while_failing_over_is_that_engines_failure_not
     chain.load()
     with pytest.raises(InferenceError, match="injected generate failure"):
         await chain.generate(REQ)
-    assert chain.engine_name is None and "holds no model" in chain.status()["engines"]["torch"]["reason"]
+    assert chain.engine_name is None and "holds no model" in chain.status().engines["torch"].reason
     assert [(e.from_engine, e.reason) for e in rec.events] == [("echo", "inference_error"), ("torch", "load_error")]
     faults.fail_load = True
     clock.t += 10  # both back-offs over: the request re-activates, and torch's fatal error is not raised at it
@@ -546,10 +564,10 @@ async def test_the_fallback_count_moves_with_the_switch_it_counts():
     chain's lock together with the switch, so every hook (and every status read) sees the whole switch counted."""
     seen = []
     chain = echo_chain({"a": EchoFaults(fail_generate_always=True), "b": EchoFaults(fail_load=True),
-                        "c": EchoFaults()}, rec=lambda ev: seen.append((ev.reason, chain.status()["fallbacks"])))
+                        "c": EchoFaults()}, rec=lambda ev: seen.append((ev.reason, chain.status().fallbacks)))
     chain.load()
     results = await asyncio.gather(*(chain.generate([GenerationRequest(f"r{i}")]) for i in range(6)))
     assert [r[0].text for r in results] == [f"r{i}" for i in range(6)] and chain.engine_name == "c"
     assert seen == [("inference_error", 2), ("load_error", 2)]
-    assert chain.status()["fallbacks"] == 2
+    assert chain.status().fallbacks == 2
     chain.close()
