@@ -1,19 +1,26 @@
-"""The server's cost of telemetry, measured side by side in one run (issue 4; requirements 4, 5, 13.5).
+"""The server's cost of telemetry, measured side by side in one run (issues 4 and 16; requirements 4, 5, 13.5).
 
-Two real servers (`python -m muai serve`, each its own process) serve the echo engine, a real engine implementation
-that returns its input, so the figures are the server's and not a model's:
+Real servers (`python -m muai serve`, each its own process) serve the same request, with telemetry off and on:
 
 - **bare**: metrics and tracing off;
-- **instrumented**: Prometheus metrics on and tracing on at the default sampling (ratio 1.0, parent based),
+- **instrumented**: the defaults: Prometheus metrics on, tracing on with consistent probability sampling (every new
+  trace while traffic is under ``telemetry.tracing.sampling_budget_per_s``, about that many per second above it),
   exporting over OTLP/HTTP to a **local OTLP receiver** (a third process that decodes every batch with
   opentelemetry-proto), so span encoding and export are part of the cost.
 
-An aiohttp client keeps 64 connections busy in a closed loop (`POST /v1/completions`, 4 tokens) against one server
-at a time; the two alternate over ``--rounds`` rounds of ``--duration`` seconds (order swapped every round) after a
-warm-up. Each figure is the best round (on a shared machine other processes only ever slow a run down).
--> ``instrumented_vs_bare`` = instrumented req/s / bare req/s (goal >= 0.9), and the bare server's req/s. A
-breakdown (metrics only, tracing only, and everything on with a 0.1 sampling ratio) says where the cost is and
-what sampling buys back; ``--no-breakdown`` skips it.
+Two engines: the echo engine (a real engine implementation that returns its input, so the figures are the server's
+and not a model's) and the torch engine on ``builtin:tiny-llama`` (4 greedy tokens: what a small model costs).
+An aiohttp client keeps ``--connections`` connections busy in a closed loop (`POST /v1/completions`) against one
+server at a time; the servers alternate over ``--rounds`` rounds of ``--duration`` seconds (order swapped every round)
+after a warm-up. Each throughput is the best round (on a shared machine other processes only ever slow a run down).
+
+- ``instrumented_vs_bare`` (echo) = instrumented req/s / bare req/s, goal >= 0.9;
+  ``torch_instrumented_vs_bare`` the same on the torch engine, goal >= 0.97.
+- ``telemetry_us_per_request`` (echo): the server process's CPU time per request (user + system, all its threads,
+  read from the OS over each round; median over rounds), instrumented minus bare, goal <= 10. CPU time rather than
+  1/throughput, so that a machine shared with other work does not count as telemetry.
+- A breakdown (metrics only, tracing only, and everything on with a 0.1 sampling ratio and no budget) says where
+  the cost is; ``--no-breakdown`` skips it.
 
 Prints one JSON line ``{"bench": "server", "figures", "ratios", "goals", "setup"}`` and writes
 ``bench/results/server.json``.
@@ -26,6 +33,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +44,8 @@ from typing import Any
 from bench._report import add_output_args, finish
 
 ROOT = Path(__file__).resolve().parents[1]
-BODY = {"model": "echo", "prompt": "the quick brown fox jumps over the lazy dog", "max_tokens": 4}
+PROMPT = "the quick brown fox jumps over the lazy dog"
+MAX_TOKENS = 4
 
 
 def _free_port() -> int:
@@ -85,18 +94,26 @@ VARIANTS: dict[str, tuple[bool, bool, float | None]] = {  # name -> (metrics, tr
     "tracing_only": (False, True, None),
     "instrumented_sampling_0_1": (True, True, 0.1),
 }
+BREAKDOWN = ("metrics_only", "tracing_only", "instrumented_sampling_0_1")
+TORCH_PREFIX = "torch_"
 
 
 def _server_config(port: int, *, metrics: bool, tracing: bool, sampling: float | None, endpoint: str,
-                   model_dir: str) -> dict[str, Any]:
+                   model: dict[str, Any]) -> dict[str, Any]:
     tracing_cfg: dict[str, Any] = {"enabled": tracing, "endpoint": endpoint}
     if sampling is not None:
-        tracing_cfg["sampling_ratio"] = sampling
+        # A fixed ratio, not the budget: what sampling alone buys back.
+        tracing_cfg.update(sampling_ratio=sampling, sampling_budget_per_s=None)
     return {
-        "models": [{"name": "echo", "path": model_dir, "engine": "echo"}],
+        "models": [model],
         "server": {"port": port, "queue_capacity": 1024, "drain_timeout_s": 5},
         "telemetry": {"metrics": {"enabled": metrics}, "tracing": tracing_cfg},
     }
+
+
+def _cpu_seconds(proc: Any) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
 
 
 async def _wait_ready(session: Any, url: str, procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
@@ -117,12 +134,13 @@ async def _wait_ready(session: Any, url: str, procs: list[subprocess.Popen], tim
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
-async def _load(base: str, connections: int, duration: float) -> dict[str, float]:
-    """``connections`` clients in a closed loop for ``duration`` seconds; completed requests per second."""
+async def _load(base: str, model: str, connections: int, duration: float, server: Any = None) -> dict[str, float]:
+    """``connections`` clients in a closed loop for ``duration`` seconds; completed requests per second, and the
+    server process's CPU microseconds per request when ``server`` (a ``psutil.Process``) is given."""
     import aiohttp
 
     url = f"{base}/v1/completions"
-    payload = json.dumps(BODY).encode()
+    payload = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS}).encode()
     headers = {"Content-Type": "application/json"}
     done = errors = 0
     connector = aiohttp.TCPConnector(limit=connections)
@@ -139,46 +157,62 @@ async def _load(base: str, connections: int, duration: float) -> dict[str, float
                     else:
                         errors += 1
 
+        cpu_before = _cpu_seconds(server) if server is not None else 0.0
         started = time.monotonic()
         await asyncio.gather(*(client() for _ in range(connections)))
         elapsed = time.monotonic() - started
-    return {"rps": done / elapsed, "requests": done, "errors": errors, "seconds": elapsed}
+        cpu = _cpu_seconds(server) - cpu_before if server is not None else 0.0
+    return {"rps": done / elapsed, "requests": done, "errors": errors, "seconds": elapsed,
+            "cpu_us_per_request": cpu / done * 1e6 if done and server is not None else 0.0}
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     import aiohttp
+    import psutil
 
     work = Path(tempfile.mkdtemp(prefix="muai-bench-server-"))
     model_dir = work / "echo-model"
     model_dir.mkdir()
     recv_port = _free_port()
     endpoint = f"http://127.0.0.1:{recv_port}/v1/traces"
-    variants = list(VARIANTS) if args.breakdown else ["bare", "instrumented"]
+    echo_model = {"name": "echo", "path": str(model_dir), "engine": "echo"}
+    torch_model = {"name": "tiny-llama", "path": "builtin:tiny-llama", "engine": "torch"}
+    # name -> (variant, model); the torch pair answers "what does telemetry cost next to a (small) model".
+    servers: dict[str, tuple[str, dict[str, Any]]] = {
+        name: (name, echo_model) for name in ("bare", "instrumented", *(BREAKDOWN if args.breakdown else ()))}
+    if "torch" in args.engines:
+        servers.update({f"{TORCH_PREFIX}{v}": (v, torch_model) for v in ("bare", "instrumented")})
+    if "echo" not in args.engines:
+        servers = {k: v for k, v in servers.items() if k.startswith(TORCH_PREFIX)}
     procs: list[subprocess.Popen] = []
     bases: dict[str, str] = {}
+    handles: dict[str, Any] = {}
     try:
         procs.append(_start([sys.executable, "-c", f"from bench.server import _receiver_main; _receiver_main({recv_port})"],
                             work / "receiver.log"))
-        for name in variants:
+        for name, (variant, model) in servers.items():
             port = _free_port()
-            metrics, tracing, sampling = VARIANTS[name]
+            metrics, tracing, sampling = VARIANTS[variant]
             path = work / f"{name}.json"
             path.write_text(json.dumps(_server_config(port, metrics=metrics, tracing=tracing, sampling=sampling,
-                                                      endpoint=endpoint, model_dir=str(model_dir))))
-            procs.append(_start([sys.executable, "-m", "muai", "--log-level", "warning", "serve", "--config", str(path)],
-                                work / f"{name}.log"))
+                                                      endpoint=endpoint, model=model)))
+            proc = _start([sys.executable, "-m", "muai", "--log-level", "warning", "serve", "--config", str(path)],
+                          work / f"{name}.log")
+            procs.append(proc)
+            handles[name] = psutil.Process(proc.pid)
             bases[name] = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as session:
             for base in bases.values():
                 await _wait_ready(session, f"{base}/health/ready", procs)
             await _wait_ready(session, f"http://127.0.0.1:{recv_port}/count", procs)
-        for base in bases.values():
-            await _load(base, args.connections, args.warmup)
-        rounds: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+        for name, base in bases.items():
+            await _load(base, servers[name][1]["name"], args.connections, args.warmup)
+        rounds: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
         for i in range(args.rounds):
-            order = variants if i % 2 == 0 else list(reversed(variants))
+            order = list(servers) if i % 2 == 0 else list(reversed(servers))
             for name in order:
-                rounds[name].append(await _load(bases[name], args.connections, args.duration))
+                rounds[name].append(await _load(bases[name], servers[name][1]["name"], args.connections,
+                                                args.duration, handles[name]))
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{recv_port}/count") as resp:
                 spans_received = (await resp.json())["spans"]
@@ -192,30 +226,51 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 proc.kill()
     best = {name: max(r["rps"] for r in runs) for name, runs in rounds.items()}
-    ratio = best["instrumented"] / best["bare"] if best["bare"] else 0.0
-    ratios = {"instrumented_vs_bare": round(ratio, 3)}
-    for name in ("metrics_only", "tracing_only", "instrumented_sampling_0_1"):
-        if name in best and best["bare"]:
-            ratios[f"{name}_vs_bare"] = round(best[name] / best["bare"], 3)
-    figures = {
+    cpu_us = {name: statistics.median(r["cpu_us_per_request"] for r in runs) for name, runs in rounds.items()}
+
+    def vs_bare(name: str, bare: str) -> float | None:
+        return round(best[name] / best[bare], 3) if name in best and best.get(bare) else None
+
+    ratios: dict[str, float] = {}
+    goals: dict[str, Any] = {}
+    if "bare" in best:
+        ratios["instrumented_vs_bare"] = vs_bare("instrumented", "bare")
+        for name in BREAKDOWN:
+            if name in best:
+                ratios[f"{name}_vs_bare"] = vs_bare(name, "bare")
+        goals["instrumented_vs_bare"] = {"goal": ">= 0.9", "met": ratios["instrumented_vs_bare"] >= 0.9}
+    torch_bare = f"{TORCH_PREFIX}bare"
+    if torch_bare in best:
+        ratios["torch_instrumented_vs_bare"] = vs_bare(f"{TORCH_PREFIX}instrumented", torch_bare)
+        goals["torch_instrumented_vs_bare"] = {"goal": ">= 0.97",
+                                               "met": ratios["torch_instrumented_vs_bare"] >= 0.97}
+    figures: dict[str, Any] = {
         **{f"{name}_rps": round(value, 1) for name, value in best.items()},
+        "cpu_us_per_request": {name: round(v, 1) for name, v in cpu_us.items()},
         "rounds": {name: [round(r["rps"], 1) for r in runs] for name, runs in rounds.items()},
         "errors": {name: sum(r["errors"] for r in runs) for name, runs in rounds.items()},
         "spans_received": spans_received,
     }
+    if "bare" in cpu_us:
+        telemetry_us = cpu_us["instrumented"] - cpu_us["bare"]
+        figures["telemetry_us_per_request"] = round(telemetry_us, 1)
+        goals["telemetry_us_per_request"] = {"goal": "<= 10", "met": telemetry_us <= 10}
+    if torch_bare in cpu_us:
+        figures["torch_telemetry_us_per_request"] = round(cpu_us[f"{TORCH_PREFIX}instrumented"] - cpu_us[torch_bare], 1)
     return {
         "bench": "server",
         "figures": figures,
         "ratios": ratios,
-        "goals": {"instrumented_vs_bare": {"goal": ">= 0.9", "met": ratio >= 0.9}},
+        "goals": goals,
         "setup": {
-            "engine": "echo",
+            "engines": {"echo": "echo engine", "torch": "torch engine, builtin:tiny-llama, greedy"},
             "connections": args.connections,
             "duration_s": args.duration,
             "rounds": args.rounds,
-            "instrumented": "metrics on, tracing on (sampling ratio 1.0, BatchSpanProcessor, OTLP/HTTP protobuf)",
+            "instrumented": "the defaults: metrics on, tracing on (budgeted consistent sampling, BatchSpanProcessor, "
+                            "OTLP/HTTP protobuf)",
             "exporter": "local OTLP/HTTP receiver in its own process (every span decoded)",
-            "request": BODY,
+            "request": {"prompt": PROMPT, "max_tokens": MAX_TOKENS},
             "cpus": os.cpu_count(),
         },
     }
@@ -227,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=2.0, help="seconds per measured round (default 2)")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds per server, interleaved (default 5)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per server (default 1)")
+    p.add_argument("--engines", default="echo,torch", type=lambda v: [e.strip() for e in v.split(",") if e.strip()],
+                   help="comma-separated: echo, torch (default both)")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                    help="skip the metrics-only and tracing-only servers (default: measure them too)")
     add_output_args(p)
