@@ -13,6 +13,9 @@
 - ``cpu_at_1k_spans``: the sidecar process's CPU, as a fraction of one core, while it receives 1,000 spans/s
   (batches of 200, five a second, like an SDK exporter's batch processor). Goal <= 0.05.
 - ``rss_mb``: the sidecar's largest resident memory over the run. Goal <= 150.
+- ``grpc``: the ingestion and the steady load again over OTLP/gRPC (the sidecar's receiver on
+  ``sidecar.otlp_grpc_port``; the same protobuf bodies as unary ``TraceService/Export`` calls), with the same goals
+  (``--no-grpc`` skips it).
 
 Prints one JSON line ``{"bench": "sidecar", "figures", "ratios", "goals"}`` and writes ``bench/results/sidecar.json``.
 """
@@ -96,9 +99,10 @@ class _Sidecar:
         import psutil
 
         self.port = _free_port()
+        self.grpc_port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "--port", str(self.port)],
+            [sys.executable, "-m", "sidecar", "--port", str(self.port), "--otlp-grpc-port", str(self.grpc_port)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         if cpu is not None and hasattr(os, "sched_setaffinity"):
@@ -140,14 +144,41 @@ class _Sidecar:
                 self.proc.wait()
 
 
-async def _post(session, url: str, body: bytes) -> None:
-    async with session.post(url, data=body, headers={"Content-Type": "application/x-protobuf"}) as resp:
-        await resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"sidecar answered {resp.status}")
+GRPC_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
-async def _ingestion(bodies: list[bytes], batch: int, duration_s: float, connections: int, sidecar_cpu: int | None) -> dict[str, float]:
+class _Sender:
+    """Posts pre-encoded ExportTraceServiceRequest bodies over OTLP/HTTP or OTLP/gRPC (the bytes as they are: both
+    transports carry the same protobuf message)."""
+
+    def __init__(self, session, sidecar: _Sidecar, transport: str) -> None:
+        self.transport = transport
+        self._session = session
+        self._url = sidecar.url + "/v1/traces"
+        self._channel = self._export = None
+        if transport == "grpc":
+            import grpc
+
+            self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}")
+            # No serializers: the request is already protobuf bytes, and the answer is not needed.
+            self._export = self._channel.unary_unary(GRPC_EXPORT)
+
+    async def send(self, body: bytes) -> None:
+        if self._export is not None:
+            await self._export(body, timeout=30)
+            return
+        async with self._session.post(self._url, data=body, headers={"Content-Type": "application/x-protobuf"}) as resp:
+            await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"sidecar answered {resp.status}")
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+
+async def _ingestion(bodies: list[bytes], batch: int, duration_s: float, connections: int, sidecar_cpu: int | None,
+                     transport: str = "http") -> dict[str, float]:
     import aiohttp
 
     sidecar = _Sidecar(sidecar_cpu)
@@ -155,9 +186,9 @@ async def _ingestion(bodies: list[bytes], batch: int, duration_s: float, connect
         conn = aiohttp.TCPConnector(limit=connections)
         async with aiohttp.ClientSession(connector=conn) as session:
             await sidecar.wait_ready(session)
-            url = sidecar.url + "/v1/traces"
+            sender = _Sender(session, sidecar, transport)
             for body in bodies[:4]:  # warm-up: imports, first series, caches
-                await _post(session, url, body)
+                await sender.send(body)
             sent = 0
             cpu0, wall0 = sidecar.cpu_s(), time.perf_counter()
             stop_at = wall0 + duration_s
@@ -166,7 +197,7 @@ async def _ingestion(bodies: list[bytes], batch: int, duration_s: float, connect
                 nonlocal sent
                 i = offset
                 while time.perf_counter() < stop_at:
-                    await _post(session, url, bodies[i % len(bodies)])
+                    await sender.send(bodies[i % len(bodies)])
                     sent += batch
                     i += connections
 
@@ -174,6 +205,7 @@ async def _ingestion(bodies: list[bytes], batch: int, duration_s: float, connect
             wall = time.perf_counter() - wall0
             cpu = sidecar.cpu_s() - cpu0
             sidecar.rss_mb()
+            await sender.close()
             # HTTP round trip of a stats query, for reference (client + server + JSON).
             lat = []
             for _ in range(200):
@@ -193,15 +225,16 @@ async def _ingestion(bodies: list[bytes], batch: int, duration_s: float, connect
         sidecar.stop()
 
 
-async def _steady(bodies: list[bytes], per_s: int, batch: int, duration_s: float) -> dict[str, float]:
+async def _steady(bodies: list[bytes], per_s: int, batch: int, duration_s: float,
+                  transport: str = "http") -> dict[str, float]:
     import aiohttp
 
     sidecar = _Sidecar(None)
     try:
         async with aiohttp.ClientSession() as session:
             await sidecar.wait_ready(session)
-            url = sidecar.url + "/v1/traces"
-            await _post(session, url, bodies[0])
+            sender = _Sender(session, sidecar, transport)
+            await sender.send(bodies[0])
             interval = batch / per_s
             cpu0, t0 = sidecar.cpu_s(), time.perf_counter()
             n = 0
@@ -212,13 +245,14 @@ async def _steady(bodies: list[bytes], per_s: int, batch: int, duration_s: float
                     break
                 if due > now:
                     await asyncio.sleep(due - now)
-                await _post(session, url, bodies[n % len(bodies)])
+                await sender.send(bodies[n % len(bodies)])
                 n += 1
                 if n % 20 == 0:
                     sidecar.rss_mb()
             wall = time.perf_counter() - t0
             cpu = sidecar.cpu_s() - cpu0
             sidecar.rss_mb()
+            await sender.close()
         return {"spans_per_s_offered": n * batch / wall, "cpu_at_1k_spans": cpu / wall, "rss_mb_steady": sidecar.max_rss}
     finally:
         sidecar.stop()
@@ -278,6 +312,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     query = _query()
     ingest = asyncio.run(_ingestion(bodies, args.batch, args.duration, args.connections, sidecar_cpu))
     steady = asyncio.run(_steady(small, 1000, 200, args.steady_duration))
+    grpc_ingest = grpc_steady = None
+    if args.grpc:
+        grpc_ingest = asyncio.run(_ingestion(bodies, args.batch, args.duration, args.connections, sidecar_cpu, "grpc"))
+        grpc_steady = asyncio.run(_steady(small, 1000, 200, args.steady_duration, "grpc"))
     if sidecar_cpu is not None:
         os.sched_setaffinity(0, set(cpus))
     figures = {
@@ -307,6 +345,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_at_1k_spans": {"goal": "<= 0.05", "met": figures["cpu_at_1k_spans"] <= 0.05},
         "rss_mb": {"goal": "<= 150", "met": figures["rss_mb"] <= 150},
     }
+    if grpc_ingest is not None and grpc_steady is not None:
+        grpc_figures = {
+            "spans_per_s": grpc_ingest["spans_per_s"],
+            "spans_per_s_wall": grpc_ingest["spans_per_s_wall"],
+            "cpu_at_1k_spans": grpc_steady["cpu_at_1k_spans"],
+            "rss_mb": max(grpc_ingest["rss_mb_after_ingest"], grpc_steady["rss_mb_steady"]),
+        }
+        figures["grpc"] = grpc_figures
+        ratios["grpc_spans_per_s_vs_http"] = grpc_figures["spans_per_s"] / figures["spans_per_s"]
+        goals["grpc_spans_per_s"] = {"goal": ">= 20000", "met": grpc_figures["spans_per_s"] >= 20_000}
+        goals["grpc_cpu_at_1k_spans"] = {"goal": "<= 0.05", "met": grpc_figures["cpu_at_1k_spans"] <= 0.05}
+        goals["grpc_rss_mb"] = {"goal": "<= 150", "met": grpc_figures["rss_mb"] <= 150}
     return {"bench": "sidecar", "figures": _round(figures), "ratios": _round(ratios), "goals": goals}
 
 
@@ -317,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=512, help="spans per OTLP request (the SDK's default max batch)")
     p.add_argument("--batches", type=int, default=40, help="distinct pre-encoded bodies")
     p.add_argument("--connections", type=int, default=4)
+    p.add_argument("--no-grpc", dest="grpc", action="store_false",
+                   help="skip the same ingestion and steady load over OTLP/gRPC (default: both transports)")
     add_output_args(p)
     args = p.parse_args(argv)
     report = run(args)
