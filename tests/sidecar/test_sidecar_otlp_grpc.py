@@ -170,3 +170,35 @@ async def test_vllm_shaped_spans_are_named_by_otel_service_name(start_sidecar, h
         exporter.shutdown()
     (s,) = (await _stats(http, server, model="llama-3.1-8b", window="1m"))["stats"]
     assert (s["operation"], s["requests"], s["latency_s"]["p50"]) == ("text_completion", 1, 0.25)
+
+
+@pytest.mark.slow
+async def test_vllms_engine_exporting_on_its_default_grpc_reaches_the_stats(start_sidecar, http, tmp_path):
+    # vLLM exports over OTLP/gRPC unless told otherwise: an operator pointing it at the sidecar changes nothing else.
+    pytest.importorskip("vllm")
+    import os
+    import sys
+    from pathlib import Path
+
+    from adapters.tiny import build_tiny_model
+
+    root = Path(__file__).resolve().parents[2]
+    model_dir = build_tiny_model("tiny-llama", tmp_path / "tiny-llama")
+    server, _, target = await _grpc_sidecar(start_sidecar)
+    env = {k: v for k, v in os.environ.items() if k != "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"}
+    env.update(OTEL_SERVICE_NAME="tiny-vllm", VLLM_TARGET_DEVICE="cpu")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(root / "tests/adapters/dist/vllm_trace.py"), "--model", str(model_dir),
+        "--endpoint", f"http://{target}", "--protocol", "grpc", "--out", str(tmp_path / "ids.json"),
+        cwd=root, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    log, _ = await asyncio.wait_for(proc.communicate(), 300)
+    assert proc.returncode == 0, log.decode(errors="replace")[-3000:]
+
+    async def counted():
+        stats = (await _stats(http, server, model="tiny-vllm", window="5m"))["stats"]
+        return stats if stats and stats[0]["requests"] >= 2 else None
+
+    from support.waiting import apoll
+
+    (s,) = await apoll(counted, timeout=60, what="vLLM's two llm_request spans in the sidecar's stats")
+    assert s["requests"] == 2 and s["errors"] == 0 and s["latency_s"]["p50"] > 0

@@ -1,6 +1,7 @@
 """One traced request through a vLLM engine started with an OTLP endpoint; started by ``test_vllm_engine``.
 
     python tests/adapters/dist/vllm_trace.py --model DIR --endpoint http://127.0.0.1:PORT/v1/traces --out ids.json
+    python tests/adapters/dist/vllm_trace.py --model DIR --endpoint http://127.0.0.1:PORT --protocol grpc --out ids.json
 
 A process of its own because vLLM, started with an endpoint, installs the process's global tracer provider. The
 caller's span comes from a local SDK tracer (exporting nowhere); the script writes its trace and span ids as JSON,
@@ -27,8 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--protocol", choices=("http/protobuf", "grpc"), default="http/protobuf",
+                        help="grpc: vLLM's own default (the variable left unset, as an operator would)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+    if args.protocol == "grpc":
+        os.environ.pop("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", None)
+    else:
+        os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
 
     from opentelemetry.sdk.trace import TracerProvider
 
