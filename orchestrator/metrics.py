@@ -94,8 +94,19 @@ class ModelMetrics:
         completion_tokens: int = 0,
         ttft_s: float | None = None,
         tpot_s: float | None = None,
+        trace_id: str | None = None,
     ) -> None:
-        self.latency.observe(max(0.0, e2e_s))
+        """``trace_id`` (32 hex digits) of a sampled request links its latency to its trace: an OpenMetrics
+        exemplar, shown to scrapers that ask for OpenMetrics. Only sampled requests carry one, so the cost stays
+        with the few requests that already pay for a span."""
+        if trace_id is not None:
+            exemplar = {"trace_id": trace_id}
+            self.latency.observe(max(0.0, e2e_s), exemplar)
+            if ttft_s is not None:
+                self.ttft.observe(max(0.0, ttft_s), exemplar)
+                ttft_s = None
+        else:
+            self.latency.observe(max(0.0, e2e_s))
         self.queue.observe(max(0.0, queue_s))
         if prompt_tokens:
             self.prompt_tokens.inc(prompt_tokens)

@@ -177,8 +177,9 @@ class Call:
             metrics.request_done(label, self.operation, self.status)
             bound: ModelMetrics = metrics.model(label, self.engine or self.state.engine_of(label))
             if self.status == "ok":
+                trace_id = f"{self.span.get_span_context().trace_id:032x}" if self.recording else None
                 bound.observe(e2e_s=e2e, queue_s=self.queue_s, prompt_tokens=self.prompt_tokens,
-                              completion_tokens=self.completion_tokens, ttft_s=ttft, tpot_s=tpot)
+                              completion_tokens=self.completion_tokens, ttft_s=ttft, tpot_s=tpot, trace_id=trace_id)
             else:
                 # Every admitted outcome is in the latency histogram (timeouts and errors are the slow tail an
                 # operator needs to see); muai_requests_total says how each ended. Queue time only once measured.

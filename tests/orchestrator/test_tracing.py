@@ -386,3 +386,23 @@ def test_lean_tracer_decides_each_new_trace_once():
         assert 850 < kept < 1150
     finally:
         tracing.shutdown(1)
+
+
+async def test_a_sampled_request_links_its_latency_to_its_trace_with_an_openmetrics_exemplar(tmp_path, receiver):
+    unsampled_id = 0x11112222333344445555666677778888
+    async with running_app(traced_config(tmp_path, receiver.endpoint)) as (client, state):
+        resp = await client.post("/v1/completions", headers={"traceparent": TRACEPARENT},
+                                 json={"model": "echo", "prompt": "a b c", "max_tokens": 2})
+        assert resp.status == 200
+        resp = await client.post("/v1/completions", headers={"traceparent": f"00-{unsampled_id:032x}-{PARENT_ID:016x}-00"},
+                                 json={"model": "echo", "prompt": "a b c", "max_tokens": 2})
+        assert resp.status == 200
+        resp = await client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        openmetrics = await resp.text()
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        plain = await (await client.get("/metrics")).text()
+    exemplars = [line for line in openmetrics.splitlines()
+                 if line.startswith("muai_request_latency_seconds_bucket") and " # {" in line]
+    assert len(exemplars) == 1 and f'trace_id="{TRACE_ID:032x}"' in exemplars[0]
+    assert f"{unsampled_id:032x}" not in openmetrics  # an unsampled request has no trace to link to
+    assert " # {" not in plain  # the Prometheus text format has no exemplars: it stays as it was
