@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Builds MuAI's Grafana dashboards (``dashboards/grafana/*.json``) from plain dicts.
+"""Builds MuAI's Grafana dashboards (``dashboards/grafana/*.json``) with Grafana's typed builders.
 
     python dashboards/build.py           # (re)write the JSON files
     python dashboards/build.py --check   # exit 1 when a committed file differs from what this script builds
 
-Standard library only, so it runs anywhere Python does. Every panel reads the ``datasource`` template variable
-(a Prometheus data source picked at import time), so one file works against any Prometheus. The uids are fixed:
-links and bookmarks survive re-imports.
+The panels, variables and dashboards are ``grafana-foundation-sdk`` builders (Grafana's own generated model of a
+dashboard, in the ``test`` extra), serialised with its encoder, so a misspelt option or a value of the wrong type fails
+here rather than in Grafana. Every panel reads the ``datasource`` template variable (a Prometheus data source picked
+at import time), so one file works against any Prometheus. The uids are fixed: links and bookmarks survive re-imports.
 
 Which process exports what (see docs/deployment.md): ``muai_request_*``, ``muai_requests_*``, ``muai_batch_*``,
 ``muai_kv_cache_*``, ``muai_prefix_cache_*``, ``muai_model_*``, ``muai_process_*`` and ``muai_gpu_memory_*`` come
@@ -14,7 +15,7 @@ from the orchestrator (``orchestrator/metrics.py``); ``muai_sidecar_*``, the DCG
 ``muai_host_*`` and ``muai_orchestrator_process_*`` from the sidecar (``sidecar/metrics.py``).
 
 Other code (the tests, the end-to-end check) imports this file by path and uses :func:`build_all`,
-:func:`iter_exprs` and :func:`render_expr`.
+:func:`iter_exprs`, :func:`variable_queries` and :func:`render_expr`.
 """
 
 from __future__ import annotations
@@ -25,11 +26,32 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
+
+try:
+    from grafana_foundation_sdk.builders import common as common_builders
+    from grafana_foundation_sdk.builders import dashboard as dashboard_builders
+    from grafana_foundation_sdk.builders import heatmap as heatmap_builders
+    from grafana_foundation_sdk.builders import prometheus as prometheus_builders
+    from grafana_foundation_sdk.builders import stat as stat_builders
+    from grafana_foundation_sdk.builders import table as table_builders
+    from grafana_foundation_sdk.builders import timeseries as timeseries_builders
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models import common
+    from grafana_foundation_sdk.models import dashboard as model
+    from grafana_foundation_sdk.models import heatmap as heatmap_model
+    from grafana_foundation_sdk.models import prometheus as prometheus_model
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "dashboards/build.py needs grafana-foundation-sdk, in the test extra: pip install -e '.[test]'"
+    ) from exc
 
 OUT_DIR = Path(__file__).resolve().parent / "grafana"
+# The SDK's model defaults to schema 36; the panels here are written in the shape of 39 (legend.showLegend, the
+# table's cellHeight), and declaring it keeps Grafana from running older migrations over them on import.
 SCHEMA_VERSION = 39
 TAGS = ["muai"]
-DS = {"type": "prometheus", "uid": "${datasource}"}
+DS = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
 # The thresholds drawn on panels are the sidecar's detector defaults (sidecar/config.py) and the
 # Prometheus rules' (prometheus/rules/muai-alerts.yml), so a line on a graph means "an alert would fire here".
@@ -42,26 +64,54 @@ ERROR_STATUSES = "error|timeout"
 
 RI = "$__rate_interval"
 
+Panel = timeseries_builders.Panel | stat_builders.Panel | table_builders.Panel | heatmap_builders.Panel
+
 
 # --- panels ----------------------------------------------------------------------------------------------------
 
 
-def target(expr: str, legend: str = "", **extra) -> dict:
-    """One PromQL query of a panel."""
-    return {"datasource": DS, "expr": expr, "legendFormat": legend, "range": True, **extra}
+class Query(NamedTuple):
+    """One PromQL query of a panel, with its legend."""
+
+    expr: str
+    legend: str = ""
 
 
-def _with_refs(targets: list[dict]) -> list[dict]:
-    return [{**t, "refId": chr(ord("A") + i)} for i, t in enumerate(targets)]
+def target(expr: str, legend: str = "") -> Query:
+    return Query(expr, legend)
 
 
-def _thresholds(*steps: tuple[str, float | None]) -> dict:
-    return {"mode": "absolute", "steps": [{"color": color, "value": value} for color, value in steps]}
+def _dataqueries(
+    queries: list[Query], *, fmt: prometheus_model.PromQueryFormat | None = None, instant: bool = False
+) -> list[prometheus_builders.Dataquery]:
+    """The panel's Prometheus queries, lettered A, B, ... in order."""
+    out = []
+    for i, query in enumerate(queries):
+        dq = prometheus_builders.Dataquery().datasource(DS).expr(query.expr).legend_format(query.legend)
+        dq = dq.ref_id(chr(ord("A") + i))
+        dq = dq.instant() if instant else dq.range()
+        if fmt is not None:
+            dq = dq.format(fmt)
+        out.append(dq)
+    return out
+
+
+def _thresholds(*steps: tuple[str, float | None]) -> dashboard_builders.ThresholdsConfig:
+    return (
+        dashboard_builders.ThresholdsConfig()
+        .mode(model.ThresholdsMode.ABSOLUTE)
+        .steps([model.Threshold(value=value, color=color) for color, value in steps])
+    )
+
+
+def _common(panel: Panel, title: str, description: str) -> Panel:
+    panel = panel.title(title).datasource(DS)
+    return panel.description(description) if description else panel
 
 
 def timeseries(
     title: str,
-    *targets: dict,
+    *targets: Query,
     unit: str = "short",
     description: str = "",
     threshold: float | None = None,
@@ -69,135 +119,138 @@ def timeseries(
     bars: bool = False,
     min_: float | None = 0,
     max_: float | None = None,
-) -> dict:
+) -> timeseries_builders.Panel:
     """A time series panel; ``threshold`` draws a red line (and area above it)."""
-    custom = {
-        "drawStyle": "bars" if bars else "line",
-        "lineWidth": 1,
-        "fillOpacity": 80 if bars else 10,
-        "showPoints": "never",
-        "spanNulls": False,
-        "stacking": {"mode": "normal" if stack else "none", "group": "A"},
-        "thresholdsStyle": {"mode": "off" if threshold is None else "line+area"},
-    }
     steps = [("green", None)] if threshold is None else [("transparent", None), ("red", threshold)]
-    defaults: dict = {"unit": unit, "color": {"mode": "palette-classic"}, "custom": custom, "thresholds": _thresholds(*steps)}
+    panel = (
+        _common(timeseries_builders.Panel(), title, description)
+        .targets(_dataqueries(list(targets)))
+        .unit(unit)
+        .color_scheme(dashboard_builders.FieldColor().mode(model.FieldColorModeId.PALETTE_CLASSIC))
+        .thresholds(_thresholds(*steps))
+        .draw_style(common.GraphDrawStyle.BARS if bars else common.GraphDrawStyle.LINE)
+        .line_width(1)
+        .fill_opacity(80 if bars else 10)
+        .show_points(common.VisibilityMode.NEVER)
+        .span_nulls(False)
+        .stacking(
+            common_builders.StackingConfig()
+            .mode(common.StackingMode.NORMAL if stack else common.StackingMode.NONE)
+            .group("A")
+        )
+        .thresholds_style(
+            common_builders.GraphThresholdsStyleConfig().mode(
+                common.GraphTresholdsStyleMode.OFF if threshold is None else common.GraphTresholdsStyleMode.LINE_AND_AREA
+            )
+        )
+        .legend(
+            common_builders.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.LIST)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(True)
+            .calcs([])
+        )
+        .tooltip(common_builders.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING))
+    )
     if min_ is not None:
-        defaults["min"] = min_
+        panel = panel.min(min_)
     if max_ is not None:
-        defaults["max"] = max_
-    return {
-        "type": "timeseries",
-        "title": title,
-        "description": description,
-        "datasource": DS,
-        "fieldConfig": {"defaults": defaults, "overrides": []},
-        "options": {
-            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True, "calcs": []},
-            "tooltip": {"mode": "multi", "sort": "desc"},
-        },
-        "targets": _with_refs(list(targets)),
-    }
+        panel = panel.max(max_)
+    return panel
 
 
-def stat(title: str, tgt: dict, *, unit: str = "short", description: str = "", red_above: float | None = None) -> dict:
+def stat(title: str, tgt: Query, *, unit: str = "short", description: str = "", red_above: float | None = None) -> stat_builders.Panel:
     """A single-number panel (last value), red above ``red_above``."""
     steps = [("green", None)] if red_above is None else [("green", None), ("red", red_above)]
-    return {
-        "type": "stat",
-        "title": title,
-        "description": description,
-        "datasource": DS,
-        "fieldConfig": {"defaults": {"unit": unit, "color": {"mode": "thresholds"}, "thresholds": _thresholds(*steps)}, "overrides": []},
-        "options": {
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "colorMode": "value",
-            "graphMode": "area",
-            "justifyMode": "auto",
-            "orientation": "auto",
-            "textMode": "auto",
-        },
-        "targets": _with_refs([tgt]),
-    }
+    return (
+        _common(stat_builders.Panel(), title, description)
+        .targets(_dataqueries([tgt]))
+        .unit(unit)
+        .color_scheme(dashboard_builders.FieldColor().mode(model.FieldColorModeId.THRESHOLDS))
+        .thresholds(_thresholds(*steps))
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).fields("").values(False))
+        .color_mode(common.BigValueColorMode.VALUE)
+        .graph_mode(common.BigValueGraphMode.AREA)
+        .justify_mode(common.BigValueJustifyMode.AUTO)
+        .orientation(common.VizOrientation.AUTO)
+        .text_mode(common.BigValueTextMode.AUTO)
+    )
 
 
-def table(title: str, tgt: dict, *, description: str = "") -> dict:
+def table(title: str, tgt: Query, *, description: str = "") -> table_builders.Panel:
     """An instant-query table (one row per series)."""
-    return {
-        "type": "table",
-        "title": title,
-        "description": description,
-        "datasource": DS,
-        "fieldConfig": {"defaults": {"unit": "short"}, "overrides": []},
-        "options": {"showHeader": True, "cellHeight": "sm"},
-        "transformations": [
-            {"id": "organize", "options": {"excludeByName": {"Time": True, "__name__": True}, "renameByName": {}}}
-        ],
-        "targets": _with_refs([{**tgt, "format": "table", "instant": True, "range": False}]),
-    }
+    return (
+        _common(table_builders.Panel(), title, description)
+        .targets(_dataqueries([tgt], fmt=prometheus_model.PromQueryFormat.TABLE, instant=True))
+        .unit("short")
+        .show_header(True)
+        .cell_height(common.TableCellHeight.SM)
+        .with_transformation(
+            model.DataTransformerConfig(
+                id_val="organize",
+                options={"excludeByName": {"Time": True, "__name__": True}, "renameByName": {}},
+            )
+        )
+    )
 
 
-def heatmap(title: str, tgt: dict, *, unit: str = "short", description: str = "") -> dict:
+def heatmap(title: str, tgt: Query, *, unit: str = "short", description: str = "") -> heatmap_builders.Panel:
     """A heatmap of histogram buckets, as Prometheus stores them (no re-bucketing in Grafana)."""
-    return {
-        "type": "heatmap",
-        "title": title,
-        "description": description,
-        "datasource": DS,
-        "fieldConfig": {"defaults": {}, "overrides": []},
-        "options": {
-            "calculate": False,
-            "cellGap": 1,
-            "color": {"mode": "scheme", "scheme": "Oranges", "steps": 64, "exponent": 0.5, "fill": "dark-orange"},
-            "yAxis": {"axisPlacement": "left", "unit": unit},
-            "tooltip": {"show": True, "yHistogram": True},
-            "legend": {"show": True},
-        },
-        "targets": _with_refs([{**tgt, "format": "heatmap"}]),
-    }
+    return (
+        _common(heatmap_builders.Panel(), title, description)
+        .targets(_dataqueries([tgt], fmt=prometheus_model.PromQueryFormat.HEATMAP))
+        .calculate(False)
+        .cell_gap(1)
+        .color(
+            heatmap_builders.HeatmapColorOptions()
+            .mode(heatmap_model.HeatmapColorMode.SCHEME)
+            .scheme("Oranges")
+            .steps(64)
+            .exponent(0.5)
+            .fill("dark-orange")
+        )
+        .y_axis(heatmap_builders.YAxisConfig().axis_placement(common.AxisPlacement.LEFT).unit(unit))
+        .show_tooltip()
+        .show_y_histogram()
+        .show_legend()
+    )
 
 
 # --- template variables --------------------------------------------------------------------------------------
 
 
-def datasource_variable() -> dict:
-    return {
-        "name": "datasource",
-        "label": "Data source",
-        "type": "datasource",
-        "query": "prometheus",
-        "current": {},
-        "hide": 0,
-        "refresh": 1,
-        "regex": "",
-        "includeAll": False,
-        "multi": False,
-        "options": [],
-    }
+def datasource_variable() -> dashboard_builders.DatasourceVariable:
+    return (
+        dashboard_builders.DatasourceVariable("datasource")
+        .id("datasource")
+        .label("Data source")
+        .type("prometheus")
+        .hide(model.VariableHide.DONT_HIDE)
+        .regex("")
+        .multi(False)
+        .include_all(False)
+    )
 
 
-def query_variable(name: str, label: str, query: str, *, multi: bool = True) -> dict:
+def query_variable(name: str, label: str, query: str, *, multi: bool = True) -> dashboard_builders.QueryVariable:
     """A variable filled from ``label_values(...)``; multi-valued ones default to All (regex ``.*``)."""
-    var = {
-        "name": name,
-        "label": label,
-        "type": "query",
-        "datasource": DS,
-        "definition": query,
-        "query": {"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
-        "refresh": 2,
-        "sort": 1,
-        "regex": "",
-        "hide": 0,
-        "multi": multi,
-        "includeAll": multi,
-        "options": [],
-    }
+    var = (
+        dashboard_builders.QueryVariable(name)
+        # The SDK's default id is one all-zero UUID shared by every variable; the name is unique.
+        .id(name)
+        .label(label)
+        .datasource(DS)
+        .query({"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"})
+        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(model.VariableSort.ALPHABETICAL_ASC)
+        .regex("")
+        .hide(model.VariableHide.DONT_HIDE)
+        .multi(multi)
+        .include_all(multi)
+        .options([])
+    )
     if multi:
-        var["allValue"] = ".*"
-        var["current"] = {"selected": True, "text": ["All"], "value": ["$__all"]}
-    else:
-        var["current"] = {}
+        var = var.all_value(".*").current(model.VariableOption(selected=True, text=["All"], value=["$__all"]))
     return var
 
 
@@ -205,13 +258,50 @@ def query_variable(name: str, label: str, query: str, *, multi: bool = True) -> 
 
 
 class Board:
-    """Lays panels out left to right on Grafana's 24-column grid, a new line when one is full."""
+    """Lays panels out left to right on Grafana's 24-column grid, a new line when the next one does not fit.
 
-    def __init__(self, uid: str, title: str, description: str, variables: list[dict]) -> None:
-        self.uid, self.title, self.description = uid, title, description
-        self.variables = [datasource_variable(), *variables]
-        self.panels: list[dict] = []
+    Every position is set here rather than by the SDK's ``with_panel``, which only wraps after a line is full and so
+    lets a panel that does not fit run past column 24.
+    """
+
+    def __init__(self, uid: str, title: str, description: str, variables: list[dashboard_builders.QueryVariable]) -> None:
+        self._builder = (
+            dashboard_builders.Dashboard(title)
+            .uid(uid)
+            .description(description)
+            .tags(TAGS)
+            .editable()
+            .tooltip(model.DashboardCursorSync.CROSSHAIR)
+            .version(1)
+            .refresh("30s")
+            .time("now-1h", "now")
+            .timezone("browser")
+            .fiscal_year_start_month(0)
+            .live_now(False)
+            .week_start("")
+            # Grafana adds its built-in "Annotations & Alerts" query on load; the SDK's model has no builtIn flag to
+            # declare it with, and a second, non-built-in copy would show twice.
+            .annotations([])
+            .link(
+                dashboard_builders.DashboardLink("MuAI dashboards")
+                .type(model.DashboardLinkType.DASHBOARDS)
+                .tags(TAGS)
+                .as_dropdown(True)
+                .include_vars(False)
+                .keep_time(True)
+                .target_blank(False)
+                .icon("external link")
+                .tooltip("")
+                .url("")
+            )
+            .variables([datasource_variable(), *variables])
+        )
+        self._ids = 0
         self._x = self._y = self._line_h = 0
+
+    def _next_id(self) -> int:
+        self._ids += 1
+        return self._ids
 
     def _newline(self) -> None:
         if self._x:
@@ -220,57 +310,26 @@ class Board:
 
     def row(self, title: str) -> None:
         self._newline()
-        self.panels.append(
-            {"type": "row", "title": title, "collapsed": False, "panels": [], "id": len(self.panels) + 1,
-             "gridPos": {"h": 1, "w": 24, "x": 0, "y": self._y}}
+        row = (
+            dashboard_builders.Row(title)
+            .id(self._next_id())
+            .collapsed(False)
+            .grid_pos(model.GridPos(h=1, w=24, x=0, y=self._y))
         )
+        self._builder.with_row(row)
         self._y += 1
 
-    def add(self, panel: dict, *, w: int = 12, h: int = 8) -> None:
+    def add(self, panel: Panel, *, w: int = 12, h: int = 8) -> None:
         if self._x + w > 24:
             self._newline()
-        panel = {"id": len(self.panels) + 1, "gridPos": {"h": h, "w": w, "x": self._x, "y": self._y}, **panel}
-        self.panels.append(panel)
+        self._builder.with_panel(panel.id(self._next_id()).grid_pos(model.GridPos(h=h, w=w, x=self._x, y=self._y)))
         self._x += w
         self._line_h = max(self._line_h, h)
 
     def render(self) -> dict:
-        return {
-            "uid": self.uid,
-            "title": self.title,
-            "description": self.description,
-            "tags": TAGS,
-            "editable": True,
-            "graphTooltip": 1,
-            "schemaVersion": SCHEMA_VERSION,
-            "version": 1,
-            "refresh": "30s",
-            "time": {"from": "now-1h", "to": "now"},
-            "timepicker": {},
-            "timezone": "browser",
-            "fiscalYearStartMonth": 0,
-            "liveNow": False,
-            "weekStart": "",
-            "annotations": {
-                "list": [
-                    {
-                        "builtIn": 1,
-                        "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                        "enable": True,
-                        "hide": True,
-                        "iconColor": "rgba(0, 211, 255, 1)",
-                        "name": "Annotations & Alerts",
-                        "type": "dashboard",
-                    }
-                ]
-            },
-            "links": [
-                {"type": "dashboards", "title": "MuAI dashboards", "tags": TAGS, "asDropdown": True,
-                 "includeVars": False, "keepTime": True, "targetBlank": False, "icon": "external link", "tooltip": "", "url": ""}
-            ],
-            "templating": {"list": self.variables},
-            "panels": self.panels,
-        }
+        board = self._builder.build()
+        board.schema_version = SCHEMA_VERSION
+        return json.loads(json.dumps(board, cls=JSONEncoder))
 
 
 # --- PromQL helpers ------------------------------------------------------------------------------------------
@@ -293,7 +352,7 @@ def ratio_or_zero(num: str, den: str, by: str) -> str:
     return f"({agg} ({num}) or ({agg} ({den}) * 0)) / {agg} ({den})"
 
 
-def percentiles(title: str, histogram: str, selector: str, *, description: str = "", threshold: float | None = None) -> dict:
+def percentiles(title: str, histogram: str, selector: str, *, description: str = "", threshold: float | None = None) -> timeseries_builders.Panel:
     """p50, p95 and p99 of a histogram on one panel."""
     return timeseries(
         title,
@@ -660,7 +719,8 @@ def variable_queries(dashboard: dict) -> Iterator[str]:
     """The ``label_values(...)`` queries of the query variables."""
     for var in dashboard["templating"]["list"]:
         if var["type"] == "query":
-            yield var["definition"]
+            query = var["query"]
+            yield query["query"] if isinstance(query, dict) else query
 
 
 _VAR = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")

@@ -523,14 +523,13 @@ async def test_dashboard_variables_offer_values(stack: Stack, load: Load) -> Non
     prom = stack.prometheus
     missing = []
     for dashboard in build.build_all().values():
-        for var in dashboard["templating"]["list"]:
-            if var["type"] != "query":
-                continue
-            match = _LABEL_VALUES.match(var["definition"])
+        variables = [var for var in dashboard["templating"]["list"] if var["type"] == "query"]
+        for var, query in zip(variables, build.variable_queries(dashboard), strict=True):
+            match = _LABEL_VALUES.match(query)
             assert match, f"{dashboard['uid']}: variable {var['name']} is not label_values(metric, label)"
             values = await prom.label_values(match["label"], match["metric"])
             if (dashboard["uid"], var["name"]) in MUST_HAVE_VALUES and not values:
-                missing.append(f"{dashboard['uid']}: ${var['name']} = {var['definition']}")
+                missing.append(f"{dashboard['uid']}: ${var['name']} = {query}")
     assert not missing, "variables with no values:\n" + "\n".join(missing)
     window = await prom.label_values("window", "muai_sidecar_latency_seconds")
     assert "1m" in window and DETECTOR_WINDOW in window
