@@ -31,6 +31,7 @@ from orchestrator.config import (
     ServerConfig,
     TelemetryConfig,
 )
+from orchestrator.runtime_config import is_runtime_field
 from sidecar.config import SidecarConfig
 
 ENV_PREFIX = "MUAI_"
@@ -146,9 +147,9 @@ def iter_fields(cls: type[BaseModel] = MuaiConfig, prefix: str = "") -> Iterable
             yield path, field, cls
 
 
-def is_runtime(field: Any) -> bool:
-    extra = field.json_schema_extra
-    return isinstance(extra, Mapping) and bool(extra.get("runtime"))
+# The orchestrator's reader of the ``runtime`` marker serves the sidecar's fields too (the marker is the same dict
+# in both config modules); only the sidecar keeps a copy of it, since it may not import the orchestrator.
+is_runtime = is_runtime_field
 
 
 # ---------------------------------------------------------------------------------------------------------------
