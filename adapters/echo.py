@@ -49,12 +49,17 @@ class EchoFaults:
     ``unavailable``: reason reported by ``available()`` (None: available). ``fail_load``: ``load`` raises
     ModelLoadError. ``fail_generate_times``: the next that many inference calls raise a retryable
     InferenceError (counted down). ``fail_generate_always``: every inference call raises until cleared.
+    ``hold_stream``: an ``asyncio.Event`` each stream waits for after its first chunk (a test holds a stream open
+    mid-way, then releases it). ``fail_stream_close``: a stream closed before its end raises while closing, as
+    an engine whose cleanup breaks would.
     """
 
     unavailable: str | None = None
     fail_load: bool = False
     fail_generate_times: int = 0
     fail_generate_always: bool = False
+    hold_stream: Any = None
+    fail_stream_close: bool = False
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -64,6 +69,8 @@ class EchoFaults:
         self.fail_load = False
         self.fail_generate_times = 0
         self.fail_generate_always = False
+        self.hold_stream = None
+        self.fail_stream_close = False
 
     def consume_inference_failure(self) -> bool:
         with self._lock:
@@ -177,10 +184,18 @@ class EchoEngine(Engine):
         if result.error is not None:
             raise result.error
         words = result.text.split(" ") if result.text else []
-        for i, word in enumerate(words[:-1]):
-            yield StreamChunk(word + " ", None, result.prompt_tokens, i + 1)
-        yield StreamChunk(words[-1] if words else "", result.finish_reason, result.prompt_tokens,
-                          result.completion_tokens)
+        try:
+            for i, word in enumerate(words[:-1]):
+                yield StreamChunk(word + " ", None, result.prompt_tokens, i + 1)
+                hold = self.faults.hold_stream
+                if i == 0 and hold is not None:
+                    await hold.wait()
+            yield StreamChunk(words[-1] if words else "", result.finish_reason, result.prompt_tokens,
+                              result.completion_tokens)
+        except GeneratorExit:
+            if self.faults.fail_stream_close:
+                raise RuntimeError("echo fault: the stream's cleanup failed") from None
+            raise
 
 
 def hash_vector(text: str, dim: int = 8) -> list[float]:

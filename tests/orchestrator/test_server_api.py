@@ -114,6 +114,25 @@ async def test_client_leaving_a_stream_releases_its_slot(tmp_path):
         await poll(lambda: state.admission.state.in_flight == 0, what="the slot to be released")
 
 
+async def test_a_stream_whose_close_fails_is_logged_and_the_server_goes_on(tmp_path, caplog):
+    # Defect (e) of issue 12: a failure while closing an engine's stream was passed over without a word.
+    held = asyncio.Event()
+    faults = EchoFaults(hold_stream=held, fail_stream_close=True)
+    async with running_app(echo_config(tmp_path), faults=faults) as (client, state):
+        resp = await client.post("/v1/completions", json={"model": "echo", "prompt": "a b c d", "stream": True,
+                                                          "max_tokens": 4})
+        assert resp.status == 200
+        assert (await resp.content.readline()).startswith(b"data: ")  # the first word, then the stream waits
+        resp.close()  # the client leaves mid-stream
+        held.set()  # the next chunk finds nobody: the server closes the engine's stream, which fails
+        await poll(lambda: "closing the generation stream of echo failed" in caplog.text,
+                   what="the failed close to be logged")
+        await poll(lambda: state.admission.state.in_flight == 0, what="the slot to be released")
+        faults.clear()
+        resp = await client.post("/v1/completions", json={"model": "echo", "prompt": "a b", "max_tokens": 2})
+        assert resp.status == 200 and (await resp.json())["choices"][0]["text"] == "a b"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: one error shape, the right status, never a crash
 
