@@ -134,6 +134,12 @@ Both processes export Prometheus metrics, each on a registry of its own:
 The tables below are built from the real registries (`orchestrator.metrics.ServerMetrics` and the sidecar's
 `create_app`), so every family either process can export is listed with its type, labels and help text.
 
+**Exemplars.** A sampled request's observation in `muai_request_latency_seconds` (and
+`muai_time_to_first_token_seconds`) carries its trace id as an OpenMetrics exemplar (`# {trace_id="..."} value`),
+so a dashboard can jump from a slow bucket to a trace. They are in the exposition only when the scraper asks for
+OpenMetrics (`Accept: application/openmetrics-text`, which Prometheus sends by default); Prometheus keeps them with
+`--enable-feature=exemplar-storage`. Unsampled requests carry none and pay nothing for them.
+
 ## Naming
 
 - Every name starts with `muai_`: `muai_sidecar_*` for the sidecar's own series and the statistics it derives from
