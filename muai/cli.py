@@ -105,8 +105,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     state_dir = Path(os.environ.get("MUAI_CACHE_DIR") or Path.home() / ".cache" / "muai") / "run"
     state_dir.mkdir(parents=True, exist_ok=True)
     pid_file = state_dir / "orchestrator.pid"
-    sidecar_url = f"http://{config.sidecar.host}:{config.sidecar.port}"
-    server_url = f"http://{config.server.host}:{config.server.port}"
+    sidecar_url = f"{'https' if config.sidecar.tls.enabled else 'http'}://{config.sidecar.host}:{config.sidecar.port}"
+    server_url = f"{'https' if config.server.tls.enabled else 'http'}://{config.server.host}:{config.server.port}"
+    _refuse_clear_text_tokens(config)
     source: list[str] = []
     if args.config:
         source += ["--config", args.config]
@@ -156,6 +157,23 @@ def cmd_up(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     codes = [child.returncode for child in (sidecar, server) if child is not None]
     return 0 if all(code in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes) else 1
+
+
+def _refuse_clear_text_tokens(config: MuaiConfig) -> None:
+    """``muai up`` always hands both processes an admin token (the tuner's), so the rule each would apply at its own
+    start-up (admin token + beyond loopback + no TLS = refused) is applied here first, before anything starts."""
+    from orchestrator.tls import insecure_admin_problem as server_problem
+    from sidecar.tls import insecure_admin_problem as sidecar_problem
+
+    problems = [
+        server_problem(section="server", host=config.server.host, token_key="server.admin_token", token_set=True,
+                       tls_on=config.server.tls.enabled, allowed=config.server.allow_insecure_admin),
+        sidecar_problem(section="sidecar", host=config.sidecar.host, token_key="sidecar.tuner.admin_token",
+                        token_set=True, tls_on=config.sidecar.tls.enabled, allowed=config.sidecar.allow_insecure_admin),
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise CliError("muai up gives the tuner an admin token on both processes: " + "; ".join(problems))
 
 
 def _stop_child(child: subprocess.Popen | None, *, timeout: float) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from orchestrator.tls import insecure_admin_problem
 
 ENGINE_NAMES = ("vllm", "deepspeed", "onnxruntime", "torch")
 EngineName = Literal["vllm", "deepspeed", "onnxruntime", "torch", "echo"]
@@ -154,6 +156,23 @@ class KvCacheConfig(Section):
     idle_ttl_s: float = Field(1800.0, gt=0, description="Drop a conversation idle this long.", json_schema_extra=RUNTIME)
 
 
+class TlsConfig(Section):
+    """HTTPS on the orchestrator's listeners (the main port and `telemetry.metrics.port`): both files, or neither."""
+
+    cert_file: str | None = Field(None, description="PEM certificate (chain) the server presents; with `key_file`, turns HTTPS on.")
+    key_file: str | None = Field(None, description="PEM private key of `cert_file`.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("server.tls.cert_file and server.tls.key_file go together: set both, or neither")
+        return self
+
+
 class ServerConfig(Section):
     """The orchestrator's HTTP server."""
 
@@ -179,6 +198,25 @@ class ServerConfig(Section):
     retry_after_s: int = Field(1, ge=0, description="Retry-After header on 429 and 503.")
     admin_token: str | None = Field(None, min_length=16, description="Bearer token for /admin; unset turns the admin API off.")
     pid_file: str | None = Field(None, description="Write the server's PID here (the sidecar finds the process by it).")
+    tls: TlsConfig = TlsConfig()
+    allow_insecure_admin: bool = Field(
+        False, description="Start with the admin API on (`admin_token` set) on a `host` beyond loopback without TLS; "
+        "only behind a TLS-terminating proxy. Without it such a start is refused.",
+    )
+
+    # A field validator on the last of the fields it reads (not a model validator): its error then shows this one
+    # boolean, not the whole section with the token in it.
+    @field_validator("allow_insecure_admin")
+    @classmethod
+    def _admin_token_stays_encrypted(cls, allowed: bool, info: ValidationInfo) -> bool:
+        tls = info.data.get("tls")
+        problem = insecure_admin_problem(
+            section="server", host=info.data.get("host", "127.0.0.1"), token_key="server.admin_token",
+            token_set=info.data.get("admin_token") is not None, tls_on=tls is not None and tls.enabled, allowed=allowed,
+        )
+        if problem:
+            raise ValueError(problem)
+        return allowed
 
 
 class MetricsConfig(Section):
@@ -208,6 +246,10 @@ class TracingConfig(Section):
     service_name: str = Field("muai-orchestrator", min_length=1, description="`service.name` resource attribute.")
     export_timeout_s: float = Field(5.0, gt=0, description="OTLP export timeout.")
     max_queue_size: int = Field(2048, ge=1, description="Spans buffered before dropping (never blocks serving).")
+    ca_file: str | None = Field(
+        None, description="PEM CA bundle that verifies an https `endpoint` (e.g. a sidecar with `sidecar.tls.*` and a "
+        "self-signed certificate); unset: the system's trust store.",
+    )
 
 
 class TelemetryConfig(Section):
@@ -229,6 +271,7 @@ __all__ = [
     "OnnxEngineConfig",
     "ServerConfig",
     "TelemetryConfig",
+    "TlsConfig",
     "TorchEngineConfig",
     "TracingConfig",
     "VllmEngineConfig",

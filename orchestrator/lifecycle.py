@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +15,7 @@ from aiohttp import web
 from orchestrator.http.probes import metrics_endpoint
 from orchestrator.metrics import ResourceSampler
 from orchestrator.state import STATE, ServerState, refresh_status
+from orchestrator.tls import TlsConfigError, server_ssl_context
 
 log = logging.getLogger("orchestrator.server")  # one logger name for the whole server, as before the split
 
@@ -101,6 +103,13 @@ def _engine_stats(state: ServerState) -> dict[str, dict[str, Any]]:
     return out
 
 
+def listener_ssl_context(config: Any) -> ssl.SSLContext | None:
+    """The context of every listener of the server (``server.tls.*``): the main port and the metrics port; None
+    when TLS is off. Raises :class:`TlsConfigError` naming the keys when the files cannot be loaded."""
+    tls = config.server.tls
+    return server_ssl_context(tls.cert_file, tls.key_file) if tls.enabled else None
+
+
 async def _start_metrics_port(state: ServerState) -> web.AppRunner | None:
     cfg = state.config.telemetry.metrics
     if state.metrics is None or cfg.port is None:
@@ -111,14 +120,15 @@ async def _start_metrics_port(state: ServerState) -> web.AppRunner | None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, cfg.host, cfg.port).start()
-    except OSError as exc:
+        ssl_context = listener_ssl_context(state.config)
+        await web.TCPSite(runner, cfg.host, cfg.port, ssl_context=ssl_context).start()
+    except (OSError, TlsConfigError) as exc:
         await runner.cleanup()
-        problem = f"metrics port {cfg.host}:{cfg.port} could not be bound: {exc.strerror or exc}"
+        problem = f"metrics port {cfg.host}:{cfg.port} could not be bound: {getattr(exc, 'strerror', None) or exc}"
         log.error("%s; serving goes on without it", problem)
         state.health.report("metrics_port", problem)
         return None
-    log.info("metrics on http://%s:%d%s", cfg.host, cfg.port, cfg.path)
+    log.info("metrics on %s://%s:%d%s", "https" if ssl_context else "http", cfg.host, cfg.port, cfg.path)
     return runner
 
 

@@ -68,6 +68,7 @@ from orchestrator.lifecycle import (
     MIN_SHUTDOWN_GRACE_S,
     close_connections,
     lifecycle,
+    listener_ssl_context,
     shutdown_grace,
 )
 from orchestrator.metrics import ServerMetrics, runtime_settings
@@ -81,6 +82,7 @@ from orchestrator.state import (
     make_event_hook,
     running_limit,
 )
+from orchestrator.tls import TlsConfigError
 from orchestrator.tracing import build_tracing
 
 log = logging.getLogger("orchestrator.server")  # one logger name for the whole server, as before the split
@@ -172,6 +174,11 @@ def serve(config: Any, *, update_config: UpdateConfig | None = None) -> int:
 
 async def _serve(config: Any, update_config: UpdateConfig | None) -> int:
     server_cfg = config.server
+    try:
+        ssl_context = listener_ssl_context(config)
+    except TlsConfigError as exc:
+        log.error("cannot serve HTTPS: %s", exc)
+        return 1
     app = create_app(config, update_config=update_config)
     state = app[STATE]
     # handler_cancellation: a client that disconnects has its handler cancelled, so its request leaves the queue
@@ -179,7 +186,7 @@ async def _serve(config: Any, update_config: UpdateConfig | None) -> int:
     # it). shutdown_timeout is the last resort for connections close_connections could not finish.
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=MIN_SHUTDOWN_GRACE_S)
     await runner.setup()
-    site = web.TCPSite(runner, server_cfg.host, server_cfg.port)
+    site = web.TCPSite(runner, server_cfg.host, server_cfg.port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as exc:
@@ -204,7 +211,7 @@ async def _serve(config: Any, update_config: UpdateConfig | None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    log.info("serving on http://%s:%d", server_cfg.host, server_cfg.port)
+    log.info("serving on %s://%s:%d", "https" if ssl_context else "http", server_cfg.host, server_cfg.port)
     deadline: float | None = None
     try:
         await stop.wait()

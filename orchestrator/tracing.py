@@ -408,15 +408,40 @@ def make_exporter(config: Any) -> SpanExporter:
     if config.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
+        credentials = None
+        if parts.scheme == "https" and config.ca_file:
+            import grpc
+
+            try:
+                with open(config.ca_file, "rb") as ca:
+                    credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
+            except OSError as exc:
+                raise TracingConfigError(f"telemetry.tracing.ca_file {config.ca_file!r}: {exc.strerror or exc}") from exc
         # gRPC addresses a host:port; an OTLP/HTTP style path would be meaningless there.
         return GrpcExporter(
             endpoint=f"{parts.scheme}://{parts.netloc}",
             insecure=parts.scheme == "http",
+            credentials=credentials,
             timeout=config.export_timeout_s,
         )
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-    return HttpExporter(endpoint=endpoint, timeout=config.export_timeout_s)
+    session = _ca_pinned_session() if config.ca_file else None
+    return HttpExporter(endpoint=endpoint, certificate_file=config.ca_file, timeout=config.export_timeout_s, session=session)
+
+
+def _ca_pinned_session() -> Any:
+    """A requests session whose own ``verify`` (``telemetry.tracing.ca_file``) wins: plain requests lets
+    ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` replace it on every request (psf/requests#3829)."""
+    import requests  # the OTLP/HTTP exporter's own transport; loaded with it
+
+    class CaPinnedSession(requests.Session):
+        def merge_environment_settings(self, url, proxies, stream, verify, cert):  # noqa: ANN001, ANN202
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            settings["verify"] = self.verify
+            return settings
+
+    return CaPinnedSession()
 
 
 @dataclass

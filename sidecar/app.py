@@ -67,6 +67,7 @@ from sidecar.otlp import (
 )
 from sidecar.otlp_grpc import start_receiver
 from sidecar.state import STATE, SidecarState, ingest
+from sidecar.tls import TlsConfigError, client_ssl_context, server_ssl_context
 from sidecar.tuner import Tuner
 
 log = logging.getLogger("muai.sidecar")
@@ -145,7 +146,7 @@ def create_app(
     book = AlertBook(
         history_size=config.alerting.history_size,
         external_labels=config.alerting.external_labels,
-        generator_url=f"http://{config.host}:{config.port}/api/v1/alerts",
+        generator_url=f"{'https' if config.tls.enabled else 'http'}://{config.host}:{config.port}/api/v1/alerts",
     )
     evaluator = Evaluator(config.detectors, monitor=monitor, book=book) if config.detectors.enabled else None
     dispatchers = _dispatchers(config, extra_sinks) if config.detectors.enabled else []
@@ -168,6 +169,7 @@ def create_app(
     state.tuner = Tuner(
         config.tuner, monitor=monitor, orchestrator_url=config.collectors.orchestrator.url, registry=registry,
         clock=clock, wall_clock=wall_clock, host=lambda: state.host_sample, gpus=lambda: state.gpu_samples,
+        ca_file=config.collectors.orchestrator.ca_file,
     )
 
     app = web.Application(middlewares=[json_errors], client_max_size=config.receiver.max_body_bytes)
@@ -328,19 +330,24 @@ async def serve(config: Any, *, started: asyncio.Future | None = None) -> None:
     Takes the ``sidecar`` section or the whole configuration that holds it.
     """
     config = _section(config)
+    tls = config.tls
+    ssl_context = server_ssl_context(tls.cert_file, tls.key_file) if tls.enabled else None
+    if config.collectors.orchestrator.ca_file:  # a CA file that cannot be read stops start-up, not the tuner later
+        client_ssl_context(config.collectors.orchestrator.ca_file, key="sidecar.collectors.orchestrator.ca_file")
     app = create_app(config)
     # auto_decompress=False: the receiver inflates gzip itself, bounded by receiver.max_decompressed_bytes.
     runner = web.AppRunner(
         app, handle_signals=False, shutdown_timeout=config.shutdown_timeout_s, access_log=None, auto_decompress=False
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
     await site.start()
     host, port = config.host, config.port
     server = getattr(site, "_server", None)
     if server is not None and server.sockets:
         host, port = server.sockets[0].getsockname()[:2]
-    log.info("muai sidecar listening on http://%s:%d (OTLP/HTTP /v1/traces, /metrics, /api/v1/*)", host, port)
+    log.info("muai sidecar listening on %s://%s:%d (OTLP/HTTP /v1/traces, /metrics, /api/v1/*)",
+             "https" if ssl_context else "http", host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -385,6 +392,9 @@ def run(config: Any = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(config))
+    except TlsConfigError as exc:
+        log.error("muai sidecar cannot serve HTTPS: %s", exc)
+        return 1
     except OSError as exc:  # e.g. the port is taken: say so plainly instead of a traceback
         log.error("muai sidecar could not start on %s:%d: %s", config.host, config.port, exc)
         return 1

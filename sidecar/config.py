@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from sidecar._section import Section
+from sidecar.tls import insecure_admin_problem
 from sidecar.tuner.config import TunerConfig
 
 RUNTIME = {"runtime": True}
@@ -56,6 +57,10 @@ class OrchestratorTargetConfig(Section):
         "http://127.0.0.1:8000",
         pattern=r"^https?://",
         description="The orchestrator's base URL; its port finds the process when no PID file is set or readable.",
+    )
+    ca_file: str | None = Field(
+        None, description="PEM CA bundle that verifies the orchestrator's certificate when `url` is https (the tuner's "
+        "client); unset: the system's trust store.",
     )
 
 
@@ -392,6 +397,23 @@ class AlertingConfig(Section):
         return value
 
 
+class SidecarTlsConfig(Section):
+    """HTTPS on the sidecar's HTTP port (OTLP/HTTP, the query API, /metrics): both files, or neither."""
+
+    cert_file: str | None = Field(None, description="PEM certificate (chain) the sidecar presents; with `key_file`, turns HTTPS on.")
+    key_file: str | None = Field(None, description="PEM private key of `cert_file`.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> SidecarTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("sidecar.tls.cert_file and sidecar.tls.key_file go together: set both, or neither")
+        return self
+
+
 # --- the section --------------------------------------------------------------------------------------------
 
 
@@ -413,6 +435,26 @@ class SidecarConfig(Section):
     detectors: DetectorsConfig = DetectorsConfig()
     alerting: AlertingConfig = AlertingConfig()
     tuner: TunerConfig = TunerConfig()
+    tls: SidecarTlsConfig = SidecarTlsConfig()
+    allow_insecure_admin: bool = Field(
+        False, description="Start with `PATCH /api/v1/config` on (`tuner.admin_token` set) on a `host` beyond loopback "
+        "without TLS; only behind a TLS-terminating proxy. Without it such a start is refused.",
+    )
+
+    # A field validator on the last of the fields it reads (not the model validator below): its error then shows this
+    # one boolean, not the whole section with the token in it.
+    @field_validator("allow_insecure_admin")
+    @classmethod
+    def _admin_token_stays_encrypted(cls, allowed: bool, info: ValidationInfo) -> bool:
+        tuner, tls = info.data.get("tuner"), info.data.get("tls")
+        problem = insecure_admin_problem(
+            section="sidecar", host=info.data.get("host", "127.0.0.1"), token_key="sidecar.tuner.admin_token",
+            token_set=tuner is not None and tuner.admin_token is not None, tls_on=tls is not None and tls.enabled,
+            allowed=allowed,
+        )
+        if problem:
+            raise ValueError(problem)
+        return allowed
 
     @model_validator(mode="after")
     def _cross_fields(self) -> SidecarConfig:
@@ -453,6 +495,7 @@ __all__ = [
     "RateLimitConfig",
     "ReceiverConfig",
     "SidecarConfig",
+    "SidecarTlsConfig",
     "SinksConfig",
     "StatisticalConfig",
     "ThroughputRuleConfig",

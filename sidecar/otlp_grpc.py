@@ -66,7 +66,14 @@ class GrpcReceiver:
         )
         handler = grpc.unary_unary_rpc_method_handler(self._export)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler}),))
-        bound = server.add_insecure_port(_address(self.host, self.port))
+        tls = self._state.config.tls
+        if tls.enabled:
+            # The same certificate as the HTTP port: spans are no less private over gRPC.
+            with open(tls.key_file, "rb") as key, open(tls.cert_file, "rb") as cert:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            bound = server.add_secure_port(_address(self.host, self.port), credentials)
+        else:
+            bound = server.add_insecure_port(_address(self.host, self.port))
         if not bound:  # older grpcio returns 0 instead of raising
             raise RuntimeError(f"could not bind OTLP/gRPC on {_address(self.host, self.port)}")
         await server.start()
@@ -104,7 +111,7 @@ async def start_receiver(state: SidecarState) -> GrpcReceiver | None:
     receiver = GrpcReceiver(state, host=state.config.host, port=port)
     try:
         await receiver.start()
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         log.error("muai sidecar OTLP/gRPC receiver not started: %s", exc)
         state.loop_errors["otlp_grpc"] = repr(exc)[:300]
         return None

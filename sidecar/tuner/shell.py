@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.otlp import REQUEST
+from sidecar.tls import client_ssl_context
 from sidecar.tuner.config import TunerConfig
 from sidecar.tuner.policy import (
     KNOBS,
@@ -149,8 +150,10 @@ class Tuner:
         wall_clock: Callable[[], float],
         host: Callable[[], Any] = lambda: None,
         gpus: Callable[[], Any] = lambda: (),
+        ca_file: str | None = None,
     ) -> None:
         self.config = config
+        self.ca_file = ca_file
         self.monitor = monitor
         self.url = orchestrator_url.rstrip("/") if orchestrator_url else None
         self.clock = clock
@@ -203,7 +206,11 @@ class Tuner:
                  self.warm_observations)
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s)
         token = self.config.admin_token.get_secret_value() if self.config.admin_token else ""
-        self._session = aiohttp.ClientSession(timeout=timeout, headers={"Authorization": f"Bearer {token}"})
+        # An https orchestrator is verified against sidecar.collectors.orchestrator.ca_file (else the system's CAs).
+        connector = aiohttp.TCPConnector(ssl=client_ssl_context(self.ca_file, key="sidecar.collectors.orchestrator.ca_file"))
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, headers={"Authorization": f"Bearer {token}"}, connector=connector
+        )
         try:
             failing = False
             while True:
