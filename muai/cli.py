@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "kv_cache": "multi-turn KV-cache reuse vs recomputing the history",
     "sidecar": "OTLP ingestion rate, query latency, CPU and RSS of the sidecar",
     "tuning": "the sidecar's auto-tuner vs the default and the best grid-searched static settings on a shifting load",
+    "faults": "serving throughput and p99 with the OTLP endpoint, a webhook or Alertmanager down vs all healthy",
     "nab": "detector quality on the Numenta Anomaly Benchmark beside its published detectors (needs ../shared/nab)",
 }
 
