@@ -8,17 +8,20 @@ a model's) with its own real sidecar (`python -m muai sidecar`) and the sidecar'
   local receiver that answers 200 and its Alertmanager sink to a real Alertmanager (when one is installed);
 - **otlp_down**: the orchestrator exports to a closed port on 127.0.0.1 (connection refused on every export);
 - **webhook_500**: the webhook receiver answers 500 to every notification;
-- **alertmanager_down**: the sidecar's Alertmanager URL is a closed port.
+- **alertmanager_down**: the sidecar's Alertmanager URL is a closed port;
+- **healthy_control**: a second healthy pair, so the report shows how far two identical runs differ here
+  (``noise_floor_control_vs_healthy``).
 
 Alerts fire during the run: the sidecar's latency rule has a threshold of 1 µs (every request breaches it), no
 ``for`` duration, and a rate limit loose enough to notify every second, so the faulted sinks retry and give up over
 and over. An aiohttp client keeps ``--connections`` connections busy (`POST /v1/completions`) against one orchestrator
 at a time; the conditions alternate over ``--rounds`` rounds of ``--duration`` seconds after a warm-up (order reversed
-every other round). Each condition's throughput is its median round (a shared machine lifts or sinks single rounds);
-its p99 is over all its measured requests.
+every other round). Each condition's throughput is its median round; each ratio is the median over cycles of the
+faulted round over the healthy round of the same cycle (a shared machine's load drifts between cycles far more than
+within one). A condition's p99 is over all its measured requests.
 
-- ``serving_under_telemetry_faults_vs_healthy`` = the worst faulted condition's req/s / healthy req/s, goal >= 0.9;
-  ``<condition>_vs_healthy`` for each.
+- ``serving_under_telemetry_faults_vs_healthy`` = the worst faulted condition's req/s / healthy req/s (paired, as
+  above), goal >= 0.9; ``<condition>_vs_healthy`` for each.
 - Per condition: req/s, p50 and p99 latency; per condition the sidecar's own notification counters by sink
   (sent, failed, retried, dropped), the orchestrator's own span-drop and export-failure counters, and the CPU
   seconds each process spent while its condition was loaded and while the others were.
@@ -48,8 +51,11 @@ from bench._report import add_output_args, finish
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "the quick brown fox jumps over the lazy dog"
 MAX_TOKENS = 4
-CONDITIONS = ("healthy", "otlp_down", "webhook_500", "alertmanager_down")
-FAULTED = CONDITIONS[1:]
+# healthy_control is a second, identical healthy pair: how far two healthy runs differ on this machine (the noise
+# floor a faulted ratio must be read against).
+CONDITIONS = ("healthy", "otlp_down", "webhook_500", "healthy_control", "alertmanager_down")
+FAULTED = ("otlp_down", "webhook_500", "alertmanager_down")
+CONTROL = "healthy_control"
 SINKS = ("webhook", "alertmanager")
 
 
@@ -291,7 +297,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             # wait for the orchestrator to have counted one, so a short run reports it too.
             deadline = time.monotonic() + 30
             failures = SERVER_COUNTERS["export_failures"]
-            while time.monotonic() < deadline:
+            while "otlp_down" in servers and time.monotonic() < deadline:
                 seen = await _counters(session, f"{servers['otlp_down']}/metrics", {failures})
                 if sum(seen[failures].values()) > 0:
                     break
@@ -312,13 +318,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    # The median round, not the best: on a shared machine a neighbour going quiet lifts one round by a third, and a
-    # ratio near 1 must not hang on one such round.
+    # Paired: each faulted round against the healthy round of the same cycle, then the median over cycles. The load
+    # of a shared machine drifts by a third between cycles; within one cycle the four conditions see much the same.
     rps = {c: statistics.median(r["rps"] for r in runs) for c, runs in rounds.items()}
     latencies = {c: [x for r in runs for x in r["latencies"]] for c, runs in rounds.items()}
-    ratios = {f"{c}_vs_healthy": round(rps[c] / rps["healthy"], 3) for c in FAULTED}
-    worst = min(FAULTED, key=lambda c: rps[c])
-    ratios = {"serving_under_telemetry_faults_vs_healthy": round(rps[worst] / rps["healthy"], 3), **ratios}
+    paired = {c: statistics.median(f["rps"] / h["rps"] for f, h in zip(rounds[c], rounds["healthy"])) for c in FAULTED}
+    ratios = {f"{c}_vs_healthy": round(paired[c], 3) for c in FAULTED}
+    control = statistics.median(f["rps"] / h["rps"] for f, h in zip(rounds[CONTROL], rounds["healthy"]))
+    worst = min(FAULTED, key=lambda c: paired[c])
+    ratios = {"serving_under_telemetry_faults_vs_healthy": round(paired[worst], 3), **ratios}
     goal = ratios["serving_under_telemetry_faults_vs_healthy"]
     figures: dict[str, Any] = {
         "rps": {c: round(v, 1) for c, v in rps.items()},
@@ -328,6 +336,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "p99_vs_healthy": {c: round(_quantile(latencies[c], 0.99) / _quantile(latencies["healthy"], 0.99), 3)
                            for c in FAULTED},
         "worst_condition": worst,
+        "noise_floor_control_vs_healthy": round(control, 3),
         "rounds_rps": {c: [round(r["rps"], 1) for r in runs] for c, runs in rounds.items()},
         "errors": {c: sum(r["errors"] for r in runs) for c, runs in rounds.items()},
         "notifications": {
@@ -354,6 +363,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             "conditions": {
                 "healthy": "spans to the sidecar; webhook answers 200; "
                            + ("a real Alertmanager" if am_url else "no Alertmanager installed: that sink off"),
+                CONTROL: "the same as healthy, a second pair of processes (the noise floor)",
                 "otlp_down": "telemetry.tracing.endpoint on a closed 127.0.0.1 port (export_timeout_s 2 everywhere)",
                 "webhook_500": "the webhook receiver answers 500 to every notification (3 retries each)",
                 "alertmanager_down": "sidecar.alerting.sinks.alertmanager.url on a closed 127.0.0.1 port (3 retries)",
@@ -368,8 +378,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="muai bench faults", description=__doc__.splitlines()[0])
     p.add_argument("--connections", type=int, default=32, help="concurrent client connections (default 32)")
-    p.add_argument("--duration", type=float, default=3.0, help="seconds per measured round (default 3)")
-    p.add_argument("--rounds", type=int, default=4, help="measured rounds per condition, interleaved (default 4)")
+    p.add_argument("--duration", type=float, default=1.5, help="seconds per measured round (default 1.5)")
+    p.add_argument("--rounds", type=int, default=10, help="measured rounds per condition, interleaved (default 10)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per condition (default 1)")
     add_output_args(p)
     args = p.parse_args(argv)
