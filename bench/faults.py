@@ -15,16 +15,17 @@ a model's) with its own real sidecar (`python -m muai sidecar`) and the sidecar'
 Alerts fire during the run: the sidecar's latency rule has a threshold of 1 µs (every request breaches it), no
 ``for`` duration, and a rate limit loose enough to notify every second, so the faulted sinks retry and give up over
 and over. An aiohttp client keeps ``--connections`` connections busy (`POST /v1/completions`) against one orchestrator
-at a time; the conditions alternate over ``--rounds`` rounds of ``--duration`` seconds after a warm-up (order reversed
-every other round). Each condition's throughput is its median round; each ratio is the median over cycles of the
+at a time; the conditions alternate over ``--rounds`` rounds of ``--duration`` seconds after a warm-up (the order
+rotated by one every round). Each condition's throughput is its median round; each ratio is the median over cycles of the
 faulted round over the healthy round of the same cycle (a shared machine's load drifts between cycles far more than
 within one). A condition's p99 is over all its measured requests.
 
 - ``serving_under_telemetry_faults_vs_healthy`` = the worst faulted condition's req/s / healthy req/s (paired, as
   above), goal >= 0.9; ``<condition>_vs_healthy`` for each.
 - Per condition: req/s, p50 and p99 latency; per condition the sidecar's own notification counters by sink
-  (sent, failed, retried, dropped), the orchestrator's own span-drop and export-failure counters, and the CPU
-  seconds each process spent while its condition was loaded and while the others were.
+  (sent, failed, retried, dropped), the orchestrator's own span-drop and export-failure counters, the CPU seconds
+  each process spent while its condition was loaded and while the others were, and the orchestrator's CPU
+  microseconds per request (``serve_cpu_us_per_request``: a cost that a busy neighbour does not distort).
 
 Prints one JSON line ``{"bench": "faults", "figures", "ratios", "goals", "setup"}`` and writes
 ``bench/results/faults.json``.
@@ -287,7 +288,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         # CPU seconds each process spends while its own condition is loaded, and while the others are (background).
         cpu: dict[tuple[str, str], dict[str, float]] = {key: {"own": 0.0, "others": 0.0} for key in handles}
         for i in range(args.rounds):
-            for condition in (CONDITIONS if i % 2 == 0 else tuple(reversed(CONDITIONS))):
+            # Rotated every round, so each condition runs in each position (first, after a given one, last) as often.
+            shift = i % len(CONDITIONS)
+            for condition in CONDITIONS[shift:] + CONDITIONS[:shift]:
                 before = {key: _cpu_seconds(h) for key, h in handles.items()}
                 rounds[condition].append(await _load(servers[condition], model["name"], args.connections, args.duration))
                 for key, h in handles.items():
@@ -347,6 +350,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             c: {key: sum(server_counters[c][name].values()) for key, name in SERVER_COUNTERS.items()} for c in CONDITIONS
         },
         "webhook_received": webhook_received,
+        # The orchestrator's own CPU per request does not move with a neighbour's load the way req/s does: a fault
+        # that made serving work harder would show here.
+        "serve_cpu_us_per_request": {c: round(cpu[(c, "serve")]["own"] / len(latencies[c]) * 1e6, 1)
+                                     for c in CONDITIONS if latencies[c]},
         "cpu_s_while_loaded": {f"{c}_{cmd}": round(v["own"], 2) for (c, cmd), v in cpu.items()},
         "cpu_s_while_idle": {f"{c}_{cmd}": round(v["others"], 2) for (c, cmd), v in cpu.items()},
     }
