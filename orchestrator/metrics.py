@@ -4,9 +4,13 @@ Names follow DESIGN.md: ``muai_`` prefix, base units, ``_total`` on counters, wi
 vLLM (time to first token, time per output token, running/waiting requests, prefix cache hits/queries), DCGM (GPU
 framebuffer used) and Triton (inference count vs execution count: their ratio is the mean batch size).
 
-Hot path. Labelled children are bound once per (model, engine) and kept (:class:`ModelMetrics`); a request costs
-a few ``observe``/``inc`` calls and no ``labels()`` lookup. Queue depth and running requests are read at scrape
-time from the admission state (``set_function``), never pushed per request.
+Hot path. The per-request families (latency, queue time, time to first token, time per output token, tokens,
+``muai_requests_total``) are this module's own series (:class:`_Histogram`, :class:`_Count`) bound once per
+(model, engine) and kept (:class:`ModelMetrics`): a request's whole record is one lock, a bisect per histogram and
+a few additions, where prometheus_client's children take a lock and a check per ``observe``/``inc`` (about 40 Python
+calls a request against about 10). They are exposed by :class:`_RequestCollector` exactly as prometheus_client's
+would be (``_bucket``/``_sum``/``_count``/``_created``, ``_total``), every request counted. Queue depth and running
+requests are read at scrape time from the admission state (``set_function``), never pushed per request.
 
 Background. Process CPU/memory (psutil) and GPU memory (NVML when present, else torch's CUDA stats when torch is
 already imported and CUDA initialised, else absent) are sampled by :class:`ResourceSampler` in the server's
@@ -25,17 +29,21 @@ whole exposition from one place and a name cannot be declared twice.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar, Sample
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +78,56 @@ def _label(value: object) -> str:
     return text[:_MAX_LABEL]
 
 
+class _Histogram:
+    """One histogram series: counts per bucket (not cumulative), their sum, and the last exemplar per bucket.
+    Not locked itself: its owner (:class:`ModelMetrics`) holds one lock around a whole request's record."""
+
+    __slots__ = ("bounds", "counts", "total", "created", "exemplars")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.created = time.time()
+        self.exemplars: dict[int, Exemplar] = {}
+
+    def observe(self, value: float, trace_id: str | None = None) -> None:
+        i = bisect.bisect_left(self.bounds, value)  # the first bound with value <= bound: Prometheus's `le`
+        self.counts[i] += 1
+        self.total += value
+        if trace_id is not None:
+            self.exemplars[i] = Exemplar({"trace_id": trace_id}, value, time.time())
+
+    def read(self) -> tuple[list[int], float, dict[int, Exemplar]]:
+        return list(self.counts), self.total, dict(self.exemplars)
+
+
+class _Count:
+    """One counter series (a running total and when it started)."""
+
+    __slots__ = ("labels", "value", "created")
+
+    def __init__(self, labels: tuple[str, ...] = ()) -> None:
+        self.labels = labels
+        self.value = 0.0
+        self.created = time.time()
+
+
 class ModelMetrics:
-    """The per-(model, engine) children, bound once; what the request path touches."""
+    """The per-(model, engine) series, bound once; what the request path touches."""
 
-    __slots__ = ("model", "engine", "latency", "queue", "ttft", "tpot", "prompt_tokens", "generation_tokens")
+    __slots__ = ("model", "engine", "latency", "queue", "ttft", "tpot", "prompt_tokens", "generation_tokens", "_lock")
 
-    def __init__(self, metrics: ServerMetrics, model: str, engine: str) -> None:
+    def __init__(self, model: str, engine: str) -> None:
         self.model = model
         self.engine = engine
-        self.latency = metrics.request_latency.labels(model, engine)
-        self.queue = metrics.request_queue.labels(model, engine)
-        self.ttft = metrics.ttft.labels(model, engine)
-        self.tpot = metrics.tpot.labels(model, engine)
-        self.prompt_tokens = metrics.prompt_tokens.labels(model, engine)
-        self.generation_tokens = metrics.generation_tokens.labels(model, engine)
+        self.latency = _Histogram(LATENCY_BUCKETS)
+        self.queue = _Histogram(QUEUE_BUCKETS)
+        self.ttft = _Histogram(TTFT_BUCKETS)
+        self.tpot = _Histogram(TPOT_BUCKETS)
+        self.prompt_tokens = _Count()
+        self.generation_tokens = _Count()
+        self._lock = threading.Lock()
 
     def observe(
         self,
@@ -96,33 +140,105 @@ class ModelMetrics:
         tpot_s: float | None = None,
         trace_id: str | None = None,
     ) -> None:
-        """``trace_id`` (32 hex digits) of a sampled request links its latency to its trace: an OpenMetrics
-        exemplar, shown to scrapers that ask for OpenMetrics. Only sampled requests carry one, so the cost stays
-        with the few requests that already pay for a span."""
-        if trace_id is not None:
-            exemplar = {"trace_id": trace_id}
-            self.latency.observe(max(0.0, e2e_s), exemplar)
+        """``trace_id`` (32 hex digits) of a sampled request links its latency and time to first token to its
+        trace: an OpenMetrics exemplar, shown to scrapers that ask for OpenMetrics. Only sampled requests carry
+        one, so the cost stays with the few requests that already pay for a span."""
+        with self._lock:
+            self.latency.observe(max(0.0, e2e_s), trace_id)
+            self.queue.observe(max(0.0, queue_s))
+            if prompt_tokens:
+                self.prompt_tokens.value += prompt_tokens
+            if completion_tokens:
+                self.generation_tokens.value += completion_tokens
             if ttft_s is not None:
-                self.ttft.observe(max(0.0, ttft_s), exemplar)
-                ttft_s = None
-        else:
-            self.latency.observe(max(0.0, e2e_s))
-        self.queue.observe(max(0.0, queue_s))
-        if prompt_tokens:
-            self.prompt_tokens.inc(prompt_tokens)
-        if completion_tokens:
-            self.generation_tokens.inc(completion_tokens)
-        if ttft_s is not None:
-            self.ttft.observe(max(0.0, ttft_s))
-        if tpot_s is not None:
-            self.tpot.observe(max(0.0, tpot_s))
+                self.ttft.observe(max(0.0, ttft_s), trace_id)
+            if tpot_s is not None:
+                self.tpot.observe(max(0.0, tpot_s))
 
     def observe_failed(self, *, e2e_s: float, queue_s: float | None = None) -> None:
         """A request that did not end ``ok`` (error, timeout, cancelled): its latency, and its queue time when it
         got a running slot; no tokens."""
-        self.latency.observe(max(0.0, e2e_s))
-        if queue_s is not None:
-            self.queue.observe(max(0.0, queue_s))
+        with self._lock:
+            self.latency.observe(max(0.0, e2e_s))
+            if queue_s is not None:
+                self.queue.observe(max(0.0, queue_s))
+
+    def read(self) -> dict[str, Any]:
+        """A consistent copy of every series, for one scrape."""
+        with self._lock:
+            return {
+                "latency": self.latency.read(), "queue": self.queue.read(), "ttft": self.ttft.read(),
+                "tpot": self.tpot.read(), "created": (self.latency.created, self.queue.created, self.ttft.created,
+                                                      self.tpot.created),
+                "prompt_tokens": (self.prompt_tokens.value, self.prompt_tokens.created),
+                "generation_tokens": (self.generation_tokens.value, self.generation_tokens.created),
+            }
+
+
+# name, help, ModelMetrics field, bounds
+_REQUEST_HISTOGRAMS = (
+    ("muai_request_latency_seconds",
+     "End-to-end latency of admitted requests, admission to last byte, whatever their outcome (vLLM's "
+     "e2e_request_latency).", "latency", LATENCY_BUCKETS),
+    ("muai_request_queue_seconds", "Time from admission until the request got a running slot.", "queue", QUEUE_BUCKETS),
+    ("muai_time_to_first_token_seconds", "Time from admission to the first streamed token.", "ttft", TTFT_BUCKETS),
+    ("muai_time_per_output_token_seconds", "Mean time between streamed output tokens after the first.", "tpot",
+     TPOT_BUCKETS),
+)
+_HISTOGRAM_INDEX = {"latency": 0, "queue": 1, "ttft": 2, "tpot": 3}
+
+
+class _RequestCollector(Collector):
+    """Exposes the request-path series of :class:`ServerMetrics` as prometheus_client's own families would be."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only, so the registry knows them (and refuses a duplicate) before any request.
+        return list(self._families({}, {}))
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._metrics
+        with m._lock:
+            bound = dict(m._bound)
+            requests = {c.labels: (c.value, c.created) for c in m._request_counts.values()}
+        return list(self._families({key: mm.read() for key, mm in bound.items()}, requests))
+
+    @staticmethod
+    def _families(series: Mapping[tuple[str, str], dict[str, Any]],
+                  requests: Mapping[tuple[str, str, str], tuple[float, float]]) -> Iterable[Metric]:
+        me = ["model", "engine"]
+        for name, help_text, field, bounds in _REQUEST_HISTOGRAMS:
+            family = HistogramMetricFamily(name, help_text, labels=me)
+            les = [floatToGoString(b) for b in bounds] + ["+Inf"]
+            for (model, engine), read in series.items():
+                counts, total, exemplars = read[field]
+                buckets: list[Any] = []
+                running = 0
+                for i, le in enumerate(les):
+                    running += counts[i]
+                    exemplar = exemplars.get(i)
+                    buckets.append((le, running, exemplar) if exemplar is not None else (le, running))
+                family.add_metric([model, engine], buckets, total)
+                family.samples.append(Sample(f"{name}_created", {"model": model, "engine": engine},
+                                             read["created"][_HISTOGRAM_INDEX[field]]))
+            yield family
+        done = CounterMetricFamily(
+            "muai_requests",
+            "Admitted requests finished, by model, operation and status (ok, error, invalid, timeout, cancelled).",
+            labels=["model", "operation", "status"],
+        )
+        for labels, (value, created) in requests.items():
+            done.add_metric(list(labels), value, created=created)
+        yield done
+        for name, help_text, field in (("muai_prompt_tokens", "Prompt tokens processed.", "prompt_tokens"),
+                                       ("muai_generation_tokens", "Tokens generated.", "generation_tokens")):
+            family = CounterMetricFamily(name, help_text, labels=me)
+            for (model, engine), read in series.items():
+                value, created = read[field]
+                family.add_metric([model, engine], value, created=created)
+            yield family
 
 
 class ThroughputWindow:
@@ -388,31 +504,6 @@ class ServerMetrics:
         self._on_problem = on_problem
         r = self.registry
         me = ["model", "engine"]
-        self.request_latency = Histogram(
-            "muai_request_latency_seconds",
-            "End-to-end latency of admitted requests, admission to last byte, whatever their outcome "
-            "(vLLM's e2e_request_latency).",
-            me, registry=r, buckets=LATENCY_BUCKETS,
-        )
-        self.request_queue = Histogram(
-            "muai_request_queue_seconds", "Time from admission until the request got a running slot.",
-            me, registry=r, buckets=QUEUE_BUCKETS,
-        )
-        self.ttft = Histogram(
-            "muai_time_to_first_token_seconds", "Time from admission to the first streamed token.",
-            me, registry=r, buckets=TTFT_BUCKETS,
-        )
-        self.tpot = Histogram(
-            "muai_time_per_output_token_seconds", "Mean time between streamed output tokens after the first.",
-            me, registry=r, buckets=TPOT_BUCKETS,
-        )
-        self.requests = Counter(
-            "muai_requests",
-            "Admitted requests finished, by model, operation and status (ok, error, invalid, timeout, cancelled).",
-            ["model", "operation", "status"], registry=r,
-        )
-        self.prompt_tokens = Counter("muai_prompt_tokens", "Prompt tokens processed.", me, registry=r)
-        self.generation_tokens = Counter("muai_generation_tokens", "Tokens generated.", me, registry=r)
         self.running = Gauge("muai_requests_running", "Requests inside the engine layer now.", ["model"], registry=r)
         self.waiting = Gauge("muai_requests_waiting", "Admitted requests waiting for a running slot.", ["model"], registry=r)
         self.model_load = Histogram(
@@ -460,7 +551,7 @@ class ServerMetrics:
         self._bound: dict[tuple[str, str], ModelMetrics] = {}
         self._batch_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._loaded_engine: dict[str, str] = {}
-        self._request_children: dict[tuple[str, str, str], Any] = {}
+        self._request_counts: dict[tuple[str, str, str], _Count] = {}  # (model, operation, status) as given
         self._completed: dict[str, int] = {}
         self._windows: dict[str, ThroughputWindow] = {}
         self.throughput: dict[str, float] = {}
@@ -472,6 +563,7 @@ class ServerMetrics:
         self.rejected_children = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         self.export_failures_traces = self.export_failures.labels("traces")
         self._spans_dropped = {reason: self.spans_dropped.labels(reason) for reason in SPAN_DROP_REASONS}
+        self.registry.register(_RequestCollector(self))
         self.registry.register(_SnapshotCollector(self))
         try:
             from importlib.metadata import version
@@ -490,16 +582,17 @@ class ServerMetrics:
             with self._lock:
                 bound = self._bound.get(key)
                 if bound is None:
-                    bound = self._bound[key] = ModelMetrics(self, _label(model), _label(engine))
+                    bound = self._bound[key] = ModelMetrics(_label(model), _label(engine))
         return bound
 
     def request_done(self, model: str, operation: str, status: str) -> None:
         key = (model, operation, status)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(_label(model), operation, status)
-        child.inc()
-        self._completed[model] = self._completed.get(model, 0) + 1
+        with self._lock:
+            count = self._request_counts.get(key)
+            if count is None:
+                count = self._request_counts[key] = _Count((_label(model), operation, status))
+            count.value += 1
+            self._completed[model] = self._completed.get(model, 0) + 1
 
     def reject(self, reason: str) -> None:
         child = self.rejected_children.get(reason)

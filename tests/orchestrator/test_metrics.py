@@ -200,3 +200,38 @@ def test_exposition_passes_promtool(metrics):
                          capture_output=True, timeout=60)
     assert out.returncode == 0, (out.stdout + out.stderr).decode()
     assert not (out.stdout + out.stderr).strip(), (out.stdout + out.stderr).decode()
+
+
+def test_request_series_are_exposed_exactly_as_prometheus_clients_own_histograms_would_be(metrics):
+    # The request path keeps its own series (a lock and a bisect instead of prometheus_client's checks and locks
+    # per call); what a scrape sees must be what prometheus_client's Histogram and Counter would have shown.
+    from prometheus_client import Counter, Histogram
+
+    from orchestrator.metrics import LATENCY_BUCKETS, QUEUE_BUCKETS
+
+    reference = CollectorRegistry()
+    latency = Histogram("muai_request_latency_seconds", "x", ["model", "engine"], registry=reference,
+                        buckets=LATENCY_BUCKETS).labels("m", "torch")
+    queue = Histogram("muai_request_queue_seconds", "x", ["model", "engine"], registry=reference,
+                      buckets=QUEUE_BUCKETS).labels("m", "torch")
+    done = Counter("muai_requests", "x", ["model", "operation", "status"], registry=reference)
+    bound = metrics.model("m", "torch")
+    # Values on bucket bounds, between them, zero and beyond the last bound.
+    for e2e in (0.0, 0.005, 0.0051, 0.1, 0.75, 2.0, 960.0, 5000.0):
+        bound.observe(e2e_s=e2e, queue_s=e2e / 10)
+        latency.observe(e2e)
+        queue.observe(e2e / 10)
+        metrics.request_done("m", "chat", "ok")
+        done.labels("m", "chat", "ok").inc()
+    bound.observe_failed(e2e_s=0.3)
+    latency.observe(0.3)
+    metrics.request_done("m", "chat", "error")
+    done.labels("m", "chat", "error").inc()
+
+    def samples(registry, names):
+        return sorted((s.name, tuple(sorted(s.labels.items())), s.value) for family in registry.collect()
+                      for s in family.samples if family.name in names and not s.name.endswith("_created"))
+
+    names = {"muai_request_latency_seconds", "muai_request_queue_seconds", "muai_requests"}
+    ours = samples(metrics.registry, names)
+    assert ours and ours == samples(reference, names)
