@@ -267,7 +267,8 @@ def _describe_error(err: Mapping[str, Any], origins: Mapping[tuple[str, ...], st
         hint = _suggest(str(loc[-1]), known)
         return f"unknown key {dotted!r}{hint}; allowed here: {', '.join(known)}"
     source = origins.get(tuple(str(p) for p in loc if not isinstance(p, int)))
-    value = err.get("input")
+    # A model-level error's input is the whole section: its secrets must not reach a log or a terminal.
+    value = "***" if loc and str(loc[-1]) in SECRET_KEYS and err.get("input") else _scrub(err.get("input"))
     where = f" (from {source})" if source else (f" (in {file})" if file else "")
     message = f"{dotted} = {value!r}{where}: {err['msg']}"
     ctx = err.get("ctx") or {}
@@ -307,17 +308,18 @@ def load_config(
     return validate(doc, origins={**origins, **flag_origins}, file=str(path) if path else None)
 
 
+def _scrub(node: Any) -> Any:
+    """``node`` with the values of ``SECRET_KEYS`` masked, at any depth."""
+    if isinstance(node, Mapping):
+        return {k: ("***" if k in SECRET_KEYS and v else _scrub(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_scrub(v) for v in node]
+    return node
+
+
 def redacted(config: MuaiConfig) -> dict[str, Any]:
     """The effective configuration as plain data, with secrets masked (for printing and the admin API)."""
-
-    def scrub(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: ("***" if k in SECRET_KEYS and v else scrub(v)) for k, v in node.items()}
-        if isinstance(node, list):
-            return [scrub(v) for v in node]
-        return node
-
-    return scrub(config.model_dump(mode="json"))
+    return _scrub(config.model_dump(mode="json"))
 
 
 def dump_yaml(config: MuaiConfig) -> str:

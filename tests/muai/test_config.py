@@ -8,6 +8,7 @@ from muai.config import (
     dump_yaml,
     env_var_for,
     load_config,
+    validate,
 )
 
 
@@ -86,6 +87,16 @@ def test_secrets_are_redacted_in_printed_config():
     config = load_config(env={"MUAI_SERVER__ADMIN_TOKEN": "s" * 20})
     assert "s" * 20 not in dump_yaml(config)
     assert config.server.admin_token == "s" * 20
+
+
+def test_secrets_never_appear_in_error_messages():
+    # A bad token itself, and a section whose whole input (token included) is quoted by the error.
+    with pytest.raises(ConfigError) as bad_token:
+        load_config(env={"MUAI_SERVER__ADMIN_TOKEN": "short-secret"})
+    assert "short-secret" not in str(bad_token.value) and "server.admin_token = '***'" in str(bad_token.value)
+    with pytest.raises(ConfigError) as bad_section:
+        validate({"server": [{"admin_token": "t" * 20, "port": 1}]})
+    assert "t" * 20 not in str(bad_section.value) and "'admin_token': '***'" in str(bad_section.value)
 
 
 def test_env_var_names():
