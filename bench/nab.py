@@ -50,12 +50,17 @@ FROZEN_TOLERANCE = 5.0
 
 
 def frozen_grid(base) -> list:
-    """Candidate parameter sets for the frozen run: the shipped defaults and their neighbours."""
+    """Candidate parameter sets for the frozen run: the shipped defaults and their neighbours.
+
+    Varies the EWMA's threshold and smoothing: EWMA alone is the shipped default (MAD off), so a MAD
+    threshold in the grid would change nothing.
+    """
     out = []
-    for mad_z, ewma_z in itertools.product((0.75, 1.0, 1.5), (0.75, 1.0, 1.5)):
+    for smoothing_k, ewma_z in itertools.product((0.5, 1.0, 2.0), (0.75, 1.0, 1.5)):
+        smoothing = min(1.0, base.ewma.smoothing * smoothing_k)
         out.append(base.model_copy(update={
-            "mad": base.mad.model_copy(update={"z_threshold": base.mad.z_threshold * mad_z}),
-            "ewma": base.ewma.model_copy(update={"z_threshold": base.ewma.z_threshold * ewma_z}),
+            "ewma": base.ewma.model_copy(update={
+                "z_threshold": base.ewma.z_threshold * ewma_z, "smoothing": smoothing}),
         }))
     return out
 
