@@ -120,6 +120,11 @@ class ModelConfig(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights dtype.")
     max_model_len: int | None = Field(None, ge=16, description="Context cap; unset uses the model's.")
+    replicas: int = Field(
+        1, ge=1, le=64,
+        description="Engine instances serving this model, each its own fallback chain; requests go to the one with "
+        "the fewest outstanding, and one that fails takes no new work for `engines.reprobe_after_s`.",
+    )
     inject_delay_s: float = Field(
         0.0, ge=0, le=60, description="Test hook: sleep this long before each inference (drills for slowdown alerts).",
         json_schema_extra=RUNTIME,

@@ -250,7 +250,13 @@ class ModelManager:
 
         return hook
 
-    def _new_chain(self, spec: ModelSpec, preference: Sequence[str]) -> Any:
+    def _new_chain(self, spec: ModelSpec, preference: Sequence[str], replicas: int = 1) -> Any:
+        """A fallback chain for ``spec``; with ``replicas`` > 1, that many behind one ``ReplicaSet``."""
+        if replicas > 1:
+            from orchestrator.replicas import ReplicaSet
+
+            return ReplicaSet([self._new_chain(spec, preference) for _ in range(replicas)],
+                              eject_s=self.config.engines.reprobe_after_s, clock=self._clock)
         from adapters.fallback import FallbackChain
 
         return FallbackChain(
@@ -282,9 +288,10 @@ class ModelManager:
             chain = None
             try:
                 spec = self._spec(m.config, device)
-                m.weights_bytes = weights_bytes(spec.path)
+                # Each replica holds its own copy of the weights.
+                m.weights_bytes = weights_bytes(spec.path) * m.config.replicas
                 self._make_room(m)
-                chain = self._new_chain(spec, preference)
+                chain = self._new_chain(spec, preference, m.config.replicas)
                 chain.load()
             except Exception as exc:
                 if chain is not None:
