@@ -20,6 +20,9 @@ All three share one lifecycle:
   warm-up and windows count values, so feed one value per tick.
 
 Memory is O(1) for EWMA and CUSUM and O(window) for MAD.
+
+Why one module of about 500 lines: the three detectors share the lifecycle above (warm-up, keeping anomalies out,
+re-learning, the spread floor) through one base, so each differs only in its baseline and score.
 """
 
 from __future__ import annotations

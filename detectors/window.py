@@ -18,6 +18,9 @@ in-horizon samples move, in chunks, into time slices of a DDSketch-style log-buc
 
 The window is exact again once the sketched samples have aged out. Memory is at most
 ``max_samples`` raw samples (16 bytes each) plus ``slices + 1`` sketches of bounded key range.
+
+Why one module of about 540 lines: the ring buffer, the time slices and the sketch share one invariant (a sample
+counts exactly once, raw or sketched, until it leaves the horizon), kept by the code that moves samples between them.
 """
 
 from __future__ import annotations
