@@ -8,7 +8,7 @@ Hot path. The per-request families (latency, queue time, time to first token, ti
 ``muai_requests_total``) are this module's own series (:class:`_Histogram`, :class:`_Count`) bound once per
 (model, engine) and kept (:class:`ModelMetrics`): a request's whole record is one lock, a bisect per histogram and
 a few additions, where prometheus_client's children take a lock and a check per ``observe``/``inc`` (about 40 Python
-calls a request against about 10). They are exposed by :class:`_RequestCollector` exactly as prometheus_client's
+calls a request against about 15). They are exposed by :class:`_RequestCollector` exactly as prometheus_client's
 would be (``_bucket``/``_sum``/``_count``/``_created``, ``_total``), every request counted. Queue depth and running
 requests are read at scrape time from the admission state (``set_function``), never pushed per request.
 
@@ -98,8 +98,8 @@ class _Histogram:
         if trace_id is not None:
             self.exemplars[i] = Exemplar({"trace_id": trace_id}, value, time.time())
 
-    def read(self) -> tuple[list[int], float, dict[int, Exemplar]]:
-        return list(self.counts), self.total, dict(self.exemplars)
+    def read(self) -> tuple[list[int], float, dict[int, Exemplar], float]:
+        return list(self.counts), self.total, dict(self.exemplars), self.created
 
 
 class _Count:
@@ -168,8 +168,7 @@ class ModelMetrics:
         with self._lock:
             return {
                 "latency": self.latency.read(), "queue": self.queue.read(), "ttft": self.ttft.read(),
-                "tpot": self.tpot.read(), "created": (self.latency.created, self.queue.created, self.ttft.created,
-                                                      self.tpot.created),
+                "tpot": self.tpot.read(),
                 "prompt_tokens": (self.prompt_tokens.value, self.prompt_tokens.created),
                 "generation_tokens": (self.generation_tokens.value, self.generation_tokens.created),
             }
@@ -185,7 +184,6 @@ _REQUEST_HISTOGRAMS = (
     ("muai_time_per_output_token_seconds", "Mean time between streamed output tokens after the first.", "tpot",
      TPOT_BUCKETS),
 )
-_HISTOGRAM_INDEX = {"latency": 0, "queue": 1, "ttft": 2, "tpot": 3}
 
 
 class _RequestCollector(Collector):
@@ -213,7 +211,7 @@ class _RequestCollector(Collector):
             family = HistogramMetricFamily(name, help_text, labels=me)
             les = [floatToGoString(b) for b in bounds] + ["+Inf"]
             for (model, engine), read in series.items():
-                counts, total, exemplars = read[field]
+                counts, total, exemplars, created = read[field]
                 buckets: list[Any] = []
                 running = 0
                 for i, le in enumerate(les):
@@ -221,8 +219,7 @@ class _RequestCollector(Collector):
                     exemplar = exemplars.get(i)
                     buckets.append((le, running, exemplar) if exemplar is not None else (le, running))
                 family.add_metric([model, engine], buckets, total)
-                family.samples.append(Sample(f"{name}_created", {"model": model, "engine": engine},
-                                             read["created"][_HISTOGRAM_INDEX[field]]))
+                family.samples.append(Sample(f"{name}_created", {"model": model, "engine": engine}, created))
             yield family
         done = CounterMetricFamily(
             "muai_requests",
