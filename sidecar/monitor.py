@@ -399,9 +399,14 @@ class PerformanceMonitor:
         return self._series[key].first_seen
 
     def latency_and_errors(self, key: SeriesKey, window: str, now: float) -> tuple[WindowStats, float]:
-        """The two inputs the detectors read each tick: the latency window and the error ratio."""
+        """The two inputs the detectors read each tick: the latency window and the error ratio; for a sampled
+        series the adjusted ones (counts summed by weight, percentiles weighted), the figures the query API shows,
+        so that a rule fires on the traffic the spans stand for rather than on the spans that happened to be kept."""
         series = self._series[key]
-        return series.latency.snapshot(window, now), series.errors.ratio(window, now)
+        if series.weighted is None:
+            return series.latency.snapshot(window, now), series.errors.ratio(window, now)
+        stats = self.series_stats(key, window, now)
+        return stats.latency, stats.error_ratio
 
     def fresh_count(self, key: SeriesKey) -> int:
         """Latency samples of ``key`` recorded since the last :meth:`take_fresh` (0 before the first)."""

@@ -141,6 +141,24 @@ async def test_sampled_requests_through_the_real_exporter_count_within_two_perce
     assert abs(naive_rank - 0.5) > 10 * rank_error
 
 
+def test_the_detectors_read_the_adjusted_figures_of_a_sampled_series():
+    # Fast requests sampled 1 in 10, slow ones kept every time: the spans alone say "mostly slow and failing",
+    # the traffic they stand for is mostly fast and fine. The rules must judge the traffic.
+    monitor = PerformanceMonitor(windows={"1m": 60.0})
+    key = SeriesKey(REQUEST, "m", "chat")
+    for i in range(100):
+        monitor.record(SpanSample(REQUEST, "m", "chat", 0.05, error=False, weight=10.0), 10.0 + i * 0.1)
+    for i in range(150):
+        monitor.record(SpanSample(REQUEST, "m", "chat", 2.0, error=True, weight=1.0), 20.0 + i * 0.1)
+    latency, error_ratio = monitor.latency_and_errors(key, "1m", 40.0)
+    stats = monitor.series_stats(key, "1m", 40.0)
+    assert latency.count == 1150 and latency.p50 == pytest.approx(0.05) and latency.p50 == stats.latency.p50
+    assert error_ratio == pytest.approx(150 / 1150) and error_ratio == stats.error_ratio
+    unsampled = PerformanceMonitor(windows={"1m": 60.0})
+    unsampled.record(SpanSample(REQUEST, "m", "chat", 0.5, error=True), 10.0)
+    assert unsampled.latency_and_errors(key, "1m", 11.0)[0].count == 1  # a series never sampled reads as before
+
+
 def test_weighted_figures_follow_new_and_expiring_samples():
     # The weighted summary is cached per window; a new sample or one leaving the window must show at once.
     monitor = PerformanceMonitor(windows={"10s": 10.0})
