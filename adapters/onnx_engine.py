@@ -11,7 +11,7 @@ How a model gets here (``load``):
    raises ``ModelLoadError``, and the fallback chain serves the model with PyTorch instead.
 
 Serving: the ORT session is a ``Forward`` of the shared decode loop (``OrtForward``: ids, mask, positions and the
-past in; last logits and a ``DynamicCache`` over the ORT outputs out, zero-copy ``torch.from_numpy``), so left
+past in; last logits and an ``OrtState`` holding the ORT outputs as they are out, fed back next step), so left
 padding, sampling, stop sequences, streaming, token counts and the conversation cache are the torch engine's, and
 greedy outputs agree token for token. The torch model is dropped once the session serves.
 
@@ -220,8 +220,8 @@ def _max_diff(a: Any, b: Any) -> float:
 class OrtForward:
     """An ORT decoder session as a ``Forward`` of the decode loop.
 
-    The state is a ``DynamicCache`` over the session's ``present.*`` outputs (no copy), so the conversation cache
-    crops and measures it as it does torch's own.
+    The state is an :class:`OrtState` over the session's ``present.*`` outputs (no copy), which the conversation
+    cache crops and measures as it does torch's ``DynamicCache``.
     """
 
     def __init__(self, session: Any, config: Any) -> None:
@@ -239,7 +239,6 @@ class OrtForward:
     def __call__(self, input_ids: Any, attention_mask: Any, position_ids: Any, state: Any) -> tuple[Any, Any]:
         import numpy as np
         import torch
-        from transformers import DynamicCache
 
         batch = int(input_ids.shape[0])
         feed = {
@@ -253,13 +252,60 @@ class OrtForward:
                 k = v = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self._dtype)
             else:
                 layer = state.layers[i]
-                k, v = _np(layer.keys, self._dtype), _np(layer.values, self._dtype)
+                k, v = np.ascontiguousarray(layer.k), np.ascontiguousarray(layer.v)
             feed[f"past.{i}.key"], feed[f"past.{i}.value"] = k, v
         outs = self.session.run(self._outputs, feed)
-        cache = DynamicCache(config=self.config)
-        for i in range(self.layers):
-            cache.update(torch.from_numpy(outs[1 + 2 * i]), torch.from_numpy(outs[2 + 2 * i]), i)
-        return torch.from_numpy(outs[0])[:, -1, :], cache
+        state = OrtState([_OrtLayer(outs[1 + 2 * i], outs[2 + 2 * i]) for i in range(self.layers)])
+        return torch.from_numpy(outs[0])[:, -1, :], state
+
+
+class _OrtLayer:
+    """One layer's past as ORT returned it (numpy); ``keys``/``values`` are zero-copy torch views for readers that
+    measure a cache as transformers' (``adapters.kvcache.tensor_bytes``)."""
+
+    __slots__ = ("k", "v")
+
+    def __init__(self, k: Any, v: Any) -> None:
+        self.k, self.v = k, v
+
+    @property
+    def keys(self) -> Any:
+        import torch
+
+        return torch.from_numpy(self.k)
+
+    @property
+    def values(self) -> Any:
+        import torch
+
+        return torch.from_numpy(self.v)
+
+
+class OrtState:
+    """The decode loop's state for ONNX Runtime: the session's ``present.*`` outputs, fed back as they are.
+
+    Not a transformers ``DynamicCache``: building one every step cost more than the ORT run itself on small models
+    (its config lookups and a ``torch.cat`` per layer), and the next step wants numpy anyway. It offers what the
+    loop and the conversation cache use of a cache: ``layers[i].keys/.values``, ``get_seq_length()``, ``crop()``.
+    """
+
+    __slots__ = ("layers",)
+
+    def __init__(self, layers: list[_OrtLayer]) -> None:
+        self.layers = layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.layers[layer_idx].k.shape[2]) if self.layers else 0
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` positions (negative: drop that many from the end), as ``DynamicCache``."""
+        length = self.get_seq_length()
+        if max_length < 0:
+            max_length = length + max_length
+        if max_length >= length:
+            return
+        for layer in self.layers:
+            layer.k, layer.v = layer.k[:, :, :max_length, :], layer.v[:, :, :max_length, :]
 
 
 class OrtEncode:
