@@ -176,6 +176,10 @@ class Throttle:
         self.max_groups = _count_limit("max_groups", max_groups)
         self.max_alerts_per_group = _count_limit("max_alerts_per_group", max_alerts_per_group)
         self._groups: dict[str, _Group] = {}
+        # When an emptied group last notified, kept one group interval: an alert that fires again at once makes a
+        # new group of the same key, which must not notify sooner than the old one could have (a flapping alert
+        # would otherwise notify every group_wait).
+        self._recently_sent: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
     def _count(self, reason: str, n: int = 1) -> None:
@@ -211,7 +215,11 @@ class Throttle:
             if len(self._groups) >= self.max_groups:
                 self._count("group_limit")
                 return
-            group = _Group(key=key, labels=labels, due=now + self.group_wait_s)
+            due = now + self.group_wait_s
+            last = self._recently_sent.pop(key, None)
+            if last is not None:
+                due = max(due, last + self.group_interval_s)
+            group = _Group(key=key, labels=labels, due=due, last_sent=last)
             self._groups[key] = group
         if alert.fingerprint not in group.alerts and len(group.alerts) >= self.max_alerts_per_group:
             self._count("group_full")
@@ -232,6 +240,10 @@ class Throttle:
                 out.append(note)
             if not group.alerts:
                 del self._groups[key]
+                if group.last_sent is not None:
+                    self._recently_sent[key] = group.last_sent
+        for key in [k for k, t in self._recently_sent.items() if now - t >= self.group_interval_s]:
+            del self._recently_sent[key]
         return out
 
     def undelivered(self, notification: Notification, now: float) -> None:

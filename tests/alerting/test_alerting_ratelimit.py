@@ -319,3 +319,16 @@ def test_passthrough_without_resends_and_with_a_limit() -> None:
     assert p.next_due() is None and p.flush(1e9) == []
     with pytest.raises(AlertingConfigError):
         Passthrough(resend_interval_s=0)
+
+
+def test_an_alert_firing_again_right_after_its_group_emptied_waits_out_the_group_interval():
+    # Found by the property above: the resolution emptied the group, the re-fire made a new group of the same key,
+    # and it notified after group_wait alone, one second after the last notification of that key.
+    th = Throttle(group_wait_s=0.5, group_interval_s=3.0, repeat_interval_s=9.0, burst=10, rate_per_s=10.0)
+    th.offer(make_alert("A", state=AlertState.FIRING, at=0.0), 0.0)
+    assert len(th.flush(1.0)) == 1
+    th.offer(make_alert("A", state=AlertState.RESOLVED, at=0.0, ends=1.0), 1.0)
+    assert [n.alerts[0].state for n in th.flush(4.0)] == [AlertState.RESOLVED] and th.group_count == 0
+    th.offer(make_alert("A", state=AlertState.FIRING, at=4.0), 4.0)
+    assert th.flush(5.0) == [] and th.flush(6.9) == []
+    assert [n.created_at for n in th.flush(7.0)] == [7.0]
