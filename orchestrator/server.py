@@ -7,6 +7,7 @@ Endpoints:
   ``data: [DONE]``), ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /v1/models/{model}``,
   ``POST /v1/workflows/{name}`` (body ``{"parameters": {...}}``);
 - ``GET /health/live`` (the process answers), ``GET /health/ready`` (see ``orchestrator.health``);
+- ``GET /openapi.json``: this server's routes as OpenAPI 3.1 (``orchestrator.http.openapi``);
 - ``GET /metrics`` (``telemetry.metrics.path``) here, or on its own port when ``telemetry.metrics.port`` is set;
 - ``/admin/*`` with ``Authorization: Bearer <server.admin_token>`` (compared in constant time; no token configured
   means no admin API, 404): ``GET``/``PATCH /admin/config``, ``POST /admin/models/{name}/load`` and ``/unload``,
@@ -62,6 +63,7 @@ from orchestrator.http.openai import (
     get_model,
     list_models,
 )
+from orchestrator.http.openapi import OPENAPI, OPENAPI_PATH, openapi_document, openapi_endpoint
 from orchestrator.http.probes import live, metrics_endpoint, readiness, ready
 from orchestrator.http.workflow_routes import run_workflow
 from orchestrator.lifecycle import (
@@ -153,6 +155,10 @@ def create_app(
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", ready)
     metrics_cfg = config.telemetry.metrics
+    app[OPENAPI] = openapi_document(
+        metrics_path=metrics_cfg.path if metrics is not None and metrics_cfg.port is None else None,
+        admin=bool(config.server.admin_token))
+    app.router.add_get(OPENAPI_PATH, openapi_endpoint)
     if metrics is not None and metrics_cfg.port is None:
         app.router.add_get(metrics_cfg.path, metrics_endpoint)
     if config.server.admin_token:

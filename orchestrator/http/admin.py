@@ -44,17 +44,13 @@ def _redacted(config: Any) -> dict[str, Any]:
 
 
 async def _read_object(request: web.Request, limit: int) -> dict[str, Any]:
-    import json
-
     if request.content_length is not None and request.content_length > limit:
         raise err.too_large(limit)
-    raw = await request.read()
     try:
-        doc = json.loads(raw)
-    except RecursionError:
-        raise err.bad_json("request body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise err.bad_json(f"request body is not valid JSON: {exc}") from None
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise err.too_large(limit) from None
+    doc = err.parse_json(raw)
     if not isinstance(doc, dict):
         raise err.bad_json("request body must be a JSON object")
     return doc

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
+from pydantic_core import from_json
 
 from orchestrator.errors import MuaiError
 from orchestrator.http.schemas import error_body
@@ -64,6 +65,26 @@ class ApiError(MuaiError):
 
 def bad_json(message: str) -> ApiError:
     return ApiError(400, message, code="invalid_json", reject_reason="invalid")
+
+
+# pydantic-core's parser (jiter), which the request models validate with too, refuses nesting past about 200
+# levels in Rust, before Python's stack is involved: one bound for every JSON body this server reads.
+JSON_MAX_DEPTH = 200
+TOO_DEEP = f"request body is nested deeper than {JSON_MAX_DEPTH} levels"
+
+
+def parse_json(raw: bytes) -> Any:
+    """A JSON body with its nesting bounded; a 400 ``invalid_json`` saying why when it is not one."""
+    try:
+        return from_json(raw)
+    except ValueError as exc:
+        raise _json_error(str(exc)) from None
+
+
+def _json_error(message: str) -> ApiError:
+    if "recursion limit exceeded" in message:
+        return bad_json(TOO_DEEP)
+    return bad_json(f"request body is not valid JSON: {message}")
 
 
 def invalid_field(param: str | None, message: str) -> ApiError:
@@ -115,7 +136,7 @@ def from_validation(errors: list[Mapping[str, Any]]) -> ApiError:
     """The first problem of a pydantic ``ValidationError`` as a 400 (not JSON / not an object) or a 422."""
     first = errors[0]
     if first["type"] == "json_invalid":
-        return bad_json(f"request body is not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}")
+        return _json_error(first["msg"].removeprefix("Invalid JSON: "))
     located = [(_clean_loc(e.get("loc", ())), e) for e in errors]
     loc, _ = located[0]
     if not loc:
@@ -178,6 +199,7 @@ __all__ = [
     "from_validation",
     "internal",
     "invalid_field",
+    "parse_json",
     "queue_full",
     "timeout",
     "too_large",

@@ -569,4 +569,5 @@ async def test_a_body_nested_past_the_json_decoders_limit_is_a_400(tmp_path, pat
     async with running_app(echo_config(tmp_path)) as (client, state):
         resp = await getattr(client, method)(path, data=deep, headers={**AUTH, "Content-Type": "application/json"})
         error = await error_of(resp, 400)
-        assert error["type"] == "invalid_request_error"
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_json"
+        assert "nested deeper than 200 levels" in error["message"], error
