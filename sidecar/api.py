@@ -16,6 +16,7 @@ from sidecar.errors import MalformedPayload, PayloadTooLarge
 from sidecar.otlp import (
     INFERENCE,
     REQUEST,
+    load_json,
 )
 from sidecar.state import STATE, SidecarState
 
@@ -153,7 +154,6 @@ async def patch_config(request: web.Request) -> web.Response:
     the stack's admin token (``sidecar.tuner.admin_token``, which ``muai up`` sets to the orchestrator's); without one
     the endpoint is off (404), as the orchestrator's admin API is."""
     import hmac
-    import json
 
     from sidecar.runtime_update import SidecarUpdateError, apply_patch
 
@@ -165,13 +165,11 @@ async def patch_config(request: web.Request) -> web.Response:
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), secret.get_secret_value().encode()):
         return json_error(401, "missing or wrong bearer token")
     try:
-        patch = json.loads(await read_body(request, state.config.receiver.max_body_bytes))
+        patch = load_json(await read_body(request, state.config.receiver.max_body_bytes))
     except PayloadTooLarge as exc:
         return json_error(413, str(exc))
     except MalformedPayload as exc:
         return json_error(400, str(exc))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        return json_error(400, f"request body is not valid JSON: {type(exc).__name__}")
     try:
         new, changed = apply_patch(state.config, patch)
     except SidecarUpdateError as exc:

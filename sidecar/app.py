@@ -57,6 +57,7 @@ from sidecar.evaluation import Evaluator
 from sidecar.forwarding import Forwarder
 from sidecar.metrics import SidecarMetrics
 from sidecar.monitor import PerformanceMonitor
+from sidecar.openapi import OPENAPI, OPENAPI_PATH, openapi_document, openapi_endpoint
 from sidecar.otlp import (
     RESPONSE_CONTENT_TYPE,
     decode_request,
@@ -183,6 +184,8 @@ def create_app(
     app.router.add_patch("/api/v1/config", patch_config)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/health", get_health)
+    app[OPENAPI] = openapi_document(windows=list(monitor.windows))
+    app.router.add_get(OPENAPI_PATH, openapi_endpoint)
     app.cleanup_ctx.append(_background)
     return app
 

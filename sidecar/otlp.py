@@ -22,6 +22,7 @@ import json
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
@@ -30,6 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from pydantic_core import from_json
 
 from sidecar.errors import MalformedPayload, PayloadTooLarge, UnsupportedMediaType
 
@@ -179,14 +181,23 @@ def _fix_ids(obj: dict, fields: tuple[str, ...]) -> None:
 _ID_FIELDS = ("traceId", "trace_id", "spanId", "span_id", "parentSpanId", "parent_span_id")
 
 
-def _parse_json(body: bytes) -> ExportTraceServiceRequest:
+# pydantic-core's parser (jiter) refuses nesting past about 200 levels in Rust, where json.loads would recurse into
+# Python's stack limit: one bound for every JSON body the sidecar reads (no OTLP message nests anywhere near it).
+JSON_MAX_DEPTH = 200
+
+
+def load_json(body: bytes) -> Any:
+    """A JSON body with its nesting bounded; :class:`MalformedPayload` (a 400) saying why when it is not one."""
     try:
-        doc = json.loads(body)
-    except RecursionError:
-        # A 400, not a crash: no OTLP message is nested anywhere near the decoder's limit.
-        raise MalformedPayload("body is not OTLP/JSON: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedPayload(f"body is not JSON: {exc}") from exc
+        return from_json(body)
+    except ValueError as exc:
+        if "recursion limit exceeded" in str(exc):
+            raise MalformedPayload(f"body is nested deeper than {JSON_MAX_DEPTH} levels") from None
+        raise MalformedPayload(f"body is not JSON: {exc}") from None
+
+
+def _parse_json(body: bytes) -> ExportTraceServiceRequest:
+    doc = load_json(body)
     if not isinstance(doc, dict):
         raise MalformedPayload("OTLP/JSON body must be an object")
     try:

@@ -172,5 +172,39 @@ def test_truncated_protobuf_never_escapes_as_another_error(cut):
 def test_json_nested_past_the_decoders_limit_is_malformed_not_a_crash(opener, closer):
     """A body nested tens of thousands deep made json.loads raise RecursionError, which the receiver answered 500."""
     body = opener * 50_000 + b"1" + closer * 50_000
-    with pytest.raises(MalformedPayload, match="nested too deeply"):
+    with pytest.raises(MalformedPayload, match="nested deeper than 200 levels"):
         decode_request(body, "json")
+
+
+def _nested_attribute(depth: int) -> dict:
+    value: dict = {"stringValue": "leaf"}
+    for _ in range(depth):
+        value = {"kvlistValue": {"values": [{"key": "k", "value": value}]}}
+    return value
+
+
+@pytest.mark.parametrize("depth", [5, 30])
+def test_attributes_nested_within_the_bound_decode_from_json_and_protobuf(depth):
+    span = {"traceId": "ab" * 16, "spanId": "cd" * 8, "name": "x", "startTimeUnixNano": "1", "endTimeUnixNano": "2",
+            "attributes": [{"key": "deep", "value": _nested_attribute(depth)}]}
+    doc = {"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}
+    request, raw = decode_request(json.dumps(doc).encode(), "json")
+    again, _ = decode_request(raw, PROTOBUF)
+    assert again == request and again.resource_spans[0].scope_spans[0].spans[0].name == "x"
+
+
+def test_protobuf_nested_past_its_parsers_limit_is_malformed():
+    """The protobuf runtime bounds message nesting itself (100 levels): an AnyValue nested deeper is a 400."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+    value = AnyValue(string_value="leaf")
+    for _ in range(150):
+        outer = AnyValue()
+        outer.kvlist_value.values.add(key="k").value.CopyFrom(value)
+        value = outer
+    request = ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add(trace_id=b"\1" * 16, span_id=b"\2" * 8, name="x")
+    span.attributes.add(key="deep").value.CopyFrom(value)
+    with pytest.raises(MalformedPayload, match="protobuf"):
+        decode_request(request.SerializeToString(), PROTOBUF)
