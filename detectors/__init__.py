@@ -6,6 +6,7 @@ importing this package never imports an inference engine.
 
 from .base import Detector, Verdict
 from .errors import DetectorConfigError, DetectorError, UnknownWindowError
+from .likelihood import LikelihoodDetector
 from .statistical import CusumDetector, EwmaDetector, MadDetector
 from .threshold import (
     RuleState,
@@ -31,6 +32,7 @@ __all__ = [
     "DetectorConfigError",
     "DetectorError",
     "EwmaDetector",
+    "LikelihoodDetector",
     "MadDetector",
     "MultiRatioWindow",
     "MultiWindow",

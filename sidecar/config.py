@@ -230,6 +230,50 @@ class CusumConfig(Section):
     warmup: int = Field(30, ge=2, le=100_000, description="Points that estimate the reference mean and spread.", json_schema_extra=RUNTIME)
 
 
+class LikelihoodConfig(Section):
+    """Anomaly likelihood of each series' interval p95 latency: how unlikely its recent residuals are, judged against
+    the residuals the series has shown itself (the post-processing of NAB's best published detectors)."""
+
+    enabled: bool = Field(False, description="Run this detector.", json_schema_extra=RUNTIME)
+    window: int = Field(
+        288, ge=3, le=100_000, description="Points in the rolling median/MAD each point's residual is measured against.",
+        json_schema_extra=RUNTIME,
+    )
+    short_window: int = Field(
+        10, ge=1, le=10_000, description="Residuals averaged for one verdict: a lone spike moves the average a tenth as far.",
+        json_schema_extra=RUNTIME,
+    )
+    history: int = Field(
+        2000, ge=12, le=1_000_000,
+        description="Averaged residuals the Gaussian is fitted to: how long the detector remembers what is usual for the series.",
+        json_schema_extra=RUNTIME,
+    )
+    epsilon: float = Field(
+        1e-3, gt=0, lt=0.5,
+        description="A point is anomalous when its likelihood exceeds 1 - epsilon (the averaged residual is that far "
+        "into the fitted Gaussian's upper tail).",
+        json_schema_extra=RUNTIME,
+    )
+    scale: float = Field(
+        3.0, gt=0, le=100,
+        description="Robust z-score at which a residual's raw score is 1 - 1/e (raw scores are 1 - exp(-z / scale)).",
+        json_schema_extra=RUNTIME,
+    )
+    warmup: int = Field(
+        200, ge=2, le=100_000,
+        description="Points before the first verdict: 30 build the median, the rest the residuals' history.",
+        json_schema_extra=RUNTIME,
+    )
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> LikelihoodConfig:
+        if self.warmup <= 30 + self.short_window:
+            raise ValueError(f"warmup ({self.warmup}) must exceed 30 + short_window ({30 + self.short_window})")
+        if self.history < self.short_window + 2:
+            raise ValueError(f"history ({self.history}) must be at least short_window + 2 ({self.short_window + 2})")
+        return self
+
+
 class StatisticalConfig(Section):
     """Detectors that need no hand-set threshold; what they flag becomes a `LatencyAnomaly` alert per detector.
 
@@ -274,6 +318,7 @@ class StatisticalConfig(Section):
     ewma: EwmaConfig = EwmaConfig()
     mad: MadConfig = MadConfig()
     cusum: CusumConfig = CusumConfig()
+    likelihood: LikelihoodConfig = LikelihoodConfig()
 
 
 class DetectorsConfig(Section):

@@ -10,7 +10,7 @@ Alerts it raises (labels beyond ``alertname`` and ``severity`` in brackets):
 * ``HighRequestLatency`` [model, operation]: a latency percentile over ``detectors.window`` above the threshold.
 * ``HighErrorRate`` [model, operation]: the error ratio above the threshold.
 * ``LowThroughput`` [model, operation]: the request rate below the floor (only once the series is a window old).
-* ``LatencyAnomaly`` [model, operation, detector]: EWMA / MAD / CUSUM on the p95 latency of successive,
+* ``LatencyAnomaly`` [model, operation, detector]: EWMA / MAD / CUSUM / anomaly likelihood on the p95 latency of successive,
   non-overlapping intervals (``statistical.interval_s``), on a log scale, scoring only rises.
 * ``HighGpuMemory`` [gpu, uuid]: framebuffer in use above the threshold percent.
 * ``HighHostMemory``: host memory in use above the threshold percent.
@@ -32,6 +32,7 @@ from alerting import Alert, AlertBook
 from detectors import (
     CusumDetector,
     EwmaDetector,
+    LikelihoodDetector,
     MadDetector,
     RuleState,
     ThresholdRule,
@@ -56,6 +57,9 @@ _NAN = math.nan
 # Latencies are judged on a log scale, where the step from 0.1 ms to nothing would look like a collapse and the
 # way back like an explosion (log(1e-9) is -20.7): below a millisecond, all latencies read as one millisecond.
 _MIN_LATENCY_S = 1e-3
+# Points that build the likelihood detector's median before its residuals start (config: likelihood.warmup).
+_LIKELIHOOD_BASELINE_WARMUP = 30
+STATISTICAL_DETECTORS = ("ewma", "mad", "cusum", "likelihood")
 
 
 @dataclass(slots=True)
@@ -185,6 +189,15 @@ class Evaluator:
         if st.cusum.enabled:
             out["cusum"] = _RiseCusum(
                 k=st.cusum.k, h=st.cusum.h, warmup=st.cusum.warmup, min_std=floor, adapt_after=st.adapt_after, name="cusum"
+            )
+        if st.likelihood.enabled:
+            lk = st.likelihood
+            # Its median learns every point (a lasting shift stops scoring once it is the median), so adapt_after and
+            # clip_anomalies have nothing to act on; only a rise scores, as for the others.
+            out["likelihood"] = LikelihoodDetector(
+                window=lk.window, baseline_warmup=_LIKELIHOOD_BASELINE_WARMUP, warmup=lk.warmup,
+                short_window=lk.short_window, history=lk.history, epsilon=lk.epsilon, scale=lk.scale, direction="up",
+                min_std=floor, name="likelihood",
             )
         return out
 
@@ -326,7 +339,7 @@ class Evaluator:
         self, det: _SeriesDetectors, key: SeriesKey, horizon: float, now: float, wall: float, out: list[Alert]
     ) -> None:
         st = self.config.statistical
-        if not det.stats and (st.ewma.enabled or st.mad.enabled or st.cusum.enabled):
+        if not det.stats and any(getattr(st, name).enabled for name in STATISTICAL_DETECTORS):
             det.stats = self._make_stats()
 
         def labels(name: str) -> dict:
@@ -372,11 +385,15 @@ class Evaluator:
             if verdict is not None and verdict.anomalous:
                 det.last_anomaly[name] = now
                 value, baseline = math.exp(verdict.value), math.exp(verdict.baseline)
+                if name == "likelihood":
+                    why = (f"likelihood {verdict.score:.6f} above {verdict.threshold:.6g}: the recent intervals' p95 rose "
+                           "further above their rolling median than this series has shown in its history")
+                else:
+                    why = f"score {verdict.score:.2f} above {verdict.threshold:g} (sigmas of log latency)"
                 ann = {
                     "summary": f"p95 latency of {det.labels['model']}/{det.labels['operation']} is unusual: {_fmt(value)} s "
                     f"(expected about {_fmt(baseline)} s)",
-                    "description": f"{name}: the latest interval's p95 is {_fmt(value / baseline)}x its baseline; "
-                    f"score {verdict.score:.2f} above {verdict.threshold:g} (sigmas of log latency)",
+                    "description": f"{name}: the latest interval's p95 is {_fmt(value / baseline)}x its baseline; {why}",
                     "score": _fmt(verdict.score),
                 }
                 fired = self._observe(out, labels(name), ann, wall=wall, active=True, for_s=st.for_s,
@@ -438,7 +455,7 @@ class Evaluator:
         cfg = self.config
         names = [(ALERT_LATENCY, cfg.latency.severity, {}), (ALERT_ERRORS, cfg.error_rate.severity, {}),
                  (ALERT_THROUGHPUT, cfg.throughput.severity, {})]
-        names += [(ALERT_ANOMALY, cfg.statistical.severity, {"detector": n}) for n in ("ewma", "mad", "cusum")]
+        names += [(ALERT_ANOMALY, cfg.statistical.severity, {"detector": n}) for n in STATISTICAL_DETECTORS]
         for alertname, severity, extra in names:
             self._observe(out, {"alertname": alertname, "severity": severity, **extra, **det.labels}, None, wall=wall, active=False)
 

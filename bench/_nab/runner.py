@@ -16,7 +16,7 @@ from sidecar.monitor import PerformanceMonitor
 
 from .corpus import NabFile
 
-DETECTORS = ("ewma", "mad", "cusum")
+DETECTORS = ("ewma", "mad", "cusum", "likelihood")
 COMBINED = "default"
 
 

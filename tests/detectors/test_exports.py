@@ -15,6 +15,7 @@ EXPECTED = {
     "DetectorConfigError",
     "DetectorError",
     "EwmaDetector",
+    "LikelihoodDetector",
     "MadDetector",
     "MultiRatioWindow",
     "MultiWindow",
