@@ -38,7 +38,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,8 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import add_output_args, finish
+from bench._serving import cpu_seconds, free_port, start, wait_ready
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "the quick brown fox jumps over the lazy dog"
 MAX_TOKENS = 4
 # healthy_control is a second, identical healthy pair: how far two healthy runs differ on this machine (the noise
@@ -60,10 +59,6 @@ CONTROL = "healthy_control"
 SINKS = ("webhook", "alertmanager")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _receiver_main(port: int) -> None:
@@ -92,10 +87,6 @@ def _receiver_main(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-def _start(cmd: list[str], log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "wb")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MUAI_") or k == "MUAI_CACHE_DIR"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _alertmanager(work: Path, port: int) -> list[str] | None:
@@ -136,22 +127,6 @@ def _server_config(port: int, *, endpoint: str, model: dict[str, Any]) -> dict[s
     }
 
 
-async def _wait_ready(session: Any, url: str, procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"a benchmark process exited early with {proc.returncode}: {proc.args}")
-        try:
-            async with session.get(url) as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
 async def _load(base: str, model: str, connections: int, duration: float) -> dict[str, Any]:
@@ -184,9 +159,6 @@ async def _load(base: str, model: str, connections: int, duration: float) -> dic
     return {"rps": len(latencies) / elapsed, "latencies": latencies, "errors": errors}
 
 
-def _cpu_seconds(proc: Any) -> float:
-    times = proc.cpu_times()
-    return times.user + times.system
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -229,9 +201,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = work / "echo-model"
     model_dir.mkdir()
     model = {"name": "echo", "path": str(model_dir), "engine": "echo"}
-    receiver_port, am_port = _free_port(), _free_port()
+    receiver_port, am_port = free_port(), free_port()
     # Closed ports: bound once to learn a free number, then left unbound, so every connection is refused.
-    closed_otlp, closed_am = _free_port(), _free_port()
+    closed_otlp, closed_am = free_port(), free_port()
     am_cmd = _alertmanager(work, am_port)
     am_url = f"http://127.0.0.1:{am_port}" if am_cmd else None
     webhook_ok, webhook_fail = (f"http://127.0.0.1:{receiver_port}/{path}" for path in ("ok", "fail"))
@@ -240,12 +212,12 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     servers: dict[str, str] = {}
     sidecars: dict[str, str] = {}
     try:
-        procs.append(_start([sys.executable, "-c", f"from bench.faults import _receiver_main; _receiver_main({receiver_port})"],
+        procs.append(start([sys.executable, "-c", f"from bench.faults import _receiver_main; _receiver_main({receiver_port})"],
                             work / "receiver.log"))
         if am_cmd:
-            procs.append(_start(am_cmd, work / "alertmanager.log"))
+            procs.append(start(am_cmd, work / "alertmanager.log"))
         for condition in CONDITIONS:
-            side_port, server_port = _free_port(), _free_port()
+            side_port, server_port = free_port(), free_port()
             side = _sidecar_config(
                 side_port,
                 webhook=webhook_fail if condition == "webhook_500" else webhook_ok,
@@ -257,18 +229,18 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             path = work / f"{condition}.json"
             path.write_text(json.dumps(config))
             for command in ("sidecar", "serve"):
-                procs.append(_start([sys.executable, "-m", "muai", "--log-level", "warning", command, "--config", str(path)],
+                procs.append(start([sys.executable, "-m", "muai", "--log-level", "warning", command, "--config", str(path)],
                                     work / f"{condition}-{command}.log"))
                 handles[(condition, command)] = psutil.Process(procs[-1].pid)
             servers[condition] = f"http://127.0.0.1:{server_port}"
             sidecars[condition] = f"http://127.0.0.1:{side_port}"
         async with aiohttp.ClientSession() as session:
             for condition in CONDITIONS:
-                await _wait_ready(session, f"{sidecars[condition]}/health", procs)
-                await _wait_ready(session, f"{servers[condition]}/health/ready", procs)
-            await _wait_ready(session, f"http://127.0.0.1:{receiver_port}/count", procs)
+                await wait_ready(session, f"{sidecars[condition]}/health", procs)
+                await wait_ready(session, f"{servers[condition]}/health/ready", procs)
+            await wait_ready(session, f"http://127.0.0.1:{receiver_port}/count", procs)
             if am_url:
-                await _wait_ready(session, f"{am_url}/-/ready", procs)
+                await wait_ready(session, f"{am_url}/-/ready", procs)
         for condition in CONDITIONS:
             await _load(servers[condition], model["name"], args.connections, args.warmup)
         # Alerts must be firing (and so notifying) wherever spans arrive before anything is measured.
@@ -291,10 +263,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             # Rotated every round, so each condition runs in each position (first, after a given one, last) as often.
             shift = i % len(CONDITIONS)
             for condition in CONDITIONS[shift:] + CONDITIONS[:shift]:
-                before = {key: _cpu_seconds(h) for key, h in handles.items()}
+                before = {key: cpu_seconds(h) for key, h in handles.items()}
                 rounds[condition].append(await _load(servers[condition], model["name"], args.connections, args.duration))
                 for key, h in handles.items():
-                    cpu[key]["own" if key[0] == condition else "others"] += _cpu_seconds(h) - before[key]
+                    cpu[key]["own" if key[0] == condition else "others"] += cpu_seconds(h) - before[key]
         async with aiohttp.ClientSession() as session:
             # An export to the closed port fails only after its retries run out (telemetry.tracing.export_timeout_s):
             # wait for the orchestrator to have counted one, so a short run reports it too.

@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,16 +41,12 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import add_output_args, finish
+from bench._serving import cpu_seconds, free_port, start, wait_ready
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "the quick brown fox jumps over the lazy dog"
 MAX_TOKENS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _receiver_main(port: int) -> None:
@@ -81,10 +76,6 @@ def _receiver_main(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-def _start(cmd: list[str], log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "wb")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MUAI_") or k == "MUAI_CACHE_DIR"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 VARIANTS: dict[str, tuple[bool, bool, float | None]] = {  # name -> (metrics, tracing, sampling ratio; None: default)
@@ -111,27 +102,8 @@ def _server_config(port: int, *, metrics: bool, tracing: bool, sampling: float |
     }
 
 
-def _cpu_seconds(proc: Any) -> float:
-    times = proc.cpu_times()
-    return times.user + times.system
 
 
-async def _wait_ready(session: Any, url: str, procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"a benchmark process exited early with {proc.returncode}")
-        try:
-            async with session.get(url) as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
 async def _load(base: str, model: str, connections: int, duration: float, server: Any = None) -> dict[str, float]:
@@ -157,11 +129,11 @@ async def _load(base: str, model: str, connections: int, duration: float, server
                     else:
                         errors += 1
 
-        cpu_before = _cpu_seconds(server) if server is not None else 0.0
+        cpu_before = cpu_seconds(server) if server is not None else 0.0
         started = time.monotonic()
         await asyncio.gather(*(client() for _ in range(connections)))
         elapsed = time.monotonic() - started
-        cpu = _cpu_seconds(server) - cpu_before if server is not None else 0.0
+        cpu = cpu_seconds(server) - cpu_before if server is not None else 0.0
     return {"rps": done / elapsed, "requests": done, "errors": errors, "seconds": elapsed,
             "cpu_us_per_request": cpu / done * 1e6 if done and server is not None else 0.0}
 
@@ -173,7 +145,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="muai-bench-server-"))
     model_dir = work / "echo-model"
     model_dir.mkdir()
-    recv_port = _free_port()
+    recv_port = free_port()
     endpoint = f"http://127.0.0.1:{recv_port}/v1/traces"
     echo_model = {"name": "echo", "path": str(model_dir), "engine": "echo"}
     torch_model = {"name": "tiny-llama", "path": "builtin:tiny-llama", "engine": "torch"}
@@ -188,23 +160,23 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     bases: dict[str, str] = {}
     handles: dict[str, Any] = {}
     try:
-        procs.append(_start([sys.executable, "-c", f"from bench.server import _receiver_main; _receiver_main({recv_port})"],
+        procs.append(start([sys.executable, "-c", f"from bench.server import _receiver_main; _receiver_main({recv_port})"],
                             work / "receiver.log"))
         for name, (variant, model) in servers.items():
-            port = _free_port()
+            port = free_port()
             metrics, tracing, sampling = VARIANTS[variant]
             path = work / f"{name}.json"
             path.write_text(json.dumps(_server_config(port, metrics=metrics, tracing=tracing, sampling=sampling,
                                                       endpoint=endpoint, model=model)))
-            proc = _start([sys.executable, "-m", "muai", "--log-level", "warning", "serve", "--config", str(path)],
+            proc = start([sys.executable, "-m", "muai", "--log-level", "warning", "serve", "--config", str(path)],
                           work / f"{name}.log")
             procs.append(proc)
             handles[name] = psutil.Process(proc.pid)
             bases[name] = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as session:
             for base in bases.values():
-                await _wait_ready(session, f"{base}/health/ready", procs)
-            await _wait_ready(session, f"http://127.0.0.1:{recv_port}/count", procs)
+                await wait_ready(session, f"{base}/health/ready", procs)
+            await wait_ready(session, f"http://127.0.0.1:{recv_port}/count", procs)
         for name, base in bases.items():
             await _load(base, servers[name][1]["name"], args.connections, args.warmup)
         rounds: dict[str, list[dict[str, float]]] = {name: [] for name in servers}

@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "tuning": "the sidecar's auto-tuner vs the default and the best grid-searched static settings on a shifting load",
     "faults": "serving throughput and p99 with the OTLP endpoint, a webhook or Alertmanager down vs all healthy",
     "nab": "detector quality on the Numenta Anomaly Benchmark beside its published detectors (needs ../shared/nab)",
+    "fuzz": "schemathesis and random bodies against both HTTP APIs: no 5xx, every answer as documented",
 }
 
 

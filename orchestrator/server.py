@@ -190,7 +190,9 @@ async def _serve(config: Any, update_config: UpdateConfig | None) -> int:
     # handler_cancellation: a client that disconnects has its handler cancelled, so its request leaves the queue
     # or its batch (aiohttp's default is to let it run on; its TestServer cancels, so tests alone would not show
     # it). shutdown_timeout is the last resort for connections close_connections could not finish.
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=MIN_SHUTDOWN_GRACE_S)
+    # auto_decompress=False: request bodies are inflated by the handlers, bounded (orchestrator.http.frame.read_body).
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=MIN_SHUTDOWN_GRACE_S,
+                           auto_decompress=False)
     await runner.setup()
     site = web.TCPSite(runner, server_cfg.host, server_cfg.port, ssl_context=ssl_context)
     try:

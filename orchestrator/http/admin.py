@@ -12,6 +12,7 @@ from aiohttp import web
 
 from orchestrator.http import errors as err
 from orchestrator.http.errors import ApiError
+from orchestrator.http.frame import read_body
 from orchestrator.runtime_config import is_restart_only
 from orchestrator.state import STATE, ServerState, refresh_status
 
@@ -44,13 +45,7 @@ def _redacted(config: Any) -> dict[str, Any]:
 
 
 async def _read_object(request: web.Request, limit: int) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > limit:
-        raise err.too_large(limit)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise err.too_large(limit) from None
-    doc = err.parse_json(raw)
+    doc = err.parse_json(await read_body(request, limit))
     if not isinstance(doc, dict):
         raise err.bad_json("request body must be a JSON object")
     return doc

@@ -7,7 +7,8 @@
 401    authentication_error      admin API without the right bearer token
 404    invalid_request_error     unknown model (the message lists the models), unknown route
 409    invalid_request_error     admin: a critical configuration key (needs a restart)
-413    invalid_request_error     body over ``server.max_body_bytes``
+413    invalid_request_error     body over ``server.max_body_bytes`` (as sent or inflated)
+415    invalid_request_error     a ``Content-Encoding`` other than gzip
 422    invalid_request_error     a missing or wrongly typed field, named in ``param``
 429    rate_limit_error          queue full (``Retry-After``)
 500    server_error              an engine error or a bug (logged with its trace; the client gets none)

@@ -86,6 +86,48 @@ class ChatCompletionResponse(_Answer):
     usage: Usage
 
 
+class CompletionChunkChoice(_Answer):
+    index: int = Field(ge=0)
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionChunk(_Answer):
+    """One event of a streamed completion; with ``stream_options.include_usage`` a last one has no choices and
+    the ``usage``."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(_Answer):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Answer):
+    index: int = Field(ge=0)
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(_Answer):
+    """One event of a streamed chat completion (the first carries ``delta.role``)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
 class Embedding(_Answer):
     object: Literal["embedding"]
     index: int = Field(ge=0)
@@ -180,7 +222,8 @@ _ERRORS = {
     401: "Missing or wrong bearer token.",
     404: "Unknown model, workflow or route.",
     409: "A configuration key that needs a restart.",
-    413: "Body over `server.max_body_bytes`.",
+    413: "Body over `server.max_body_bytes` (as sent, or inflated).",
+    415: "A `Content-Encoding` other than gzip.",
     422: "A missing or wrongly typed field, named in `param`.",
     429: "The queue is full; retry after `Retry-After` seconds.",
     500: "An engine error or a bug (logged with its trace; the answer carries none).",
@@ -189,7 +232,7 @@ _ERRORS = {
     504: "`server.request_timeout_s` passed.",
 }
 _RETRY_AFTER = {429, 503}
-_INFERENCE_ERRORS = (400, 404, 413, 422, 429, 500, 503, 504)
+_INFERENCE_ERRORS = (400, 404, 413, 415, 422, 429, 500, 503, 504)
 _ADMIN_ERRORS = (401, 404, 500)
 
 
@@ -205,8 +248,8 @@ class Operation:
     """The 200 JSON body; None for a non-JSON answer (``text``)."""
     errors: tuple[int, ...] = ()
     body: type[BaseModel] | None = None
-    streams: bool = False
-    """200 may also be ``text/event-stream`` (``stream: true``)."""
+    chunk: type[BaseModel] | None = None
+    """With ``stream: true`` the 200 is ``text/event-stream``, each event's data one of these (or ``[DONE]``)."""
     text: str | None = None
     """The media type of a non-JSON 200."""
     admin: bool = False
@@ -217,9 +260,9 @@ class Operation:
 def _operations(metrics_path: str | None, admin: bool) -> list[Operation]:
     ops = [
         Operation("post", "/v1/completions", "createCompletion", "Text completion (OpenAI).", "openai",
-                  CompletionResponse, _INFERENCE_ERRORS, CompletionRequest, streams=True),
+                  CompletionResponse, _INFERENCE_ERRORS, CompletionRequest, chunk=CompletionChunk),
         Operation("post", "/v1/chat/completions", "createChatCompletion", "Chat completion (OpenAI).", "openai",
-                  ChatCompletionResponse, _INFERENCE_ERRORS, ChatCompletionRequest, streams=True),
+                  ChatCompletionResponse, _INFERENCE_ERRORS, ChatCompletionRequest, chunk=ChatCompletionChunk),
         Operation("post", "/v1/embeddings", "createEmbedding", "Embeddings (OpenAI).", "openai", EmbeddingResponse,
                   _INFERENCE_ERRORS, EmbeddingRequest),
         Operation("get", "/v1/models", "listModels", "The configured models.", "openai", ModelList),
@@ -240,7 +283,7 @@ def _operations(metrics_path: str | None, admin: bool) -> list[Operation]:
             Operation("get", "/admin/config", "getConfig", "The running configuration.", "admin", AdminConfig,
                       _ADMIN_ERRORS, admin=True),
             Operation("patch", "/admin/config", "patchConfig", "Change runtime configuration keys.", "admin",
-                      AdminConfigChanged, (400, 401, 409, 413, 422, 500, 501), ConfigPatch, admin=True),
+                      AdminConfigChanged, (400, 401, 409, 413, 415, 422, 500, 501), ConfigPatch, admin=True),
             Operation("post", "/admin/models/{name}/load", "loadModel", "Load a model now.", "admin",
                       AdminModelLoaded, _ADMIN_ERRORS, admin=True),
             Operation("post", "/admin/models/{name}/unload", "unloadModel", "Unload a model (running work finishes).",
@@ -259,6 +302,21 @@ def _schema_ref(model: type[BaseModel], components: dict[str, Any]) -> dict[str,
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+def _event_schema(chunk: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
+    # The schema of one server-sent event (as OpenAPI 3.1 tools read a text/event-stream schema): its data is a
+    # chunk, an error that ends the stream early (the status was sent with the first chunk), or the last `[DONE]`.
+    payload = {"anyOf": [_schema_ref(chunk, components), _schema_ref(ErrorResponse, components)]}
+    return {
+        "type": "object", "required": ["data"],
+        "description": "One server-sent event: `data: <chunk JSON>`; the stream ends with `data: [DONE]`.",
+        "properties": {
+            "event": {"type": "string"},
+            "data": {"anyOf": [{"const": "[DONE]"},
+                               {"type": "string", "contentMediaType": JSON, "contentSchema": payload}]},
+        },
+    }
+
+
 def _path_parameters(path: str) -> list[dict[str, Any]]:
     names = [part[1:-1] for part in path.split("/") if part.startswith("{") and part.endswith("}")]
     return [{"name": n, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}} for n in names]
@@ -268,9 +326,8 @@ def _operation(op: Operation, components: dict[str, Any]) -> dict[str, Any]:
     ok: dict[str, Any] = {"description": "OK"}
     if op.answer is not None:
         ok["content"] = {JSON: {"schema": _schema_ref(op.answer, components)}}
-        if op.streams:
-            ok["content"]["text/event-stream"] = {"schema": {
-                "type": "string", "description": "Server-sent events: `data: <chunk JSON>`, ending `data: [DONE]`."}}
+        if op.chunk is not None:
+            ok["content"]["text/event-stream"] = {"schema": _event_schema(op.chunk, components)}
     else:
         ok["content"] = {op.text: {"schema": {"type": "object"} if op.text == JSON else {"type": "string"}}}
     responses: dict[str, Any] = {"200": ok}

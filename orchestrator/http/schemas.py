@@ -35,6 +35,9 @@ from orchestrator.workflows import render_messages
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 256  # OpenAI has no bound here; MuAI caps an unset max_tokens at this
 MAX_N = 16
+MAX_TOKENS = 2**31 - 1
+"""Largest ``max_tokens`` accepted (a 422 beyond): no context comes near it, and a value past 64 bits would reach the
+engines and the span attributes (whose OTLP encoder logs a trace for every span) as it came."""
 MAX_ITEMS = 256
 """Most prompts x ``n`` (completions) or texts (embeddings) one request may carry: a request holds one admission
 slot, so without a cap one request could bring more work than the whole queue bound allows."""
@@ -71,7 +74,7 @@ class _Sampling(_Request):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     conversation_id: str | None = Field(None, min_length=1, max_length=256)
@@ -93,7 +96,7 @@ class CompletionRequest(_Sampling):
 
     model: str = Field(..., min_length=1)
     prompt: str | list[str]
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     echo: bool = False
     suffix: str | None = None
 
@@ -119,8 +122,8 @@ class ChatCompletionRequest(_Sampling):
 
     model: str = Field(..., min_length=1)
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
 
     def max_new_tokens(self) -> int:
         for value in (self.max_completion_tokens, self.max_tokens):

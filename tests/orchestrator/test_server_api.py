@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import shutil
 import socket
@@ -571,3 +572,38 @@ async def test_a_body_nested_past_the_json_decoders_limit_is_a_400(tmp_path, pat
         error = await error_of(resp, 400)
         assert error["type"] == "invalid_request_error" and error["code"] == "invalid_json"
         assert "nested deeper than 200 levels" in error["message"], error
+
+
+async def test_request_bodies_in_gzip_are_inflated_bounded_and_other_encodings_refused(tmp_path):
+    limit = 4096
+    body = json.dumps({"model": "echo", "prompt": "a b c", "max_tokens": 2}).encode()
+    async with running_app(echo_config(tmp_path, server={"max_body_bytes": limit})) as (client, state):
+        gz = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        resp = await client.post("/v1/completions", data=gzip.compress(body), headers=gz)
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["choices"][0]["text"] == "b c"
+        error = await error_of(await client.post("/v1/completions", data=b"\x1f\x8b\x08garbage", headers=gz), 400)
+        assert error["code"] == "invalid_body"
+        error = await error_of(await client.post("/v1/completions", data=gzip.compress(body)[:-12], headers=gz), 400)
+        assert "truncated" in error["message"]
+        # A small gzip that inflates past the limit is refused without inflating it all.
+        bomb = gzip.compress(b'{"model": "echo", "prompt": "' + b"a" * (limit * 50) + b'"}')
+        assert len(bomb) < limit
+        error = await error_of(await client.post("/v1/completions", data=bomb, headers=gz), 413)
+        assert error["code"] == "request_too_large"
+        for encoding in ("br", "deflate", "compress"):
+            error = await error_of(await client.post("/v1/completions", data=body,
+                                                     headers={**gz, "Content-Encoding": encoding}), 415)
+            assert error["code"] == "unsupported_encoding" and encoding in error["message"]
+        error = await error_of(await client.patch("/admin/config", data=b"\x1f\x8bnot", headers={**AUTH, **gz}), 400)
+        assert error["code"] == "invalid_body"
+        assert (await client.get("/health/ready")).status == 200
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", 2**70), ("seed", 2**70), ("seed", -(2**64))])
+async def test_integers_past_what_engines_and_spans_carry_are_a_422(tmp_path, field, value):
+    """A max_tokens past 64 bits reached the span attributes, whose OTLP encoder logged a traceback for every span."""
+    async with running_app(echo_config(tmp_path)) as (client, state):
+        resp = await client.post("/v1/completions", json={"model": "echo", "prompt": "a", field: value})
+        error = await error_of(resp, 422)
+        assert error["param"] == field

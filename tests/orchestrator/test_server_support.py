@@ -80,7 +80,10 @@ async def running_app(config: MuaiConfig, *, faults: EchoFaults | None = None, w
     kwargs.setdefault("update_config", apply_update)
     kwargs.setdefault("engine_factory", echo_factory(faults or EchoFaults()))
     app = create_app(config, **kwargs)
-    client = TestClient(TestServer(app, host="127.0.0.1", port=free_port()))
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    # As serve() runs it: request bodies are inflated by the handlers, not by aiohttp.
+    await server.start_server(auto_decompress=False)
+    client = TestClient(server)
     await client.start_server()
     try:
         if wait_ready:

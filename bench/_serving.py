@@ -1,0 +1,56 @@
+"""What the benchmarks that run real servers share: a free port on 127.0.0.1, a child process started from the
+checkout with a clean environment, a readiness wait that notices a child that died, and a process's CPU time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], log_path: Path) -> subprocess.Popen:
+    """``cmd`` from the repository root, output to ``log_path``; ``MUAI_*`` variables of the caller's shell would
+    override the benchmark's own configuration files, so only the model cache's location passes."""
+    log = open(log_path, "wb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MUAI_") or k == "MUAI_CACHE_DIR"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def wait_ready(session: Any, url: str, procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
+    """Until ``url`` answers 200; fails at once, naming it, when one of ``procs`` has exited."""
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"a benchmark process exited early with {proc.returncode}: {proc.args}")
+        try:
+            async with session.get(url) as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+def cpu_seconds(proc: Any) -> float:
+    """User plus system CPU seconds of a ``psutil.Process``."""
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+__all__ = ["ROOT", "cpu_seconds", "free_port", "start", "wait_ready"]
