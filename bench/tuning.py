@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import add_output_args, finish
-from bench.server import _free_port, _wait_ready
+from bench._serving import free_port, wait_ready
 from sidecar.tuner.shell import parse_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,8 +105,8 @@ class Stack:
         self.max_tokens = max_tokens
         words = LONG_TEXT.split()
         self.long_prompt = " ".join(words[i % len(words)] for i in range(long_words))
-        self.server_port = _free_port()
-        self.sidecar_port = _free_port()
+        self.server_port = free_port()
+        self.sidecar_port = free_port()
         self.base = f"http://127.0.0.1:{self.server_port}"
         self.sidecar_base = f"http://127.0.0.1:{self.sidecar_port}"
         self.state_dir = workdir / "tuner-state"
@@ -134,7 +134,7 @@ class Stack:
 
     async def start_server(self, session: Any) -> None:
         self.server = self._start(["serve"], "server.log")
-        await _wait_ready(session, f"{self.base}/health/ready", [self.server], 180)
+        await wait_ready(session, f"{self.base}/health/ready", [self.server], 180)
 
     async def start_sidecar(self, session: Any, *, tuner: bool) -> None:
         await self.stop_sidecar()
@@ -142,7 +142,7 @@ class Stack:
         if tuner:
             env["MUAI_SIDECAR__TUNER__ADMIN_TOKEN"] = TOKEN
         self.sidecar = self._start(["sidecar"], "sidecar.log", env)
-        await _wait_ready(session, f"{self.sidecar_base}/health", [self.sidecar], 60)
+        await wait_ready(session, f"{self.sidecar_base}/health", [self.sidecar], 60)
 
     async def stop_sidecar(self) -> None:
         if self.sidecar is not None:
