@@ -34,13 +34,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench._contract import fuzz
+from bench._contract import fuzz, narrowed
 from bench._report import add_output_args, finish
 from bench._serving import free_port, start, wait_ready
 
 TOKEN = "bench-fuzz-admin-token-0123456789"
 MAX_BODY = 256 * 1024
 JSON_TYPE = "application/json"
+# What the generated requests name, so that they reach the engines and workflows (random names are 404s).
+SERVED_MODELS = {"CompletionRequest": ["echo"], "ChatCompletionRequest": ["echo"], "EmbeddingRequest": ["echo-embed"]}
+SERVED_NAMES = {("/v1/models/{model}", "model"): ["echo", "echo-embed", "nope"],
+                ("/v1/workflows/{name}", "name"): ["chat", "embed_then_generate", "nope"],
+                ("/admin/models/{name}/load", "name"): ["echo", "nope"]}
 PROTOBUF = "application/x-protobuf"
 
 
@@ -65,17 +70,6 @@ def _configs(work: Path, server_port: int, sidecar_port: int) -> Path:
     path = work / "muai.json"
     path.write_text(json.dumps(config))
     return path
-
-
-def _narrowed(document: dict[str, Any], models: dict[str, list[str]]) -> dict[str, Any]:
-    """The orchestrator's document with ``model`` narrowed to the models served, so generated requests reach the
-    engines instead of stopping at 404 (the random bodies cover unknown names)."""
-    doc = json.loads(json.dumps(document))
-    schemas = doc["components"]["schemas"]
-    for name, names in models.items():
-        if name in schemas:
-            schemas[name]["properties"]["model"] = {"type": "string", "enum": names}
-    return doc
 
 
 def _otlp_body() -> bytes:
@@ -251,8 +245,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 server_doc = await resp.json()
             async with session.get(f"{sidecar}/openapi.json") as resp:
                 sidecar_doc = await resp.json()
-        server_doc = _narrowed(server_doc, {"CompletionRequest": ["echo"], "ChatCompletionRequest": ["echo"],
-                                            "EmbeddingRequest": ["echo-embed"]})
+        server_doc = narrowed(server_doc, models=SERVED_MODELS, parameters=SERVED_NAMES)
         admin_ops = {"getConfig", "patchConfig", "loadModel", "unloadModel", "endConversation"}
         started = time.monotonic()
         modes = (False, True) if args.negative else (False,)
