@@ -5,12 +5,17 @@ Two loops share one object:
 * **Fast** (every tick, seconds): SLO headroom moves the knobs. Admission follows Little's law: with ``X``
   requests per second completing and an objective of ``W`` seconds, at most ``X * W * admission_share`` requests
   may be inside the server at once, or the last admitted one cannot finish in time; so when the queue is what is
-  slow, the queue capacity is cut to that figure at once, and while requests are turned away with latency to
-  spare it grows again. The batch size grows while batches fill from the queue (with headroom, or when saturated),
-  and halves when latency breaches with a short queue, full batches and a slow median (the batch's own run time is
-  the latency); both are trials: a bigger batch is rolled back if goodput fell, a smaller one unless p99 fell or
-  attainment rose, because a smaller batch also lowers throughput and with it what admission lets in. The batch timeout is the time in which half a batch is
-  expected to arrive, never more than a small share of the objective. The KV-cache budget grows while
+  slow (or, growing as it did over the last tick, will be by the next), the queue capacity is cut to that figure
+  at once, and while requests are turned away with latency to spare and room inside it grows again. ``X`` is
+  what the server does now: the latency windows lag (a request counts once its span arrives, seconds late), so a
+  saturated server's own count of finished requests over the last tick (``Readings.served_per_s``) stands for
+  it. The batch size grows while batches fill from the queue (with headroom, or when saturated) and the doubled
+  batch still fits Little's law, and halves when, with batches full, one batch is more than Little's law admits
+  (the batch's own run time is the latency: long prompts, a big model), on a breach or a throughput that just
+  fell; both are trials: a bigger batch is rolled back if goodput fell, a smaller one unless p99 fell or
+  attainment rose, because a smaller batch also lowers throughput and with it what admission lets in. The batch
+  timeout is the time in which half a batch is expected to arrive, never more than a small share of the
+  objective; it follows the rate like admission and is no trial. The KV-cache budget grows while
   conversations are evicted and memory is plentiful, and shrinks under memory pressure. In front of an engine that
   batches by itself, a breach with nothing queued lowers the running limit.
 * **Slow** (learns): every tick is an observation of (load level, settings) -> goodput. Per load level the table
@@ -26,6 +31,7 @@ is barred at that level for a while.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -56,6 +62,7 @@ from sidecar.tuner.readings import (
     Value,
     ttft_breach,
     worst_model,
+    worst_slo,
 )
 
 
@@ -138,6 +145,8 @@ class TunerPolicy:
         self._level: str | None = None
         self._level_ticks = 0
         self._learned_applied: str | None = None
+        self._queue_seen: deque[tuple[float, int]] = deque(maxlen=2)
+        """(now, requests waiting) of this tick and the one before: how fast the queue grows."""
         self.sources: dict[str, Source] = {}
 
     # -- the tick -------------------------------------------------------------------------------------------
@@ -152,6 +161,7 @@ class TunerPolicy:
             self._level, self._level_ticks = level, 1
             self._learned_applied = None
         observation = self._observe(readings, level, now)
+        self._queue_seen.append((now, sum(m.waiting for m in readings.models)))
         settings = dict(readings.settings)  # unmanaged ones too: rules read them, _move turns only managed knobs
 
         decisions = self._judge_trial(readings, level, settings, now)
@@ -182,12 +192,15 @@ class TunerPolicy:
 
     def _finish(self, decisions: list[Decision], readings: Readings, now: float, observation: Observation | None,
                 *, gain: bool) -> TickResult:
-        if decisions and gain:
+        # The batch timeout follows the arrival rate the way admission follows Little's law: a derived value, not
+        # an experiment, so it neither opens a trial nor waits for one (a trial blocks every other gain).
+        trial = [d for d in decisions if d.reason != BATCH_WINDOW]
+        if trial and gain:
             ratio = readings.goodput_per_s / readings.offered_per_s if readings.offered_per_s else 1.0
             attainment = readings.goodput_per_s / readings.completed_per_s if readings.completed_per_s else 1.0
             worst = worst_model(readings.models)
             p99_ratio = worst.p99_s / worst.slo_p99_s if worst is not None else math.nan
-            self._trial = _Trial(now + self.trial_s, decisions[0].load_level, decisions, ratio, attainment, p99_ratio)
+            self._trial = _Trial(now + self.trial_s, trial[0].load_level, trial, ratio, attainment, p99_ratio)
         for d in decisions:
             self._last_change[d.knob] = now
             self.sources[d.knob] = d.source
@@ -255,17 +268,51 @@ class TunerPolicy:
 
     # -- the fast loop: protect first ------------------------------------------------------------------------
 
-    def _capacity_target(self, readings: Readings, settings: Mapping[str, Value]) -> float | None:
+    def _capacity_target(self, readings: Readings, settings: Mapping[str, Value], *,
+                         one_batch_at_least: bool = True) -> float | None:
         """Little's law: the requests that may be inside the server so that the last admitted meets its SLO."""
         served = [m for m in readings.models if m.requests_per_s > 0]
         if not served:
             return None
         target = sum(m.requests_per_s * m.slo_p99_s * self.admission_share for m in served)
+        throughput = self._throughput(readings)
+        if throughput > 0 and readings.completed_per_s > 0:
+            target *= throughput / readings.completed_per_s
+        if not one_batch_at_least:
+            return target
         batch = settings.get(MAX_BATCH)
         # Never below one batch: a queue too short to fill batches lowers throughput, which would lower the
         # target again (a spiral down to one request at a time).
         floor = float(batch) if batch is not None else 1.0
         return max(target, floor)
+
+    @staticmethod
+    def _throughput(readings: Readings) -> float:
+        """What the server completes per second now.
+
+        The window averages over seconds before a change and sees a request only once its span arrives. Saturated
+        (requests waiting for a slot, or a full batch ready whenever the engine frees), the orchestrator's own count
+        of the last tick is what the server can do now (higher after a burst began, lower once prompts grew
+        longer); otherwise the higher of the two.
+        """
+        fresh = readings.served_per_s
+        if math.isnan(fresh):
+            return readings.completed_per_s
+        batch = readings.settings.get(MAX_BATCH)
+        saturated = any(m.waiting > 0 for m in readings.models) or (
+            batch is not None and sum(m.running for m in readings.models) > float(batch))
+        if saturated and fresh > 0:
+            return fresh
+        return max(readings.completed_per_s, fresh)
+
+    def _queue_growth(self, queued: int, now: float) -> float:
+        """Requests the queue will have gained by the next tick, at the rate it grew since the last one."""
+        if len(self._queue_seen) < 2:
+            return 0.0
+        (before, was), (last, _) = self._queue_seen[-2], self._queue_seen[-1]
+        if last != now or last <= before:
+            return 0.0
+        return max(0.0, float(queued - was))
 
     def _protect(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float) -> list[Decision]:
         """Changes that keep admitted requests inside their objective; made at once, never rolled back."""
@@ -278,11 +325,16 @@ class TunerPolicy:
         queued = sum(m.waiting for m in readings.models)
         if capacity is not None and target is not None:
             # Time spent waiting for a running slot: what admission adds to a request (Little's law on the queue).
-            wait = queued / readings.completed_per_s if readings.completed_per_s else 0.0
+            throughput = self._throughput(readings)
+            wait = queued / throughput if throughput else 0.0
+            # Where the queue is heading: a burst that goes on adds as much again by the next tick. Cutting now
+            # keeps out the requests that would otherwise sit in a full queue past their objective; the latency
+            # windows would show the breach only once those requests finished (and their spans arrived).
+            ahead = (queued + self._queue_growth(queued, now)) / throughput if throughput else 0.0
             budget = min(m.slo_p99_s for m in readings.models if m.requests_per_s > 0) * self.admission_share
             # Only the queue is cut: a breach with a short queue (a slow engine, a noisy neighbour) is no reason to
             # turn requests away, and completions below capacity would understate what the server can take.
-            queue_is_slow = wait > budget or (breach and batch is not None and queued >= float(batch))
+            queue_is_slow = wait > budget or ahead > budget or (breach and batch is not None and queued >= float(batch))
             if queue_is_slow and target < 0.9 * float(capacity):
                 reason = SLO_BREACH if breach else QUEUE_WAIT
                 d = self._move(QUEUE_CAPACITY, settings, target, reason, "tuned", level, readings, now,
@@ -327,10 +379,16 @@ class TunerPolicy:
         if attainment < self.attainment_target:
             return []
         out = []
+        admit = self._capacity_target(readings, settings)
         for knob, value in target.items():
             if knob not in settings or value is None or settings[knob] is None or knob == KV_BUDGET:
                 continue
-            d = self._move(knob, settings, float(value), LEARNED, "learned", level, readings, now)
+            wanted = float(value)
+            if knob == QUEUE_CAPACITY and admit is not None and wanted > max(float(settings[knob]), admit):
+                # A long queue that did no harm at this rate (the requests never came) is no reason to open it: past
+                # Little's law admission only adds requests that cannot finish in time when a burst comes.
+                wanted = max(float(settings[knob]), admit)
+            d = self._move(knob, settings, wanted, LEARNED, "learned", level, readings, now)
             if d:
                 out.append(d)
         if not out or all(self._at(settings, d) for d in out):
@@ -344,16 +402,21 @@ class TunerPolicy:
     # -- the fast loop: gain where there is headroom ------------------------------------------------------------
 
     def _gain(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float) -> list[Decision]:
-        if self._trial is not None:
-            return []  # one experiment at a time, or the trial would not know what to blame
         worst = worst_model(readings.models)
+        if self._trial is not None:
+            # One experiment at a time, or the trial would not know what to blame; the timeout only follows the rate.
+            window = self._window_rule(readings, settings, worst, level, now)
+            return [window] if window else []
         headroom = worst is None or (worst.p99_s < (1 - self.deadband) * worst.slo_p99_s and not ttft_breach(worst))
         out: list[Decision] = []
         queued = sum(m.waiting for m in readings.models)
         batch = settings.get(MAX_BATCH)
         capacity = settings.get(QUEUE_CAPACITY)
         target = self._capacity_target(readings, settings)
-        if worst is not None and headroom:
+        throughput = self._throughput(readings)
+        # The windows lag (spans arrive seconds late): what is inside the server now must fit Little's law too.
+        fits = throughput > 0 and readings.in_flight / throughput <= worst_slo(readings) * self.admission_share
+        if worst is not None and headroom and fits:
             if capacity is not None and target is not None and readings.rejected_per_s > 0:
                 # Turning requests away with latency to spare: admit more. Under real overload the added wait
                 # eats the headroom and this stops; the trial rolls it back if goodput fell.
@@ -361,20 +424,28 @@ class TunerPolicy:
                                level, readings, now)
                 if d:
                     out.append(d)
-        breach = worst is not None and (worst.p99_s > worst.slo_p99_s or ttft_breach(worst))
         running = sum(m.running for m in readings.models)
         shrink = None
-        if (breach and batch is not None and queued < float(batch) and running >= float(batch)
-                and worst.p50_s > 0.5 * worst.slo_p99_s):
-            # Slow with a short queue and full batches: the batch's own run time is the latency (long prompts, a
-            # big model). A smaller batch finishes sooner; the trial undoes it unless p99 or attainment improved.
+        little = self._capacity_target(readings, settings, one_batch_at_least=False)
+        # A batch larger than Little's law admits (the requests that can be inside and still finish in time) takes
+        # longer than the objective's share by itself: the batch's own run time is the latency (long prompts, a big
+        # model). With batches full, the fresh throughput says so before the windows show the breach; and the
+        # windows' breach alone is no reason, since it may be that of a queue already cut (their latencies are those
+        # of requests admitted up to a window ago). A smaller batch finishes sooner; the trial undoes it unless p99
+        # or attainment improved.
+        breach = worst is not None and (worst.p99_s > worst.slo_p99_s or ttft_breach(worst))
+        falling = self._throughput(readings) < 0.8 * readings.completed_per_s  # the windows have yet to see it
+        if (batch is not None and little is not None and running > float(batch) and float(batch) > little
+                and (breach or falling)):
             shrink = self._move(MAX_BATCH, settings, float(batch) / 2, SLO_BREACH, "tuned", level, readings, now)
             if shrink:
                 out.append(shrink)
         if shrink is None and worst is not None and (headroom or readings.rejected_per_s > 0):
             # Batches that fill from the queue: a bigger one may raise throughput (and with it what admission
             # lets in). Worth trying when saturated even without headroom; the trial undoes it if goodput fell.
-            if batch is not None and queued >= float(batch):
+            # Never past what Little's law admits: a batch past it would be halved again by the rule above (and
+            # under a noisy neighbour the smaller batch that stays within it kept more of the objective).
+            if batch is not None and queued >= float(batch) and (little is None or 2 * float(batch) <= little):
                 d = self._move(MAX_BATCH, settings, float(batch) * 2, HEADROOM, "tuned", level, readings, now)
                 if d:
                     out.append(d)
@@ -384,11 +455,9 @@ class TunerPolicy:
                                readings, now)
                 if d:
                     out.append(d)
-        timeout = settings.get(BATCH_TIMEOUT)
-        if timeout is not None and batch is not None and worst is not None:
-            d = self._batch_window(readings, settings, float(timeout), float(batch), level, now)
-            if d:
-                out.append(d)
+        window = self._window_rule(readings, settings, worst, level, now)
+        if window:
+            out.append(window)
         kv = settings.get(KV_BUDGET)
         if kv is not None and readings.kv_evictions_per_s > 0 and not self._memory_pressure(readings):
             room = readings.memory_available_bytes
@@ -398,6 +467,13 @@ class TunerPolicy:
                 if d:
                     out.append(d)
         return out
+
+    def _window_rule(self, readings: Readings, settings: Mapping[str, Value], worst: ModelReading | None, level: str,
+                     now: float) -> Decision | None:
+        timeout, batch = settings.get(BATCH_TIMEOUT), settings.get(MAX_BATCH)
+        if timeout is None or batch is None or worst is None:
+            return None
+        return self._batch_window(readings, settings, float(timeout), float(batch), level, now)
 
     def _batch_window(self, readings: Readings, settings: Mapping[str, Value], timeout: float, batch: float,
                       level: str, now: float) -> Decision | None:

@@ -105,6 +105,9 @@ class Readings:
     models: tuple[ModelReading, ...]
     settings: Mapping[str, Value]
     rejected_per_s: float = 0.0
+    served_per_s: float = math.nan
+    """Requests the orchestrator finished per second since the last tick, by its own counter (NaN when unknown):
+    fresher than the windows, which see a request only once its span has been exported."""
     kv_evictions_per_s: float = 0.0
     kv_bytes: float = 0.0
     memory_available_bytes: float | None = None
@@ -180,6 +183,11 @@ def worst_model(models: Iterable[ModelReading]) -> ModelReading | None:
     return max(busy, key=lambda m: m.p99_s / m.slo_p99_s)
 
 
+def worst_slo(readings: Readings) -> float:
+    """The tightest p99 objective among the models with traffic (inf without traffic)."""
+    return min((m.slo_p99_s for m in readings.models if m.requests_per_s > 0), default=math.inf)
+
+
 def ttft_breach(m: ModelReading) -> bool:
     return m.slo_ttft_s is not None and not math.isnan(m.ttft_p99_s) and m.ttft_p99_s > m.slo_ttft_s
 
@@ -188,5 +196,5 @@ __all__ = [
     "BATCH_TIMEOUT", "BATCH_WINDOW", "CACHE_EVICTIONS", "HEADROOM", "INTEGER_KNOBS", "KNOBS", "KV_BUDGET", "LEARNED",
     "MAX_BATCH", "MEMORY_PRESSURE", "QUEUE_CAPACITY", "QUEUE_WAIT", "REASONS", "ROLLBACK", "RUNNING_LIMIT",
     "SLO_BREACH", "Bounds", "Decision", "ModelReading", "Observation", "Readings", "Source", "Value", "ttft_breach",
-    "worst_model",
+    "worst_model", "worst_slo",
 ]

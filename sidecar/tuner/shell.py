@@ -72,6 +72,7 @@ class OrchestratorView:
     waiting: dict[str, float] = field(default_factory=dict)
     running: dict[str, float] = field(default_factory=dict)
     rejected_total: float = 0.0
+    finished_total: float = 0.0
     kv_evictions_total: float = 0.0
     kv_bytes: float = 0.0
 
@@ -86,6 +87,8 @@ def parse_metrics(text: str) -> OrchestratorView:
                 view.waiting[labels.get("model", "")] = value
             elif name == "muai_requests_running":
                 view.running[labels.get("model", "")] = value
+            elif name == "muai_requests_total" and labels.get("status") == "ok":
+                view.finished_total += value
             elif name == "muai_rejected_requests_total" and labels.get("reason") == "queue_full":
                 view.rejected_total += value
             elif name == "muai_kv_cache_evictions_total":
@@ -181,7 +184,7 @@ class Tuner:
         self.last_readings: dict[str, Any] | None = None
         self.last_error: str | None = None
         self.ticks = 0
-        self._prev: tuple[float, float, float] | None = None  # (now, rejected_total, evictions_total)
+        self._prev: tuple[float, float, float, float] | None = None  # (now, rejected, evictions, finished totals)
         self._session: aiohttp.ClientSession | None = None
         for model, slo in config.models.items():
             monitor.track_slo(model, slo.p99_s)
@@ -312,11 +315,15 @@ class Tuner:
                 continuous_batching=key.model in view.continuous_batching,
             ))
         rejected_rate = evictions_rate = 0.0
+        served_rate = math.nan
         if self._prev is not None and now > self._prev[0]:
             dt = now - self._prev[0]
             rejected_rate = max(0.0, view.rejected_total - self._prev[1]) / dt
             evictions_rate = max(0.0, view.kv_evictions_total - self._prev[2]) / dt
-        self._prev = (now, view.rejected_total, view.kv_evictions_total)
+            # The orchestrator's own count of finished requests: fresh, where the windows wait for spans to be
+            # exported (seconds) and average over the whole window.
+            served_rate = max(0.0, view.finished_total - self._prev[3]) / dt
+        self._prev = (now, view.rejected_total, view.kv_evictions_total, view.finished_total)
         host = self.host()
         used = [g.framebuffer_used_percent for g in self.gpus() or () if g.framebuffer_used_percent is not None]
         settings = dict(view.settings)
@@ -324,6 +331,7 @@ class Tuner:
             models=tuple(models),
             settings=settings,
             rejected_per_s=rejected_rate,
+            served_per_s=served_rate,
             kv_evictions_per_s=evictions_rate,
             kv_bytes=view.kv_bytes,
             memory_available_bytes=getattr(host, "memory_available_bytes", None),

@@ -37,9 +37,9 @@ def reading(*, rps=50.0, p99=0.3, p50=0.1, attainment=1.0, waiting=0, running=8,
                         running=running, mean_input_tokens=tokens, **kw)
 
 
-def readings(settings, *, rejected=0.0, evictions=0.0, mem_available=None, mem_total=None, **kw):
+def readings(settings, *, rejected=0.0, evictions=0.0, mem_available=None, mem_total=None, served=math.nan, **kw):
     return Readings((reading(**kw),), dict(settings), rejected_per_s=rejected, kv_evictions_per_s=evictions,
-                    memory_available_bytes=mem_available, memory_total_bytes=mem_total)
+                    memory_available_bytes=mem_available, memory_total_bytes=mem_total, served_per_s=served)
 
 
 def policy(**kw):
@@ -151,16 +151,21 @@ def test_a_long_queue_cuts_admission_to_what_can_finish_in_time():
 def test_admission_never_goes_below_one_batch():
     p = policy()
     current = dict(START)
-    for i in range(6):
+    cuts = []
+    for i in range(12):
         r = readings(current, rps=10.0, p99=3.0, p50=2.0, attainment=0.2, waiting=200, running=16, rejected=20.0)
-        current = apply(current, p.tick(r, float(i * 2)).decisions)
-    assert current[QUEUE_CAPACITY] == 16  # Little's target is 7, a batch is 16
+        decisions = p.tick(r, float(i * 2)).decisions
+        batch = next((d.new for d in decisions if d.knob == MAX_BATCH), current[MAX_BATCH])
+        cuts += [(d.new, batch) for d in decisions if d.knob == QUEUE_CAPACITY and d.new < d.old]
+        current = apply(current, decisions)
+    assert cuts and all(new >= batch for new, batch in cuts)  # Little's target is 7; a batch is 16, then 8
 
 
 def test_a_slow_batch_with_a_short_queue_is_halved_and_judged_like_any_gain():
     p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]}, trial_s=12.0)
     current = {MAX_BATCH: 16}
-    first = p.tick(readings(current, rps=20.0, p99=1.6, p50=0.8, attainment=0.5, waiting=4, running=16), 0.0)
+    # 20/s x 1 s x 0.7 = 14 can be inside and finish in time: a batch of 16 is slower than the objective by itself.
+    first = p.tick(readings(current, rps=20.0, p99=1.6, p50=0.8, attainment=0.5, waiting=4, running=20), 0.0)
     assert [(d.knob, d.new, d.reason) for d in first.decisions] == [(MAX_BATCH, 8, "slo_breach")]
     current = apply(current, first.decisions)
     better = p.tick(readings(current, rps=20.0, p99=0.6, p50=0.4, attainment=1.0, waiting=2, running=8), 12.0)
@@ -331,3 +336,104 @@ def test_no_shrink_while_batches_are_not_full():
     p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]})
     r = readings({MAX_BATCH: 16}, rps=5.0, p99=2.0, p50=1.5, attainment=0.3, waiting=0, running=3)
     assert p.tick(r, 0.0).decisions == []
+
+
+# -- fresh readings: the windows lag behind the server ------------------------------------------------------------
+
+
+def test_admission_is_cut_to_what_the_server_serves_now_not_to_the_lagging_window():
+    """A burst began: the window still averages the quiet seconds before it (85/s), the orchestrator's own count says
+    the saturated server now finishes 140/s. Little's law on that: 140 x 1 s x 0.7 = 98, not 85 x 0.7 = 59."""
+    p = policy(bounds={QUEUE_CAPACITY: BOUNDS[QUEUE_CAPACITY]})
+    r = readings({QUEUE_CAPACITY: 256}, rps=85.0, p99=0.3, waiting=180, running=32, served=140.0)
+    [d] = p.tick(r, 0.0).decisions
+    assert (d.knob, d.new, d.reason) == (QUEUE_CAPACITY, 98, "queue_wait")
+    # Without the fresh count the window's rate is all there is.
+    [d] = policy(bounds={QUEUE_CAPACITY: BOUNDS[QUEUE_CAPACITY]}).tick(
+        readings({QUEUE_CAPACITY: 256}, rps=85.0, p99=0.3, waiting=180, running=32), 0.0).decisions
+    assert d.new == 64  # one step (x4) towards 59
+
+
+def test_a_growing_queue_is_cut_before_its_wait_reaches_the_budget():
+    """40 waiting at 100/s is 0.4 s of queue, inside the 0.7 s budget; but it grew by 35 in one tick, so by the next
+    it is past it. The cut comes now, while p99 is still fine, not after the window shows the breach."""
+    p = policy(bounds={QUEUE_CAPACITY: BOUNDS[QUEUE_CAPACITY]})
+    current = {QUEUE_CAPACITY: 256}
+    assert p.tick(readings(current, rps=100.0, p99=0.3, waiting=5, running=32, served=100.0), 0.0).decisions == []
+    [d] = p.tick(readings(current, rps=100.0, p99=0.3, waiting=40, running=32, served=100.0), 2.0).decisions
+    assert (d.knob, d.reason, d.new) == (QUEUE_CAPACITY, "queue_wait", 70)
+    # The same queue, not growing, is left alone.
+    steady = policy(bounds={QUEUE_CAPACITY: BOUNDS[QUEUE_CAPACITY]})
+    for t in (0.0, 2.0, 4.0):
+        assert steady.tick(readings(current, rps=100.0, p99=0.3, waiting=40, running=32, served=100.0), t).decisions == []
+
+
+def test_batch_timeout_moves_open_no_trial_and_block_no_gain():
+    """The timeout follows the arrival rate: a derived value, like Little's law admission. A batch that fills from
+    the queue can grow on the next tick instead of waiting out a trial of the timeout."""
+    p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH], BATCH_TIMEOUT: BOUNDS[BATCH_TIMEOUT]}, trial_s=12.0)
+    current = {MAX_BATCH: 16, BATCH_TIMEOUT: 0.005}
+    first = p.tick(readings(current, rps=100.0, p99=0.3, waiting=0, running=10), 0.0).decisions
+    assert [d.knob for d in first] == [BATCH_TIMEOUT]
+    current = apply(current, first)
+    second = p.tick(readings(current, rps=100.0, p99=0.3, waiting=40, running=32), 2.0).decisions
+    assert [(d.knob, d.new) for d in second] == [(MAX_BATCH, 32)]
+
+
+def test_no_smaller_batch_for_a_breach_the_window_still_holds_from_a_cut_queue():
+    """Admission was cut and the queue is short now, but the window's latencies are those of requests that sat in
+    the long queue. The batch itself fits Little's law (40/s x 1 s x 0.7 = 28 >= 16): a smaller one would cure
+    nothing and cost throughput, so it stays, however long the breach shows."""
+    p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]}, trial_s=12.0, cooldown_s=0.0)
+    current = {MAX_BATCH: 16}
+    p.tick(readings(current, rps=40.0, p99=3.0, p50=2.0, attainment=0.3, waiting=200, running=32, served=40.0), 0.0)
+    for t in (2.0, 6.0, 10.0, 14.0, 30.0):
+        r = readings(current, rps=40.0, p99=3.0, p50=2.0, attainment=0.3, waiting=0, running=20, served=40.0)
+        assert [d for d in p.tick(r, t).decisions if d.knob == MAX_BATCH] == []
+
+
+def test_a_batch_larger_than_littles_law_admits_is_halved_before_the_breach_shows():
+    """Prompts grew longer: the saturated server now finishes 40/s, so 28 can be inside and finish within 1 s, yet
+    a batch is 32. The windows still show short prompts' latencies; the fresh count is enough to act on."""
+    p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]})
+    r = readings({MAX_BATCH: 32}, rps=85.0, p99=0.3, p50=0.1, waiting=20, running=64, served=40.0)
+    [d] = p.tick(r, 0.0).decisions
+    assert (d.knob, d.new) == (MAX_BATCH, 16)
+
+
+def test_the_batch_grows_only_while_the_doubled_batch_fits_littles_law():
+    p = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]})
+    # 50/s x 1 s x 0.7 = 35 inside at once: a batch of 32 fits, one of 64 does not.
+    grow = p.tick(readings({MAX_BATCH: 16}, rps=50.0, p99=0.3, waiting=40, running=32), 0.0).decisions
+    assert [(d.knob, d.new) for d in grow] == [(MAX_BATCH, 32)]
+    hold = policy(bounds={MAX_BATCH: BOUNDS[MAX_BATCH]}).tick(
+        readings({MAX_BATCH: 32}, rps=50.0, p99=0.3, waiting=40, running=64), 0.0).decisions
+    assert hold == []
+
+
+def test_admission_grows_only_with_room_inside_the_server_now():
+    """Turned away with latency to spare in the window, but what is inside already takes 2 s to serve (Little): the
+    window is stale, so no more is let in."""
+    p = policy(bounds={QUEUE_CAPACITY: BOUNDS[QUEUE_CAPACITY]})
+    full = readings({QUEUE_CAPACITY: 24}, rps=12.0, p99=0.2, p50=0.1, waiting=8, running=16, rejected=5.0)
+    assert p.tick(full, 0.0).decisions == []
+    roomy = readings({QUEUE_CAPACITY: 24}, rps=60.0, p99=0.2, p50=0.1, waiting=4, running=16, rejected=5.0)
+    assert [d.reason for d in policy(bounds={QUEUE_CAPACITY: BOUNDS[QUEUE_CAPACITY]}).tick(roomy, 0.0).decisions] == [
+        "headroom"]
+
+
+def test_learned_settings_never_open_admission_past_littles_law():
+    """A queue of 256 met the objective at 100/s because no burst came; going back to it would let the next one in."""
+    level_readings = dict(rps=100.0, p99=0.3, waiting=0, running=12)
+    level = load_level(readings(START, **level_readings))
+    table = LearnedTable(min_samples=3)
+    for _ in range(5):
+        table.observe(Observation(0.0, level, {QUEUE_CAPACITY: 256}, 100.0, 1.0, 100.0))
+    p = policy(bounds={QUEUE_CAPACITY: BOUNDS[QUEUE_CAPACITY]}, learned=table)
+    current = {QUEUE_CAPACITY: 48}
+    seen = []
+    for t in (0.0, 2.0, 4.0, 6.0):
+        out = p.tick(readings(current, **level_readings), t).decisions
+        seen += out
+        current = apply(current, out)
+    assert [d.source for d in seen] == ["learned"] and current[QUEUE_CAPACITY] == 70  # 100 x 1 s x 0.7

@@ -46,9 +46,12 @@ def test_the_orchestrators_exposition_is_read_with_its_own_names():
         metrics.reject("queue_full")
     metrics.reject("draining")  # a drain is not overload
     metrics.set_engine_stats("m", {"kv_cache_evictions": 5.0, "kv_cache_bytes": 1024.0})
+    for status in ("ok", "ok", "error"):
+        metrics.request_done("m", "completion", status)
     view = parse_metrics(generate_latest(metrics.registry).decode())
     assert view.waiting == {"m": 7.0} and view.running == {"m": 16.0}
     assert view.rejected_total == 3.0
+    assert view.finished_total == 2.0  # answered ones: an error says nothing of what the server can serve
     assert view.kv_evictions_total == 5.0 and view.kv_bytes == 1024.0
     assert view.continuous_batching == set()
 
@@ -117,3 +120,15 @@ def test_readings_weigh_the_window_with_the_models_objective(tmp_path):
     assert m.attainment == pytest.approx(0.75)  # 3 of the 4 tracked within 0.5 s
     assert m.mean_input_tokens == pytest.approx(12.0)
     assert not math.isnan(m.p99_s) and r.settings == {"server.queue_capacity": 32}
+
+
+def test_the_fresh_served_rate_is_the_orchestrators_own_count_between_two_ticks(tmp_path):
+    tuner = _tuner(TunerConfig(admin_token="x" * 16), tmp_path)
+    view = parse_metrics("")
+    view.settings = {"server.queue_capacity": 32}
+    view.finished_total = 100.0
+    assert math.isnan(tuner.readings(view, 10.0).served_per_s), "one look is no rate"
+    view.finished_total = 380.0
+    assert tuner.readings(view, 12.0).served_per_s == pytest.approx(140.0)
+    view.finished_total = 0.0  # the orchestrator restarted: no negative rate
+    assert tuner.readings(view, 14.0).served_per_s == 0.0
