@@ -106,6 +106,9 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
+    """Generate ``max_new_tokens`` whatever the model's end-of-sequence token says (vLLM's request extension;
+    benchmarks need fixed-length outputs)."""
 
     @property
     def greedy(self) -> bool:

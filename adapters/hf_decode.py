@@ -403,7 +403,7 @@ class DecodeLoop:
 
     def _advance(self, row: Row, token: int, incremental: bool) -> None:
         """Record one generated token: EOS and completed stop sequences finish the row, so does the length."""
-        if token in self.eos:
+        if token in self.eos and not row.sampling.ignore_eos:
             row.finish = "stop"
         elif incremental:
             row.delta += row.tracker.update(self.detok.so_far(row))

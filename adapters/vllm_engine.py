@@ -162,6 +162,8 @@ class VllmEngine(Engine):
         if self.settings.get("otlp_traces_endpoint"):
             # vLLM's own request spans; they join our traces through the trace headers each request carries.
             args_kw["otlp_traces_endpoint"] = str(self.settings["otlp_traces_endpoint"])
+        if pp > 1 and not gpus:
+            args_kw["worker_cls"] = vllm_runtime.PIPELINE_CPU_WORKER
         if gpus:
             args_kw["gpu_memory_utilization"] = float(self.settings.get("gpu_memory_utilization") or 0.85)
         self._stats = VllmStats()
@@ -334,7 +336,7 @@ class VllmEngine(Engine):
         import vllm
 
         min_tokens = int(getattr(s, "min_new_tokens", 0) or 0)
-        ignore_eos = self._ignore_eos or bool(getattr(s, "ignore_eos", False))
+        ignore_eos = self._ignore_eos or s.ignore_eos
         return vllm.SamplingParams(
             n=1, max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
             stop=list(s.stop) or None, seed=s.seed, ignore_eos=ignore_eos, min_tokens=min_tokens,

@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, str] = {
     "faults": "serving throughput and p99 with the OTLP endpoint, a webhook or Alertmanager down vs all healthy",
     "nab": "detector quality on the Numenta Anomaly Benchmark beside its published detectors (needs ../shared/nab)",
     "fuzz": "schemathesis and random bodies against both HTTP APIs: no 5xx, every answer as documented",
+    "vllm_vs_native": "our server on the vLLM adapter vs vLLM's own OpenAI server, same model and client",
 }
 
 

@@ -304,6 +304,7 @@ def sampling_params(body: Any, max_new_tokens: int) -> SamplingParams:
         top_p=body.top_p if body.top_p is not None else 1.0,
         stop=body.stops(),
         seed=body.seed,
+        ignore_eos=body.ignore_eos,
     )
 
 

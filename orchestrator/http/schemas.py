@@ -78,6 +78,8 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     conversation_id: str | None = Field(None, min_length=1, max_length=256)
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate `max_tokens` tokens even past the "
+                                                "model's end-of-sequence token (fixed-length outputs for benchmarks).")
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:

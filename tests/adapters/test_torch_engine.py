@@ -114,9 +114,12 @@ async def test_eos_finishes_with_stop(tiny_llama_dir):
         return output
 
     eng.model.get_output_embeddings().register_forward_hook(favour_eos)
-    (res,) = await eng.generate([GenerationRequest("Hello", SamplingParams(max_new_tokens=8))])
+    (res, kept_on) = await eng.generate([GenerationRequest("Hello", SamplingParams(max_new_tokens=8)),
+                                         GenerationRequest("Hello", SamplingParams(max_new_tokens=8, ignore_eos=True))])
     eng.close()
     assert res.finish_reason == "stop" and res.completion_tokens == 1 and res.text == ""
+    # vLLM's ignore_eos, honoured here too: the same row runs to its length in the same batch.
+    assert kept_on.finish_reason == "length" and kept_on.completion_tokens == 8
 
 
 async def test_stream_chunks_join_to_the_completion(engine):
