@@ -27,7 +27,8 @@ inside that process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); with several (``tens
 ``pipeline_parallel_size`` > 1) vLLM starts one worker per rank, and on CPU each rank gets its own cores through
 ``VLLM_CPU_OMP_THREADS_BIND`` (``"0|1"`` for two ranks on two cores) unless the environment already sets it. Those
 variables are process-global and vLLM reads them while it starts, so they are set only for the duration of the
-start, under a lock.
+start, under a lock. Pipeline stages on CPU run in ``vllm_runtime``'s ``PipelineCPUWorker``: vLLM's own CPU worker
+leaves a later stage without its input buffer when the model runs eagerly, and that stage fails its first step.
 
 The KV cache is always sized explicitly (``kv_cache_memory_bytes``): on CPU vLLM otherwise takes a share of all RAM.
 vLLM's own counters (prefix cache queries/hits, running/waiting requests, preemptions, KV-cache usage, tokens)

@@ -20,8 +20,8 @@ from adapters import _hf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineStart", "STOP_TIMEOUT_S", "VllmStats", "scoped_env", "shutdown_quietly", "stat_logger_factory",
-           "stop_loop", "trace_headers"]
+__all__ = ["EngineStart", "PIPELINE_CPU_WORKER", "STOP_TIMEOUT_S", "VllmStats", "scoped_env", "shutdown_quietly",
+           "stat_logger_factory", "stop_loop", "trace_headers"]
 
 STOP_TIMEOUT_S = 60.0
 # vLLM reads these while it starts; they are process-global, so starts are serialised.
@@ -177,6 +177,46 @@ class EngineStart:
             llm, self._llm = self._llm, None
         return llm
 
+
+
+PIPELINE_CPU_WORKER = f"{__name__}.PipelineCPUWorker"
+"""vLLM's ``worker_cls`` for pipeline parallelism on CPU (see ``_pipeline_cpu_worker``)."""
+
+
+def _pipeline_cpu_worker() -> type:
+    """vLLM's CPU worker, with the buffer a later pipeline stage receives its input in.
+
+    vLLM's model runner allocates that buffer (``intermediate_tensors``) only in its warm-up run, and the CPU worker
+    skips the warm-up when the model runs eagerly (``CompilationMode.NONE``) with an explicit KV-cache size, which
+    is how this adapter always starts it (and ``warming_up_model`` returns at once in eager mode anyway). Every
+    stage after the first then fails its first step (``assert self.intermediate_tensors is not None`` in
+    ``GPUModelRunner.sync_and_gather_intermediate_tensors``), so the buffer is allocated here after the start,
+    as the warm-up run would have.
+    """
+    from vllm.distributed.parallel_state import get_pp_group
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    class PipelineCPUWorker(CPUWorker):  # type: ignore[misc, valid-type]
+        def compile_or_warm_up_model(self) -> Any:
+            times = super().compile_or_warm_up_model()
+            runner = self.model_runner
+            if not get_pp_group().is_first_rank and runner.intermediate_tensors is None:
+                runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+                    batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+            return times
+
+    PipelineCPUWorker.__qualname__ = "PipelineCPUWorker"
+    return PipelineCPUWorker
+
+
+def __getattr__(name: str) -> Any:
+    # vLLM resolves ``worker_cls`` by name in each worker process; the class is built on first use there so that
+    # importing this module does not import vllm.
+    if name == "PipelineCPUWorker":
+        cls = _pipeline_cpu_worker()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> bool:
