@@ -29,6 +29,23 @@ PROMPTS = [
 NEW_TOKENS = 10
 
 
+async def _token_ids(engine: VllmEngine) -> list[list[int]]:
+    """The generated token ids themselves (the adapter returns text): the same greedy requests, on the engine's loop."""
+    import vllm
+
+    async def one(i: int, prompt: str) -> list[int]:
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        final = None
+        async for out in engine._llm.generate(prompt, params, f"ids-{i}"):
+            final = out
+        return list(final.outputs[0].token_ids)
+
+    async def every() -> list[list[int]]:
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS))))
+
+    return await asyncio.wrap_future(engine._submit(every()))
+
+
 async def _generate(model_dir, pp: int) -> tuple[list[GenerationResult], list[list[int]], dict]:
     engine = VllmEngine({"kv_cache_memory_bytes": 64 * 2**20, "enforce_eager": True, "pipeline_parallel_size": pp})
     await asyncio.to_thread(engine.load, ModelSpec("tiny-llama", str(model_dir), max_model_len=512,
@@ -38,7 +55,7 @@ async def _generate(model_dir, pp: int) -> tuple[list[GenerationResult], list[li
         caps = engine.capabilities
         batch = [GenerationRequest(p, SamplingParams(max_new_tokens=NEW_TOKENS)) for p in PROMPTS]
         got = await engine.generate(batch)
-        ids = [engine._tok.encode(g.text, add_special_tokens=False) for g in got]
+        ids = await _token_ids(engine)
     finally:
         await asyncio.to_thread(engine.close)
     return got, ids, {"status": status, "pipeline_parallel": caps.pipeline_parallel}
@@ -60,4 +77,5 @@ async def test_two_pipeline_stages_give_the_single_stage_output(tiny_llama_dir):
         assert g.prompt_tokens == w.prompt_tokens
         assert g.finish_reason == w.finish_reason == "length"
         assert g.text == w.text
+    assert [len(i) for i in got_ids] == [NEW_TOKENS] * len(PROMPTS)
     assert got_ids == want_ids
