@@ -135,7 +135,7 @@ class VllmEngine(Engine):
                 "tensor_parallel_size")
             tp = resolve_tp_size(requested, gpus=gpus)
             pp = max(int(spec.pipeline_parallel_size), int(self.settings.get("pipeline_parallel_size") or 1))
-            env = self._start_env(tp * pp, on_cpu=gpus == 0)
+            env = self._start_env(self._check_ranks(tp, pp, gpus), on_cpu=gpus == 0)
         except ParallelConfigError as exc:
             raise ModelLoadError(f"model {spec.name!r}: {exc}", engine=self.name, model=spec.name,
                                  retryable=False) from exc
@@ -217,6 +217,24 @@ class VllmEngine(Engine):
         }
         self.spec = spec
         log.info("vllm: %s ready in %.1fs", spec.name, elapsed)
+
+    @staticmethod
+    def _check_ranks(tp: int, pp: int, gpus: int) -> int:
+        """The ranks vLLM will start (one per GPU, or per group of CPU cores): too many are refused before any
+        starts, naming both settings an operator would change (``resolve_tp_size`` checks only the first)."""
+        ranks = tp * pp
+        if ranks == 1:
+            return ranks
+        what = f"tensor_parallel_size={tp} x pipeline_parallel_size={pp} = {ranks} ranks"
+        if gpus:
+            if ranks > gpus:
+                raise ParallelConfigError(f"{what}, but only {gpus} GPU(s) are visible")
+            return ranks
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if ranks > cores and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+            # Two ranks on one core deadlock OpenMP barriers (see adapters.parallel.cpu_thread_binding).
+            raise ParallelConfigError(f"{what}, but this process may use only {cores} CPU core(s) (one per rank)")
+        return ranks
 
     @staticmethod
     def _start_env(ranks: int, *, on_cpu: bool) -> dict[str, str]:

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
-from adapters.base import GenerationRequest, GenerationResult, ModelSpec, SamplingParams  # noqa: E402
+from adapters.base import GenerationRequest, GenerationResult, ModelLoadError, ModelSpec, SamplingParams  # noqa: E402
 from adapters.vllm_engine import VllmEngine  # noqa: E402
 
 PROMPTS = [
@@ -79,3 +79,13 @@ async def test_two_pipeline_stages_give_the_single_stage_output(tiny_llama_dir):
         assert g.text == w.text
     assert [len(i) for i in got_ids] == [NEW_TOKENS] * len(PROMPTS)
     assert got_ids == want_ids
+
+
+def test_more_ranks_than_cores_is_refused_before_vllm_starts(tiny_llama_dir):
+    cores = len(os.sched_getaffinity(0))
+    engine = VllmEngine({"kv_cache_memory_bytes": 64 * 2**20, "pipeline_parallel_size": cores + 1})
+    with pytest.raises(ModelLoadError) as info:
+        engine.load(ModelSpec("tiny-llama", str(tiny_llama_dir)))
+    message = str(info.value)
+    assert "tensor_parallel_size=1 x pipeline_parallel_size=" in message and f"only {cores} CPU core" in message
+    assert info.value.retryable is False and not engine.loaded
