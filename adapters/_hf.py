@@ -330,6 +330,25 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return False
 
 
+# What CUDA (and NVML, through torch) say when the context is poisoned: every later call on the device fails too,
+# so the model must leave it. Lower-cased substrings of the messages.
+_DEVICE_FAULTS = (
+    "illegal memory access", "illegal instruction", "uncorrectable ecc", "ecc error", "device-side assert",
+    "unspecified launch failure", "gpu is lost", "gpu has fallen off the bus", "cuda error: unknown error",
+    "misaligned address", "cudaerrorlaunchfailure",
+)
+
+
+def device_fault(exc: BaseException) -> str | None:
+    """The first line of ``exc`` when it says the device itself is broken (see ``_DEVICE_FAULTS``), else None.
+    Checked by message, so nothing is imported."""
+    text = str(exc)
+    lowered = text.lower()
+    if any(s in lowered for s in _DEVICE_FAULTS):
+        return first_line(exc)
+    return None
+
+
 def mean_pool(last_hidden: Any, attention_mask: Any) -> Any:
     """Mean over real tokens, then L2 normalisation (the sentence-transformers recipe for MiniLM)."""
     import torch

@@ -51,6 +51,16 @@ class InferenceError(EngineError):
     """Inference failed for a request or a batch."""
 
 
+class DeviceFaultError(InferenceError):
+    """The device under the engine failed in a way that poisons it for every later call (a CUDA illegal memory
+    access, an uncorrectable ECC error, a device-side assert, a lost GPU): retryable elsewhere, never here again
+    until the device is re-probed. ``device`` names it (``cuda:0``)."""
+
+    def __init__(self, message: str, *, device: str, engine: str = "", model: str = "") -> None:
+        super().__init__(message, engine=engine, model=model, retryable=True)
+        self.device = device
+
+
 class InvalidRequestError(EngineError, ValueError):
     """The request itself is bad (e.g. prompt longer than the model's context); no engine would do better."""
 

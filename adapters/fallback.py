@@ -94,6 +94,8 @@ class FallbackEvent:
     reason: str
     detail: str
     at: float
+    device: str | None = None
+    """The device an ``inference_error`` broke (``DeviceFaultError``), for the orchestrator to cordon."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -639,7 +641,8 @@ class FallbackChain:
                 _close_quietly(closing)
                 chosen = self._activate(now, events, raise_fatal=False)
                 to = chosen.name if chosen is not None else None
-                events.insert(0, FallbackEvent(self.model, st.name, to, "inference_error", str(error), now))
+                events.insert(0, FallbackEvent(self.model, st.name, to, "inference_error", str(error), now,
+                                               device=getattr(error, "device", None)))
                 log.warning("model %s: engine %s failed at inference (%s); %s", self.model, st.name, error,
                             f"serving on {to}" if to else "no engine left")
                 return chosen is not None

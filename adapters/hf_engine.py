@@ -30,6 +30,7 @@ from adapters.base import (
     EmbeddingResult,
     Engine,
     EngineError,
+    DeviceFaultError,
     EngineUnavailableError,
     GenerationRequest,
     GenerationResult,
@@ -341,6 +342,11 @@ class HfEngine(Engine):
             import torch
 
             torch.cuda.empty_cache()  # give the failed batch's blocks back before the next one
+        fault = None if oom else _hf.device_fault(exc)
+        if fault is not None:
+            device = str(backend.device) if backend is not None else "unknown"
+            return DeviceFaultError(f"model {self._model_name}: {what} failed on {device}: {fault}", device=device,
+                                    engine=self.name, model=self._model_name)
         return InferenceError(f"model {self._model_name}: {what} failed: {_hf.first_line(exc)}",
                               engine=self.name, model=self._model_name, retryable=not oom)
 

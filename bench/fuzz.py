@@ -45,7 +45,12 @@ JSON_TYPE = "application/json"
 SERVED_MODELS = {"CompletionRequest": ["echo"], "ChatCompletionRequest": ["echo"], "EmbeddingRequest": ["echo-embed"]}
 SERVED_NAMES = {("/v1/models/{model}", "model"): ["echo", "echo-embed", "nope"],
                 ("/v1/workflows/{name}", "name"): ["chat", "embed_then_generate", "nope"],
-                ("/admin/models/{name}/load", "name"): ["echo", "nope"]}
+                ("/admin/models/{name}/load", "name"): ["echo", "nope"],
+                # The CPU on a machine without GPUs (what CI and this benchmark run on), and one that is not there.
+                ("/admin/devices/{id}/cordon", "id"): ["cpu", "nope"],
+                ("/admin/devices/{id}/uncordon", "id"): ["cpu", "nope"]}
+ADMIN_OPERATIONS = {"getConfig", "patchConfig", "loadModel", "unloadModel", "endConversation", "listDevices",
+                    "cordonDevice", "uncordonDevice"}
 PROTOBUF = "application/x-protobuf"
 
 
@@ -246,7 +251,6 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             async with session.get(f"{sidecar}/openapi.json") as resp:
                 sidecar_doc = await resp.json()
         server_doc = narrowed(server_doc, models=SERVED_MODELS, parameters=SERVED_NAMES)
-        admin_ops = {"getConfig", "patchConfig", "loadModel", "unloadModel", "endConversation"}
         started = time.monotonic()
         modes = (False, True) if args.negative else (False,)
         for name, doc, base, skip in (("orchestrator", server_doc, server, frozenset({"unloadModel"})),
@@ -256,7 +260,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"# fuzz: schemathesis {mode} on the {name} ({len(doc['paths'])} paths)", file=sys.stderr, flush=True)
                 report = await asyncio.to_thread(fuzz, doc, base, max_examples=args.examples, skip=skip,
                                                  negative=negative,
-                                                 headers=lambda op: {"Authorization": f"Bearer {TOKEN}"} if op in admin_ops else {})
+                                                 headers=lambda op: {"Authorization": f"Bearer {TOKEN}"} if op in ADMIN_OPERATIONS else {})
                 figures[f"{name}_{mode}"] = {
                     "operations": len(report.cases), "cases": sum(report.cases.values()),
                     "failures": len(report.failures), "failed": report.failures[:5],

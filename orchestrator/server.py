@@ -11,7 +11,7 @@ Endpoints:
 - ``GET /metrics`` (``telemetry.metrics.path``) here, or on its own port when ``telemetry.metrics.port`` is set;
 - ``/admin/*`` with ``Authorization: Bearer <server.admin_token>`` (compared in constant time; no token configured
   means no admin API, 404): ``GET``/``PATCH /admin/config``, ``POST /admin/models/{name}/load`` and ``/unload``,
-  ``DELETE /admin/conversations/{id}``.
+  ``DELETE /admin/conversations/{id}``, ``GET /admin/devices``, ``POST /admin/devices/{id}/cordon`` and ``/uncordon``.
 
 A request's path: parse and validate (400/413/422), resolve the model (404), admit (429 when the queue is full, 503
 while draining, both with ``Retry-After``), wait for a running slot (queue time), run through the model manager
@@ -46,12 +46,16 @@ from typing import Any
 from aiohttp import web
 
 from orchestrator.admission import AdmissionQueue
+from orchestrator.devices import DeviceBook, discover
 from orchestrator.health import HealthState
 from orchestrator.http.admin import (
+    admin_cordon_device,
+    admin_devices,
     admin_end_conversation,
     admin_get_config,
     admin_load_model,
     admin_patch_config,
+    admin_uncordon_device,
     admin_unload_model,
 )
 from orchestrator.http.errors import error_middleware
@@ -137,6 +141,7 @@ def create_app(
     state = ServerState(
         config=config, manager=manager, admission=admission, metrics=metrics, tracing=tracing, health=health,
         update_config=update_config, owns_manager=owns_manager, workflows=workflows,
+        devices=DeviceBook(discover(), reprobe_after_s=config.engines.reprobe_after_s),
     )
     state_ref.append(state)
     if metrics is not None:
@@ -167,6 +172,9 @@ def create_app(
         app.router.add_post("/admin/models/{name}/load", admin_load_model)
         app.router.add_post("/admin/models/{name}/unload", admin_unload_model)
         app.router.add_delete("/admin/conversations/{id}", admin_end_conversation)
+        app.router.add_get("/admin/devices", admin_devices)
+        app.router.add_post("/admin/devices/{id}/cordon", admin_cordon_device)
+        app.router.add_post("/admin/devices/{id}/uncordon", admin_uncordon_device)
     app.cleanup_ctx.append(lifecycle)
     return app
 

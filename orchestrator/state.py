@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from orchestrator.admission import AdmissionQueue
+from orchestrator.devices import DeviceBook
 from orchestrator.errors import (
     MuaiError,
 )
@@ -50,6 +52,7 @@ class ServerState:
     preload_pending: set[str] = field(default_factory=set)
     sampler: ResourceSampler | None = None
     metrics_handler: Any = None
+    devices: DeviceBook | None = None
 
     def engine_of(self, model: str) -> str:
         """The engine serving ``model`` now, ``unknown`` when none does (not loaded, not a model)."""
@@ -66,7 +69,8 @@ STATE: web.AppKey[ServerState] = web.AppKey("muai_server_state", ServerState)
 
 
 def make_event_hook(state_ref: list[ServerState]) -> Callable[[Any], None]:
-    """``on_event`` for the manager: ``ModelEvent`` lifecycle events and fallbacks become metrics."""
+    """``on_event`` for the manager: ``ModelEvent`` lifecycle events and fallbacks become metrics; a fallback away
+    from a device fault cordons that device."""
 
     def on_event(event: Any) -> None:
         if not state_ref:
@@ -77,6 +81,10 @@ def make_event_hook(state_ref: list[ServerState]) -> Callable[[Any], None]:
             metrics = state.metrics
             if kind == "fallback":
                 detail = event.detail
+                device = getattr(detail, "device", None)
+                if device and state.devices is not None:
+                    state.devices.fault(device, f"model {model} on {getattr(detail, 'from_engine', '?')}: "
+                                                f"{getattr(detail, 'detail', '')}", time.monotonic())
                 from_engine = str(getattr(detail, "from_engine", "") or "")
                 reason = str(getattr(detail, "reason", "") or event.error or "error")
                 if metrics is not None:

@@ -1,18 +1,22 @@
 """The admin API (``/admin/*``, bearer token compared in constant time): runtime configuration, model load and
-unload, ending a conversation's KV cache."""
+unload, ending a conversation's KV cache, the device inventory and its cordons."""
 
 from __future__ import annotations
 
 import hmac
 import inspect
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
+from orchestrator.devices import UnknownDeviceError
 from orchestrator.http import errors as err
 from orchestrator.http.errors import ApiError
 from orchestrator.http.frame import read_body
+from orchestrator.http.schemas import CordonRequest
 from orchestrator.runtime_config import is_restart_only
 from orchestrator.state import STATE, ServerState, refresh_status
 
@@ -125,10 +129,54 @@ async def admin_end_conversation(request: web.Request) -> web.Response:
     return web.json_response({"conversation_id": cid, "released": bool(released)})
 
 
+def _book(state: ServerState):
+    if state.devices is None:
+        raise ApiError(501, "this server keeps no device inventory", type_="server_error", code="not_implemented")
+    return state.devices
+
+
+def _device(state: ServerState, device: str):
+    try:
+        return _book(state).get(device)
+    except UnknownDeviceError as exc:
+        raise ApiError(404, str(exc), code="device_not_found", param="id") from None
+
+
+async def admin_devices(request: web.Request) -> web.Response:
+    state = _authorise(request)
+    now = time.monotonic()
+    return web.json_response({"devices": [d.as_dict(now) for d in _book(state).devices(now)]})
+
+
+async def admin_cordon_device(request: web.Request) -> web.Response:
+    """Body optional: ``{"reason": "..."}`` (the sidecar sends its alert's summary)."""
+    state = _authorise(request)
+    device = request.match_info["id"]
+    _device(state, device)
+    raw = await read_body(request, state.config.server.max_body_bytes)
+    try:
+        body = CordonRequest.model_validate_json(raw) if raw.strip() else CordonRequest()
+    except ValidationError as exc:
+        raise err.from_validation(exc.errors(include_url=False, include_input=False)) from None
+    now = time.monotonic()
+    return web.json_response({"device": state.devices.cordon(device, body.reason, now).as_dict(now)})
+
+
+async def admin_uncordon_device(request: web.Request) -> web.Response:
+    state = _authorise(request)
+    device = request.match_info["id"]
+    _device(state, device)
+    now = time.monotonic()
+    return web.json_response({"device": state.devices.uncordon(device, now).as_dict(now)})
+
+
 __all__ = [
+    "admin_cordon_device",
+    "admin_devices",
     "admin_end_conversation",
     "admin_get_config",
     "admin_load_model",
     "admin_patch_config",
+    "admin_uncordon_device",
     "admin_unload_model",
 ]

@@ -16,7 +16,13 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator.http.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, WorkflowRequest
+from orchestrator.http.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    CordonRequest,
+    EmbeddingRequest,
+    WorkflowRequest,
+)
 
 OPENAPI_VERSION = "3.1.0"
 OPENAPI_PATH = "/openapi.json"
@@ -210,6 +216,28 @@ class AdminConversationEnded(_Answer):
     released: bool = Field(description="Whether a cached conversation was there to release.")
 
 
+class DeviceInfo(_Answer):
+    id: str = Field(description="`cuda:N`, or `cpu` on a machine without GPUs.")
+    kind: Literal["cpu", "cuda"]
+    name: str
+    total_bytes: int
+    free_bytes: int = Field(description="Free memory when the server started.")
+    schedulable: bool = Field(description="False while cordoned: no new placement.")
+    cordoned_by: Literal["operator", "fault"] | None
+    reason: str | None
+    cordoned_for_s: float | None
+    reprobe_in_s: float | None = Field(description="When a fault cordon lifts for a re-probe; null for an operator's.")
+    faults: int = Field(description="Device faults engines met here since start.")
+
+
+class DeviceList(_Answer):
+    devices: list[DeviceInfo]
+
+
+class DeviceAnswer(_Answer):
+    device: DeviceInfo
+
+
 class ConfigPatch(BaseModel):
     """A partial configuration: nested objects of the keys to change (``{"server": {"queue_capacity": 64}}``);
     only runtime keys (docs/configuration.md marks them) may change without a restart (409 otherwise)."""
@@ -227,7 +255,7 @@ _ERRORS = {
     422: "A missing or wrongly typed field, named in `param`.",
     429: "The queue is full; retry after `Retry-After` seconds.",
     500: "An engine error or a bug (logged with its trace; the answer carries none).",
-    501: "Runtime configuration updates are not available in this server.",
+    501: "Not available in this server (no config updater, no device inventory).",
     503: "Draining, or the model is not loaded; retry after `Retry-After` seconds.",
     504: "`server.request_timeout_s` passed.",
 }
@@ -253,6 +281,7 @@ class Operation:
     text: str | None = None
     """The media type of a non-JSON 200."""
     admin: bool = False
+    body_optional: bool = False
     error_answer: dict[int, type[BaseModel]] | None = None
     """Statuses whose body is not the error shape (readiness' 503, a failed workflow's 500)."""
 
@@ -290,6 +319,13 @@ def _operations(metrics_path: str | None, admin: bool) -> list[Operation]:
                       "admin", AdminModelUnloaded, _ADMIN_ERRORS, admin=True),
             Operation("delete", "/admin/conversations/{id}", "endConversation", "Release a conversation's KV cache.",
                       "admin", AdminConversationEnded, _ADMIN_ERRORS, admin=True),
+            Operation("get", "/admin/devices", "listDevices", "The devices, their memory and cordons.", "admin",
+                      DeviceList, (401, 501), admin=True),
+            Operation("post", "/admin/devices/{id}/cordon", "cordonDevice",
+                      "Take a device out of new placements (readiness shows it degraded).", "admin", DeviceAnswer,
+                      (400, 401, 413, 415, 422, 501), CordonRequest, admin=True, body_optional=True),
+            Operation("post", "/admin/devices/{id}/uncordon", "uncordonDevice", "Let a device take work again.",
+                      "admin", DeviceAnswer, (401, 501), admin=True),
         ]
     return ops
 
@@ -347,7 +383,8 @@ def _operation(op: Operation, components: dict[str, Any]) -> dict[str, Any]:
     if parameters:
         out["parameters"] = parameters
     if op.body is not None:
-        out["requestBody"] = {"required": True, "content": {JSON: {"schema": _schema_ref(op.body, components)}}}
+        out["requestBody"] = {"required": not op.body_optional,
+                              "content": {JSON: {"schema": _schema_ref(op.body, components)}}}
     if op.admin:
         out["security"] = [{"adminToken": []}]
     return out

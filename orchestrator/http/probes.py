@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from orchestrator.health import ModelRequirement, evaluate_readiness
@@ -22,7 +24,7 @@ def readiness(state: ServerState):
         admission=state.admission.snapshot(),
         stuck_after_s=state.config.server.stuck_after_s,
         preload_pending=state.preload_pending,
-        problems=state.health.problems(),
+        problems=state.health.problems() + (state.devices.problems(time.monotonic()) if state.devices else []),
     )
 
 

@@ -159,6 +159,14 @@ class WorkflowRequest(_Request):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class CordonRequest(BaseModel):
+    """``POST /admin/devices/{id}/cordon``'s optional body: why (shown in readiness and the inventory). Closed: an
+    admin who misspells ``reason`` is told, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field("", max_length=1000)
+
+
 def render_chat(messages: list[ChatMessage]) -> str:
     """The documented chat template (module docstring), shared with the ``chat`` workflow."""
     return render_messages([{"role": m.role, "content": m.text()} for m in messages])
