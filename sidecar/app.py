@@ -55,6 +55,7 @@ from sidecar.config import SidecarConfig
 from sidecar.errors import OtlpError, PayloadTooLarge
 from sidecar.evaluation import Evaluator
 from sidecar.forwarding import Forwarder
+from sidecar.gpu_faults import GpuFault, cordon
 from sidecar.metrics import SidecarMetrics
 from sidecar.monitor import PerformanceMonitor
 from sidecar.openapi import OPENAPI, OPENAPI_PATH, openapi_document, openapi_endpoint
@@ -281,12 +282,33 @@ async def _evaluate_loop(state: SidecarState) -> None:
         try:
             state.evaluate()
             logged = False
+            while state.pending_cordons:
+                fault = state.pending_cordons.pop(0)
+                asyncio.create_task(_cordon(state, fault), name=f"sidecar-cordon-{fault.device}")
         except Exception:  # noqa: BLE001 - log once per failure streak, count every tick
             state.metrics.evaluation_errors.inc()
             if not logged:
                 log.exception("detector evaluation failed; retrying every tick")
                 logged = True
         await asyncio.sleep(interval)
+
+
+async def _cordon(state: SidecarState, fault: GpuFault) -> None:
+    import aiohttp
+
+    orchestrator = state.config.collectors.orchestrator
+    token = state.config.tuner.admin_token
+    if not orchestrator.url:
+        log.error("GPU %d: %s; not cordoned: no orchestrator (sidecar.collectors.orchestrator.url)", fault.index,
+                  fault.reason)
+        return
+    connector = None
+    if orchestrator.url.startswith("https:"):
+        connector = aiohttp.TCPConnector(ssl=client_ssl_context(orchestrator.ca_file,
+                                                                key="sidecar.collectors.orchestrator.ca_file"))
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
+        outcome = await cordon(session, orchestrator.url, token.get_secret_value() if token else None, fault)
+    log.error("GPU %d: %s; %s", fault.index, fault.reason, outcome)
 
 
 # -- handlers ------------------------------------------------------------------------------------------------

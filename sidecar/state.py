@@ -18,6 +18,7 @@ from sidecar.collectors.host import HostCollector, HostSample
 from sidecar.config import DetectorsConfig, SidecarConfig
 from sidecar.evaluation import Evaluator
 from sidecar.forwarding import Forwarder
+from sidecar.gpu_faults import GpuFault, GpuFaultWatch, alert_of
 from sidecar.metrics import SidecarMetrics
 from sidecar.monitor import PerformanceMonitor
 from sidecar.otlp import INFERENCE, REQUEST, MappedBatch, map_request
@@ -51,6 +52,9 @@ class SidecarState:
     loop_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     tuner: Tuner | None = None
     otlp_grpc: GrpcReceiver | None = None
+    gpu_watch: GpuFaultWatch = dataclasses.field(default_factory=GpuFaultWatch)
+    pending_cordons: list[GpuFault] = dataclasses.field(default_factory=list)
+    """GPU faults the evaluation loop has yet to ask the orchestrator to cordon."""
 
     def reconfigure_detectors(self, detectors: DetectorsConfig) -> None:
         """Apply runtime changes of the ``detectors`` section (thresholds, ``for`` durations, detector parameters)."""
@@ -58,12 +62,19 @@ class SidecarState:
             self.evaluator.reconfigure(detectors)
 
     def evaluate(self) -> int:
-        """Run one evaluation tick now and hand its transitions to the dispatchers; returns how many."""
+        """Run one evaluation tick now and hand its transitions to the dispatchers; returns how many. A fatal GPU
+        fault in the latest samples raises ``GpuFatalFault`` and queues the GPU's cordon (``pending_cordons``)."""
         if self.evaluator is None:
             return 0
         transitions = self.evaluator.tick(
             self.clock(), self.wall_clock(), gpus=self.gpu_samples, host=self.host_sample
         )
+        for fault in self.gpu_watch.update(self.gpu_samples):
+            labels, annotations = alert_of(fault)
+            transition = self.book.observe(labels, annotations, now=self.wall_clock(), active=True)
+            if transition is not None:
+                transitions.append(transition)
+            self.pending_cordons.append(fault)
         for alert in transitions:
             for dispatcher in self.dispatchers:
                 dispatcher.submit(alert)
