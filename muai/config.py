@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from orchestrator.config import (
     BatchingConfig,
@@ -70,6 +70,31 @@ class MuaiConfig(BaseModel):
             if model.name in seen:
                 raise ValueError(f"model name {model.name!r} is used twice")
             seen.add(model.name)
+        return models
+
+    @field_validator("models")
+    @classmethod
+    def _parallel_engines(cls, models: list[ModelConfig], info: ValidationInfo) -> list[ModelConfig]:
+        """Tensor and pipeline parallelism only where an engine of the model's preference can do them: otherwise
+        the layout would be ignored without a word and the model served on one rank."""
+        engines = info.data.get("engines")
+        if engines is None:  # engines itself was invalid; that error is reported
+            return models
+        for i, model in enumerate(models):
+            order = [model.engine, "torch"] if model.engine else list(engines.preference)
+            usable = [e for e in order if getattr(getattr(engines, e, None), "enabled", True)]
+            where = f"models[{i}].engine is {model.engine!r}" if model.engine else \
+                f"engines.preference is {list(engines.preference)}"
+            if model.pipeline_parallel_size > 1 and "vllm" not in usable:
+                raise ValueError(f"models[{i}].pipeline_parallel_size = {model.pipeline_parallel_size} needs the vllm "
+                                 f"engine (the only one with pipeline parallelism), but {where} (engines.vllm.enabled "
+                                 f"= {engines.vllm.enabled})")
+            if model.tensor_parallel_size > 1 and not {"vllm", "deepspeed"} & set(usable):
+                raise ValueError(f"models[{i}].tensor_parallel_size = {model.tensor_parallel_size} needs vllm or "
+                                 f"deepspeed, but {where}")
+            if model.pipeline_parallel_size > 1 and model.task != "generate":
+                raise ValueError(f"models[{i}].pipeline_parallel_size applies to generative models; {model.name!r} "
+                                 "is an embedding model")
         return models
 
     def model(self, name: str) -> ModelConfig:

@@ -120,6 +120,14 @@ class ModelConfig(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="`auto`, `cpu`, `cuda` or `cuda:N`.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights dtype.")
     max_model_len: int | None = Field(None, ge=16, description="Context cap; unset uses the model's.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="Ranks that split each layer (vLLM, DeepSpeed AutoTP); above 1 it overrides the "
+        "engine's own setting. Needs one of those engines in the model's preference.",
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, le=64, description="Stages that split the layers (vLLM only; on CPU one rank per core). Needs vllm in "
+        "the model's preference.",
+    )
     replicas: int = Field(
         1, ge=1, le=64,
         description="Engine instances serving this model, each its own fallback chain; requests go to the one with "

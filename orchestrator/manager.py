@@ -225,6 +225,8 @@ class ModelManager:
             task=cfg.task,
             device=device or cfg.device,
             dtype=cfg.dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            pipeline_parallel_size=cfg.pipeline_parallel_size,
             max_model_len=cfg.max_model_len,
             options=options,
         )

@@ -83,6 +83,23 @@ def test_cross_field_rule_is_reported():
         load_config(env={"MUAI_BATCHING__MIN_BATCH_SIZE": "64", "MUAI_BATCHING__MAX_BATCH_SIZE": "8"})
 
 
+@pytest.mark.parametrize(("models", "engines", "message"), [
+    ("[{name: m, path: x, engine: torch, pipeline_parallel_size: 2}]", "",
+     "models[0].pipeline_parallel_size = 2 needs the vllm engine"),
+    ("[{name: m, path: x, tensor_parallel_size: 2}]", "  preference: [onnxruntime, torch]\n",
+     "models[0].tensor_parallel_size = 2 needs vllm or deepspeed, but engines.preference is"),
+    ("[{name: m, path: x, pipeline_parallel_size: 2}]", "  vllm:\n    enabled: false\n",
+     "engines.vllm.enabled = False"),
+])
+def test_a_parallel_layout_no_engine_of_the_model_can_run_is_refused_naming_the_keys(tmp_path, models, engines, message):
+    text = f"models: {models}\n" + (f"engines:\n{engines}" if engines else "")
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(write(tmp_path, text), env={})
+    fine = load_config(write(tmp_path, "models: [{name: m, path: x, tensor_parallel_size: 2, pipeline_parallel_size: 2}]\n"),
+                       env={})
+    assert (fine.models[0].tensor_parallel_size, fine.models[0].pipeline_parallel_size) == (2, 2)
+
+
 def test_secrets_are_redacted_in_printed_config():
     config = load_config(env={"MUAI_SERVER__ADMIN_TOKEN": "s" * 20})
     assert "s" * 20 not in dump_yaml(config)
