@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "nab": "detector quality on the Numenta Anomaly Benchmark beside its published detectors (needs ../shared/nab)",
     "fuzz": "schemathesis and random bodies against both HTTP APIs: no 5xx, every answer as documented",
     "vllm_vs_native": "our server on the vLLM adapter vs vLLM's own OpenAI server, same model and client",
+    "recovery": "a killed vLLM engine core under load: time to serving again, every request answered; 2 replicas vs 1",
 }
 
 
