@@ -317,16 +317,16 @@ class VllmEngine(Engine):
             raise self._closed_error() from None
 
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return await self._await(self._submit(self._generate_batch(batch, trace_headers())))
+        return await self._await(self._submit(self._generate_batch(batch, self._trace_headers())))
 
     def _generate_sync(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        return self._wait(self._submit(self._generate_batch(batch, trace_headers())))
+        return self._wait(self._submit(self._generate_batch(batch, self._trace_headers())))
 
     async def embed(self, texts: Sequence[str]) -> list[EmbeddingResult]:
-        return await self._await(self._submit(self._embed_batch(texts, trace_headers())))
+        return await self._await(self._submit(self._embed_batch(texts, self._trace_headers())))
 
     def _embed_sync(self, texts: Sequence[str]) -> list[EmbeddingResult]:
-        return self._wait(self._submit(self._embed_batch(texts, trace_headers())))
+        return self._wait(self._submit(self._embed_batch(texts, self._trace_headers())))
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
         """A chunk per engine step (vLLM's DELTA outputs); the last one carries the finish reason.
@@ -335,7 +335,7 @@ class VllmEngine(Engine):
         task there, which aborts the vLLM request.
         """
         stream: ThreadStream[StreamChunk] = ThreadStream(self._closed_error)
-        stream.watch(self._submit(stream.pump(self._stream(request, trace_headers()))))
+        stream.watch(self._submit(stream.pump(self._stream(request, self._trace_headers()))))
         async for chunk in stream.items():
             yield chunk
 
@@ -350,6 +350,11 @@ class VllmEngine(Engine):
                 "a generation model; it does not embed"
             raise InvalidRequestError(f"model {spec.name!r} is {what}", engine=self.name, model=spec.name)
         return llm, spec
+
+    def _trace_headers(self) -> dict[str, str] | None:
+        # Only where vLLM exports spans of its own: otherwise it drops the headers (and warns), and building them
+        # costs a context injection per request for nothing.
+        return trace_headers() if self.settings.get("otlp_traces_endpoint") else None
 
     def _sampling(self, s: SamplingParams, kind: Any) -> Any:
         import vllm
