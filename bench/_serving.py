@@ -47,10 +47,22 @@ async def wait_ready(session: Any, url: str, procs: list[subprocess.Popen], time
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
+def stop(procs: list[subprocess.Popen], timeout: float = 60.0) -> None:
+    """SIGTERM every one of ``procs`` (the last started first: a server before the sidecar it exports to), then
+    wait for each and kill one that outlives ``timeout``."""
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def cpu_seconds(proc: Any) -> float:
     """User plus system CPU seconds of a ``psutil.Process``."""
     times = proc.cpu_times()
     return times.user + times.system
 
 
-__all__ = ["ROOT", "cpu_seconds", "free_port", "start", "wait_ready"]
+__all__ = ["ROOT", "cpu_seconds", "free_port", "start", "stop", "wait_ready"]

@@ -36,7 +36,7 @@ from typing import Any
 
 from bench._contract import fuzz, narrowed
 from bench._report import add_output_args, finish
-from bench._serving import free_port, start, wait_ready
+from bench._serving import free_port, start, stop, wait_ready
 
 TOKEN = "bench-fuzz-admin-token-0123456789"
 MAX_BODY = 256 * 1024
@@ -277,13 +277,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                                     "seconds": round(time.monotonic() - started, 1)}
         figures["alive_after"] = await _health(server, sidecar) and all(p.poll() is None for p in procs)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs, 30)
     # A client's bad input is answered, not logged as a crash: a traceback per bad request is a log an attacker
     # can fill.
     figures["tracebacks_logged"] = {command: (work / f"{command}.log").read_text(errors="replace").count("Traceback")

@@ -37,6 +37,7 @@ from typing import Any
 
 from bench._report import add_output_args, finish
 from bench._serving import free_port, start, wait_ready
+from bench._serving import stop as stop_all
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
@@ -136,11 +137,7 @@ async def _kill_run(args: argparse.Namespace, model_dir: Path, work: Path) -> di
         stop.set()
         await load
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_all([server])
     after = [(t, s, b) for t, s, b in log if t >= killed_at]
     # Serving again: the first request sent after the kill that succeeded has finished, and no request failed
     # after that (the last failure, if any, is the later of the two).
@@ -176,11 +173,7 @@ async def _throughput(args: argparse.Namespace, model_dir: Path, work: Path, rep
         await warm
         elapsed = time.monotonic() - started
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_all([server])
     done = sum(1 for t, s, _ in log if s == 200 and t <= started + elapsed)
     return {"req_per_s": round(done / elapsed, 2), "errors": sum(1 for _, s, _ in log if s != 200)}
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import add_output_args, finish
-from bench._serving import free_port, start, wait_ready
+from bench._serving import free_port, start, stop, wait_ready
 
 KV_CACHE_BYTES = 512 * 1024**2  # adapters.vllm_engine.DEFAULT_KV_CACHE_BYTES: what our adapter gives vLLM
 SERVED = "bench-model"
@@ -124,13 +124,7 @@ def _measure(args: argparse.Namespace, kind: str, model_dir: Path, work: Path) -
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
