@@ -22,7 +22,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from adapters import _hf
@@ -30,6 +30,7 @@ from adapters.base import (
     Availability,
     Capabilities,
     EmbeddingResult,
+    DeviceFaultError,
     Engine,
     EngineUnavailableError,
     GenerationRequest,
@@ -51,7 +52,8 @@ class EchoFaults:
     InferenceError (counted down). ``fail_generate_always``: every inference call raises until cleared.
     ``hold_stream``: an ``asyncio.Event`` each stream waits for after its first chunk (a test holds a stream open
     mid-way, then releases it). ``fail_stream_close``: a stream closed before its end raises while closing, as
-    an engine whose cleanup breaks would.
+    an engine whose cleanup breaks would. ``fault_devices``: inference on an engine loaded on one of these devices
+    raises ``DeviceFaultError``, as a CUDA context poisoned by an illegal memory access would.
     """
 
     unavailable: str | None = None
@@ -60,6 +62,7 @@ class EchoFaults:
     fail_generate_always: bool = False
     hold_stream: Any = None
     fail_stream_close: bool = False
+    fault_devices: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -71,6 +74,7 @@ class EchoFaults:
         self.fail_generate_always = False
         self.hold_stream = None
         self.fail_stream_close = False
+        self.fault_devices = set()
 
     def consume_inference_failure(self) -> bool:
         with self._lock:
@@ -150,6 +154,10 @@ class EchoEngine(Engine):
             raise EngineUnavailableError(f"echo engine: no model loaded ({op})", engine=self.name)
         if self._delay > 0:
             time.sleep(self._delay)
+        if self.spec.device in self.faults.fault_devices:
+            raise DeviceFaultError(f"model {self.spec.name!r}: CUDA error: an illegal memory access was encountered "
+                                   f"(echo fault on {self.spec.device})", device=self.spec.device, engine=self.name,
+                                   model=self.spec.name)
         if self.faults.consume_inference_failure():
             raise InferenceError(f"model {self.spec.name!r}: injected {op} failure (echo fault)", engine=self.name,
                                  model=self.spec.name)

@@ -23,6 +23,10 @@ that are neither ``preload`` nor ``required`` (``orchestrator.residency`` plans 
 its next request. An ad-hoc chain (``infer(engine_preference=...)``) holds the model's weights once more and is
 loaded within the same budget. Without it every loaded model stays loaded until unloaded.
 
+Placement: where the server's ``DeviceBook`` (``manager.devices``) lists GPUs, a model on ``device: auto`` gets
+its replicas' devices from the planner (``orchestrator.placement``: least loaded first, replicas apart, refused
+with what is short); ``move_off(device)`` reloads the models placed on a device that was cordoned after a fault.
+
 What is apart: the model record and its events (``orchestrator.managed``), the status contract and its building
 (``orchestrator.model_status``), span building (``orchestrator.inference_spans``), the blocking API
 (``orchestrator.blocking``), the residency plan (``orchestrator.residency``) and the runtime-config diff
@@ -39,6 +43,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -85,6 +90,7 @@ from orchestrator.model_status import (
     chain_availability,
     model_status_of,
 )
+from orchestrator.placement import ModelDemand, Plan, plan_placement
 from orchestrator.residency import Resident, describe_held, plan_room
 from orchestrator.runtime_config import diff_manager_config
 
@@ -140,6 +146,10 @@ class ModelManager:
         self._reloads: dict[str, asyncio.Future[ManagedModel]] = {}
         # One byte budget for every model's conversation state (requirement 7.3), shared by their engines.
         self._kv_cache = self._shared_kv_cache(config)
+        self.devices: Any = None
+        """The server's ``DeviceBook``; with GPUs in it, models on ``device: auto`` are placed by the planner."""
+        self._demands: dict[str, ModelDemand] = {}
+        self._plan: Plan | None = None
         for model in config.models:
             self.register_model(model)
 
@@ -252,13 +262,18 @@ class ModelManager:
 
         return hook
 
-    def _new_chain(self, spec: ModelSpec, preference: Sequence[str], replicas: int = 1) -> Any:
-        """A fallback chain for ``spec``; with ``replicas`` > 1, that many behind one ``ReplicaSet``."""
+    def _new_chain(self, spec: ModelSpec, preference: Sequence[str], replicas: int = 1,
+                   devices: Sequence[str] | None = None) -> Any:
+        """A fallback chain for ``spec``; with ``replicas`` > 1, that many behind one ``ReplicaSet``; ``devices``
+        (one per replica) as the planner placed them."""
         if replicas > 1:
             from orchestrator.replicas import ReplicaSet
 
-            return ReplicaSet([self._new_chain(spec, preference) for _ in range(replicas)],
+            return ReplicaSet([self._new_chain(spec, preference, devices=devices[i:i + 1] if devices else None)
+                               for i in range(replicas)],
                               eject_s=self.config.engines.reprobe_after_s, clock=self._clock)
+        if devices:
+            spec = replace(spec, device=devices[0])
         from adapters.fallback import FallbackChain
 
         return FallbackChain(
@@ -272,6 +287,66 @@ class ModelManager:
             clock=self._clock,
             engine_factory=self._engine_factory,
         )
+
+    # -- placement ---------------------------------------------------------------------------------------------
+
+    def _place(self, m: ManagedModel, spec: ModelSpec) -> list[str] | None:
+        """The device of each replica of ``m``, from the planner over the book's GPUs; None where there is nothing
+        to plan (no book, no GPU in it, a device the model's config names, or ranks that vLLM or DeepSpeed lay out
+        over the visible GPUs themselves). A model that does not fit fails to load, saying what is short."""
+        cfg = m.config
+        book = self.devices
+        if book is None or cfg.device != "auto":
+            return None
+        gpus = [d for d in book.for_placement(self._clock()) if d.id.startswith("cuda")]
+        if not gpus:
+            return None
+        demand = ModelDemand(cfg.name, weight_bytes=weights_bytes(spec.path),
+                             tensor_parallel=cfg.tensor_parallel_size, pipeline_parallel=cfg.pipeline_parallel_size,
+                             replicas=cfg.replicas)
+        with self._lock:
+            demands = {**self._demands, cfg.name: demand}
+            plan = plan_placement(demands.values(), gpus, previous=self._plan)
+            refused = [r.message for r in plan.refusals if r.model == cfg.name]
+            if refused:
+                raise ModelLoadFailedError(cfg.name, "placement: " + "; ".join(refused))
+            self._demands, self._plan = demands, plan
+        placements = plan.replicas_of(cfg.name)
+        log.info("model %s placed on %s", cfg.name, ", ".join("+".join(p.devices) for p in placements))
+        if demand.devices_per_replica > 1:
+            return None
+        return [p.devices[0] for p in placements]
+
+    def _unplace(self, name: str) -> None:
+        with self._lock:
+            self._demands.pop(name, None)
+
+    def placements(self) -> dict[str, list[str]]:
+        """The devices each placed model's replicas sit on (``{"chat": ["cuda:0", "cuda:1"]}``)."""
+        with self._lock:
+            plan = self._plan
+            names = set(self._demands)
+        if plan is None:
+            return {}
+        return {name: ["+".join(p.devices) for p in plan.replicas_of(name)] for name in sorted(names)}
+
+    def move_off(self, device: str) -> list[str]:
+        """Reload every model placed on ``device`` (which the book has cordoned) onto the devices still usable;
+        the names moved. Requests meanwhile get 503 with Retry-After (the model is loading); a model that fits
+        nowhere else is left failed, saying so."""
+        with self._lock:
+            plan = self._plan
+            affected = sorted({p.model for p in plan.placements if device in p.devices}) if plan else []
+        moved = []
+        for name in affected:
+            log.warning("model %s: moving off %s", name, device)
+            try:
+                self.unload_model(name)
+                self.load_model(name)
+                moved.append(name)
+            except Exception as exc:  # the model stays failed with its reason; readiness says so
+                log.error("model %s could not move off %s: %s", name, device, exc)
+        return moved
 
     def load_model(self, name: str, device: str | None = None, backend_override: str | None = None) -> ManagedModel:
         """Load ``name`` (blocking) on the first engine of its chain that works; a loaded model is reloaded only
@@ -293,7 +368,8 @@ class ModelManager:
                 # Each replica holds its own copy of the weights.
                 m.weights_bytes = weights_bytes(spec.path) * m.config.replicas
                 self._make_room(m)
-                chain = self._new_chain(spec, preference, m.config.replicas)
+                placed = self._place(m, spec) if device is None else None
+                chain = self._new_chain(spec, preference, m.config.replicas, devices=placed)
                 chain.load()
             except Exception as exc:
                 if chain is not None:
@@ -399,6 +475,7 @@ class ModelManager:
     def _unload_locked(self, m: ManagedModel) -> bool:
         if m.state != "ready" or m.chain is None:
             return False
+        self._unplace(m.name)
         engine = m.chain.engine_name
         chain, batcher = m.chain, m.batcher
         m.state, m.chain, m.batcher = "unloaded", None, None

@@ -143,6 +143,8 @@ def create_app(
         update_config=update_config, owns_manager=owns_manager, workflows=workflows,
         devices=DeviceBook(discover(), reprobe_after_s=config.engines.reprobe_after_s),
     )
+    if hasattr(manager, "devices"):
+        manager.devices = state.devices
     state_ref.append(state)
     if metrics is not None:
         for model in config.models:

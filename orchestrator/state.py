@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,8 +84,13 @@ def make_event_hook(state_ref: list[ServerState]) -> Callable[[Any], None]:
                 detail = event.detail
                 device = getattr(detail, "device", None)
                 if device and state.devices is not None:
-                    state.devices.fault(device, f"model {model} on {getattr(detail, 'from_engine', '?')}: "
-                                                f"{getattr(detail, 'detail', '')}", time.monotonic())
+                    faulted = state.devices.fault(device, f"model {model} on {getattr(detail, 'from_engine', '?')}: "
+                                                          f"{getattr(detail, 'detail', '')}", time.monotonic())
+                    move_off = getattr(state.manager, "move_off", None)
+                    if faulted is not None and move_off is not None:
+                        # Off the chain's switch thread, which reloading this very model would wait on.
+                        threading.Thread(target=move_off, args=(faulted.id,), name=f"muai-move-off-{faulted.id}",
+                                         daemon=True).start()
                 from_engine = str(getattr(detail, "from_engine", "") or "")
                 reason = str(getattr(detail, "reason", "") or event.error or "error")
                 if metrics is not None:

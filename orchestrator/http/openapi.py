@@ -230,8 +230,12 @@ class DeviceInfo(_Answer):
     faults: int = Field(description="Device faults engines met here since start.")
 
 
+class PlacedDevice(DeviceInfo):
+    models: list[str] = Field(description="Models the placement planner put a replica of here.")
+
+
 class DeviceList(_Answer):
-    devices: list[DeviceInfo]
+    devices: list[PlacedDevice]
 
 
 class DeviceAnswer(_Answer):

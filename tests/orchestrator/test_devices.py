@@ -92,3 +92,40 @@ async def test_a_fatal_device_error_moves_the_model_answers_the_request_and_cord
         resp = await client.post("/admin/devices/nope/cordon", headers=AUTH)
         assert resp.status == 404 and (await resp.json())["error"]["code"] == "device_not_found"
         assert (await client.get("/admin/devices")).status == 401
+
+
+async def test_replicas_are_placed_apart_and_a_faulted_gpu_moves_its_models_to_the_others(tmp_path):
+    """The planner over a book of two GPUs (as NVML would list them; the echo engines record the device their spec
+    names and run anywhere): replicas apart, the smaller model on the emptier card; a device fault on cuda:0 moves
+    every model placed there to cuda:1, and the request that met the fault is answered."""
+    from adapters.echo import EchoFaults
+    from test_server_support import poll
+
+    faults = EchoFaults()
+    (tmp_path / "echo-model").mkdir(exist_ok=True)
+    config = echo_config(tmp_path, models=[
+        {"name": "big", "path": str(tmp_path / "echo-model"), "engine": "echo", "replicas": 2, "preload": False},
+        {"name": "small", "path": str(tmp_path / "echo-model"), "engine": "echo", "preload": False}])
+    async with running_app(config, faults=faults) as (client, state):
+        state.devices = state.manager.devices = DeviceBook(
+            [DeviceState("cuda:0", "cuda", 2**34, 2**34), DeviceState("cuda:1", "cuda", 2**34, 2**34)],
+            reprobe_after_s=60)
+        for name in ("big", "small"):
+            assert (await client.post(f"/admin/models/{name}/load", headers=AUTH)).status == 200
+        placed = state.manager.placements()
+        assert sorted(placed["big"]) == ["cuda:0", "cuda:1"] and len(placed["small"]) == 1
+        listed = (await (await client.get("/admin/devices", headers=AUTH)).json())["devices"]
+        assert {d["id"]: d["models"] for d in listed}["cuda:0"] in (["big"], ["big", "small"])
+
+        faults.fault_devices.add("cuda:0")
+        for _ in range(4):  # whichever replica the requests meet, each is answered
+            resp = await client.post("/v1/completions", json={"model": "big", "prompt": "a b", "max_tokens": 1})
+            assert resp.status in (200, 503), await resp.text()
+            if resp.status == 503:
+                assert "Retry-After" in resp.headers
+        await poll(lambda: state.manager.placements().get("big") == ["cuda:1", "cuda:1"]
+                   and state.manager.is_loaded("big"), what="big moved off cuda:0", timeout=30)
+        assert all(d == "cuda:1" for devices in state.manager.placements().values() for d in devices)
+        assert state.devices.get("cuda:0").cordoned == "fault"
+        resp = await client.post("/v1/completions", json={"model": "big", "prompt": "a b", "max_tokens": 1})
+        assert resp.status == 200, await resp.text()
