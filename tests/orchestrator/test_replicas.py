@@ -185,5 +185,8 @@ async def test_two_tiny_torch_replicas_are_separate_engines_and_share_the_load(t
     texts = await asyncio.gather(*(one(i) for i in range(20)))
     assert len(texts) == 20
     served = [r.served for r in chain.replicas]
-    assert sum(served) == 20 and all(abs(s - 10) <= 2 for s in served), served
+    # Both engines took real work. How evenly is timing here: fewest-outstanding sends more to the replica that
+    # answers faster, and on two busy cores one torch engine can be the faster for a while (the evenness of the
+    # routing itself is the echo test's above, where service times are equal by construction).
+    assert sum(served) == 20 and min(served) >= 4, served
     await manager.aclose()
