@@ -70,7 +70,8 @@ def test_importing_adapters_imports_no_engine_and_no_torch():
 
 def test_package_surface_is_pinned():
     assert sorted(adapters.__all__) == sorted([
-        "Availability", "CacheStats", "Capabilities", "ChainConfigError", "ConversationCache", "EmbeddingResult",
+        "Availability", "CacheStats", "Capabilities", "ChainConfigError", "ConversationCache", "DeviceFaultError",
+        "EmbeddingResult",
         "Engine", "EngineError", "EngineUnavailableError", "FallbackChain", "FallbackEvent", "FinishReason",
         "GenerationRequest", "GenerationResult", "InferenceError", "InvalidRequestError", "KvCacheError",
         "ModelLoadError", "ModelSpec", "SamplingParams", "StreamChunk", "Task", "UnknownEngineError",
