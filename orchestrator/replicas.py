@@ -18,7 +18,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from adapters.base import (
     InvalidRequestError,
     StreamChunk,
 )
+from adapters.fallback import ChainStatus
 
 log = logging.getLogger(__name__)
 
@@ -67,34 +68,14 @@ class ReplicaStatus:
 
 
 @dataclass(frozen=True, slots=True)
-class ReplicaSetStatus:
+class ReplicaSetStatus(ChainStatus):
     """A chain status (the first serving replica's engines and facts) plus every replica's own line."""
 
-    model: str
-    active_engine: str | None
-    preference: tuple[str, ...]
-    degraded_reasons: tuple[str, ...]
-    engines: Mapping[str, Any]
-    engine_status: Mapping[str, Any] | None
-    fallbacks: int
     replicas: tuple[ReplicaStatus, ...] = field(default=())
 
-    @property
-    def degraded(self) -> bool:
-        return bool(self.degraded_reasons)
-
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "active_engine": self.active_engine,
-            "preference": list(self.preference),
-            "degraded": self.degraded,
-            "degraded_reasons": list(self.degraded_reasons),
-            "engines": {name: st.as_dict() for name, st in self.engines.items()},
-            "engine_status": dict(self.engine_status) if self.engine_status is not None else None,
-            "fallbacks": self.fallbacks,
-            "replicas": [r.as_dict() for r in self.replicas],
-        }
+        # Named, not super(): a slotted dataclass is rebuilt as a new class, which zero-argument super() misses.
+        return {**ChainStatus.as_dict(self), "replicas": [r.as_dict() for r in self.replicas]}
 
 
 class ReplicaSet:
