@@ -52,29 +52,16 @@ FROZEN_TOLERANCE = 5.0
 def frozen_grid(base) -> list:
     """Candidate parameter sets for the frozen run: the shipped defaults and their neighbours.
 
-    Varies the parameters of what the defaults enable: the likelihood detector's epsilon and median window
-    when it is on, the EWMA's threshold and smoothing when it is on; a disabled detector's parameters would
-    change nothing.
+    Varies the EWMA's threshold and smoothing: EWMA alone is the shipped default (MAD off), so a MAD
+    threshold in the grid would change nothing.
     """
-    grids = []
-    if base.likelihood.enabled:
-        grids.append([
-            {"likelihood": base.likelihood.model_copy(update={
-                "epsilon": min(0.4, base.likelihood.epsilon * eps_k), "window": max(3, round(base.likelihood.window * win_k))})}
-            for eps_k, win_k in itertools.product((1 / 3, 1.0, 3.0), (0.5, 1.0, 2.0))
-        ])
-    if base.ewma.enabled:
-        grids.append([
-            {"ewma": base.ewma.model_copy(update={
-                "z_threshold": base.ewma.z_threshold * ewma_z, "smoothing": min(1.0, base.ewma.smoothing * smoothing_k)})}
-            for smoothing_k, ewma_z in itertools.product((0.5, 1.0, 2.0), (0.75, 1.0, 1.5))
-        ])
-    if not grids:
-        return [base]
-    # One detector's neighbours at a time, the others at their defaults: a full product would be 81 runs.
-    out = [base]
-    for grid in grids:
-        out += [c for c in (base.model_copy(update=update) for update in grid) if c != base]
+    out = []
+    for smoothing_k, ewma_z in itertools.product((0.5, 1.0, 2.0), (0.75, 1.0, 1.5)):
+        smoothing = min(1.0, base.ewma.smoothing * smoothing_k)
+        out.append(base.model_copy(update={
+            "ewma": base.ewma.model_copy(update={
+                "z_threshold": base.ewma.z_threshold * ewma_z, "smoothing": smoothing}),
+        }))
     return out
 
 
@@ -165,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "full_standard": default["full"]["standard"],
         "frozen_subset_standard": frozen,
         "frozen_others_standard": best_score,
-        "frozen_params": best.model_dump(include={"ewma", "mad", "likelihood"}),
+        "frozen_params": best.model_dump(include={"ewma", "mad"}),
         "windowed_gaussian_full_standard": windowed_gaussian(corpus, profiles),
         "detectors": ours,
         "onsets": onsets,

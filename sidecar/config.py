@@ -197,7 +197,7 @@ class ThroughputRuleConfig(Section):
 class EwmaConfig(Section):
     """EWMA with a z-score band on each series' interval p95 latency."""
 
-    enabled: bool = Field(False, description="Run this detector.", json_schema_extra=RUNTIME)
+    enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
     alpha: float = Field(0.01, gt=0, le=1, description="Smoothing factor of the moving mean and variance.", json_schema_extra=RUNTIME)
     z_threshold: float = Field(3.5, gt=0, description="z-score beyond which a point is anomalous.", json_schema_extra=RUNTIME)
     warmup: int = Field(100, ge=2, le=100_000, description="Points that only build the baseline (no verdict).", json_schema_extra=RUNTIME)
@@ -234,9 +234,9 @@ class LikelihoodConfig(Section):
     """Anomaly likelihood of each series' interval p95 latency: how unlikely its recent residuals are, judged against
     the residuals the series has shown itself (the post-processing of NAB's best published detectors)."""
 
-    enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
+    enabled: bool = Field(False, description="Run this detector.", json_schema_extra=RUNTIME)
     window: int = Field(
-        150, ge=3, le=100_000, description="Points in the rolling median/MAD each point's residual is measured against.",
+        288, ge=3, le=100_000, description="Points in the rolling median/MAD each point's residual is measured against.",
         json_schema_extra=RUNTIME,
     )
     short_window: int = Field(
@@ -260,7 +260,7 @@ class LikelihoodConfig(Section):
         json_schema_extra=RUNTIME,
     )
     warmup: int = Field(
-        150, ge=2, le=100_000,
+        200, ge=2, le=100_000,
         description="Points before the first verdict: 30 build the median, the rest the residuals' history.",
         json_schema_extra=RUNTIME,
     )

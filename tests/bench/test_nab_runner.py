@@ -68,17 +68,3 @@ def test_bench_says_clearly_where_it_looked_when_nab_is_missing(tmp_path, capsys
     err = capsys.readouterr().err
     assert "NAB data not found" in err and str(tmp_path / "nowhere") in err and "--data-dir" in err
     assert not (tmp_path / "results").exists()
-
-
-def test_frozen_grid_varies_what_the_defaults_enable():
-    from bench.nab import frozen_grid
-
-    shipped = StatisticalConfig()
-    grid = frozen_grid(shipped)
-    assert grid[0] == shipped and len(grid) == len({c.model_dump_json() for c in grid})
-    if shipped.likelihood.enabled:
-        assert len({(c.likelihood.epsilon, c.likelihood.window) for c in grid}) == 9
-    # A detector that is off changes no detection: its parameters are not varied.
-    for name in DETECTORS:
-        if not getattr(shipped, name).enabled:
-            assert all(getattr(c, name) == getattr(shipped, name) for c in grid), name

@@ -108,8 +108,7 @@ def quiet_config(**overrides) -> SidecarConfig:
         # Tests never bind the standard 4317 (another sidecar or collector may hold it); gRPC tests pass port 0.
         "otlp_grpc_port": None,
         "collectors": {"interval_s": 0.05},
-        "detectors": {"interval_s": 0.02, "statistical": {"ewma": {"enabled": False}, "mad": {"enabled": False},
-                                                              "likelihood": {"enabled": False}}},
+        "detectors": {"interval_s": 0.02, "statistical": {"ewma": {"enabled": False}, "mad": {"enabled": False}}},
         "alerting": {"sinks": {"log": {"enabled": False}},
                      "rate_limit": {"group_wait_s": 0, "group_interval_s": 0.05, "repeat_interval_s": 3600, "rate_per_s": 100, "burst": 100}},
     }

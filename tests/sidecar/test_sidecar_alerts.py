@@ -86,8 +86,7 @@ def test_statistical_detectors_flag_a_step_and_clear_after_recovery():
         error_rate={"enabled": False},
         # One point per 1 s tick, firing on the first anomalous one (the defaults are 10 s points and for_s=30).
         statistical={"interval_s": 1, "for_s": 0, "min_count": 1, "clear_after_s": 5,
-                     "ewma": {"enabled": True, "warmup": 10}, "mad": {"enabled": True, "warmup": 10, "window": 20},
-                     "likelihood": {"enabled": False}},
+                     "ewma": {"warmup": 10}, "mad": {"enabled": True, "warmup": 10, "window": 20}},
     )
     mon, book = _mon(), AlertBook()
     ev = Evaluator(config, monitor=mon, book=book)
@@ -113,7 +112,7 @@ def test_error_rate_throughput_and_memory_rules():
         throughput={"threshold_rps": 5.0, "for_s": 0},
         gpu_memory={"threshold_percent": 90, "for_s": 0},
         host_memory={"threshold_percent": 50, "for_s": 0},
-        statistical={"ewma": {"enabled": False}, "mad": {"enabled": False}, "likelihood": {"enabled": False}},
+        statistical={"ewma": {"enabled": False}, "mad": {"enabled": False}},
     )
     mon, book = _mon(), AlertBook()
     ev = Evaluator(config, monitor=mon, book=book)
@@ -140,7 +139,7 @@ def test_latency_and_error_alerts_hold_while_too_few_requests_finish():
         window="1m",
         latency={"threshold_s": 0.5, "for_s": 5, "min_count": 5},
         error_rate={"threshold": 0.2, "for_s": 0, "min_count": 5},
-        statistical={"ewma": {"enabled": False}, "mad": {"enabled": False}, "likelihood": {"enabled": False}},
+        statistical={"ewma": {"enabled": False}, "mad": {"enabled": False}},
     )
     mon, book = _mon(), AlertBook()
     ev = Evaluator(config, monitor=mon, book=book)
@@ -175,8 +174,7 @@ def test_a_detector_turned_off_at_runtime_resolves_its_alert():
         window="10s",
         latency={"enabled": False},
         error_rate={"enabled": False},
-        statistical={"interval_s": 1, "for_s": 0, "min_count": 1, "ewma": {"enabled": True, "warmup": 10}, "mad": {"enabled": False},
-                     "likelihood": {"enabled": False}},
+        statistical={"interval_s": 1, "for_s": 0, "min_count": 1, "ewma": {"warmup": 10}, "mad": {"enabled": False}},
     )
     mon, book = _mon(), AlertBook()
     ev = Evaluator(config, monitor=mon, book=book)
