@@ -1,6 +1,6 @@
 """The fallback chain: one model served by the first engine of a preference order that works.
 
-Why this module is over 500 lines: it is the shell of one object whose parts share one lock and one invariant (an
+Why this module is over 700 lines: it is the shell of one object whose parts share one lock and one invariant (an
 engine is closed exactly once, by whoever sees it last: the switch that replaced it, the last request leaving it,
 or ``close()``): loading and switching, the leases of requests in flight, retiring and draining. Split across
 modules, that invariant would have no one place to be read; what could be pure is already apart

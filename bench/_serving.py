@@ -20,12 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], log_path: Path) -> subprocess.Popen:
-    """``cmd`` from the repository root, output to ``log_path``; ``MUAI_*`` variables of the caller's shell would
-    override the benchmark's own configuration files, so only the model cache's location passes."""
+# What vLLM's CPU build needs from its environment (its device), and its usage report off.
+VLLM_CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_NO_USAGE_STATS": "1"}
+
+
+def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``cmd`` from the repository root, output to ``log_path``, with ``env`` added to this process's environment.
+    ``MUAI_*`` variables of the caller's shell would override the benchmark's own configuration files, so only the
+    model cache's location passes."""
     log = open(log_path, "wb")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MUAI_") or k == "MUAI_CACHE_DIR"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MUAI_") or k == "MUAI_CACHE_DIR"}
+    return subprocess.Popen(cmd, cwd=ROOT, env={**inherited, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
 
 
 async def wait_ready(session: Any, url: str, procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
@@ -65,4 +70,4 @@ def cpu_seconds(proc: Any) -> float:
     return times.user + times.system
 
 
-__all__ = ["ROOT", "cpu_seconds", "free_port", "start", "stop", "wait_ready"]
+__all__ = ["ROOT", "VLLM_CPU_ENV", "cpu_seconds", "free_port", "start", "stop", "wait_ready"]

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import add_output_args, finish
-from bench._serving import free_port, start, wait_ready
+from bench._serving import VLLM_CPU_ENV, free_port, start, wait_ready
 from bench._serving import stop as stop_all
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
@@ -55,7 +55,7 @@ def _serve(work: Path, name: str, config: dict) -> subprocess.Popen:
     path = work / f"{name}.json"
     path.write_text(json.dumps(config))
     return start([sys.executable, "-m", "muai", "--log-level", "warning", "serve", "--config", str(path)],
-                 work / f"{name}.log")
+                 work / f"{name}.log", VLLM_CPU_ENV)
 
 
 def _engine_core(server: subprocess.Popen) -> Any:
@@ -183,8 +183,6 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     model_dir = Path(resolve_model_path(args.model))
     work = Path(tempfile.mkdtemp(prefix="muai-bench-recovery-"))
-    for key, value in {"VLLM_TARGET_DEVICE": "cpu", "VLLM_NO_USAGE_STATS": "1"}.items():
-        os.environ.setdefault(key, value)
     kill = await _kill_run(args, model_dir, work)
     one = await _throughput(args, model_dir, work, 1)
     two = await _throughput(args, model_dir, work, 2)

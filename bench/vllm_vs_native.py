@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._report import add_output_args, finish
-from bench._serving import free_port, start, stop, wait_ready
+from bench._serving import VLLM_CPU_ENV, free_port, start, stop, wait_ready
 
 KV_CACHE_BYTES = 512 * 1024**2  # adapters.vllm_engine.DEFAULT_KV_CACHE_BYTES: what our adapter gives vLLM
 SERVED = "bench-model"
@@ -50,11 +50,6 @@ if __name__ == "__main__":
     add_cli_args(parser)
     main(parser.parse_args(sys.argv[1:]))
 """
-
-
-def _vllm_env() -> dict[str, str]:
-    # Spans over OTLP/HTTP (vLLM's default is gRPC); its usage report off; the CPU build's device.
-    return {"VLLM_TARGET_DEVICE": "cpu", "VLLM_NO_USAGE_STATS": "1"}
 
 
 def _server_cmd(kind: str, model_dir: Path, port: int, config: Path) -> list[str]:
@@ -88,7 +83,7 @@ def _client(args: argparse.Namespace, model_dir: Path, port: int, work: Path, na
            "--max-concurrency", str(args.concurrency), "--ignore-eos", "--seed", "0", "--disable-tqdm",
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
            "--save-result", "--result-dir", str(work), "--result-filename", result.name]
-    env = {**os.environ, **_vllm_env()}
+    env = {**os.environ, **VLLM_CPU_ENV}
     with open(work / f"{name}-client.log", "wb") as log:
         subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=1800)
     raw = json.loads(result.read_text())
@@ -107,23 +102,16 @@ def _measure(args: argparse.Namespace, kind: str, model_dir: Path, work: Path) -
     config = work / f"{kind}.json"
     config.write_text(json.dumps(_config(model_dir, port, sidecar_port, traced=kind == "ours_traced")))
     procs: list[subprocess.Popen] = []
-    saved = {k: os.environ.get(k) for k in _vllm_env()}
-    os.environ.update(_vllm_env())
     try:
         if kind == "ours_traced":
             procs.append(start([sys.executable, "-m", "muai", "--log-level", "warning", "sidecar", "--config",
                                 str(config)], work / f"{kind}-sidecar.log"))
-        procs.append(start(_server_cmd(kind, model_dir, port, config), work / f"{kind}-server.log"))
+        procs.append(start(_server_cmd(kind, model_dir, port, config), work / f"{kind}-server.log", VLLM_CPU_ENV))
         ready = "/health" if kind == "vllm_server" else "/health/ready"
         asyncio.run(_ready(f"http://127.0.0.1:{port}{ready}", procs, args.start_timeout))
         print(f"# vllm_vs_native: {kind} ready, measuring", file=sys.stderr, flush=True)
         return _client(args, model_dir, port, work, kind)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         stop(procs)
 
 

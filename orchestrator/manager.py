@@ -29,10 +29,12 @@ with what is short); ``move_off(device)`` reloads the models placed on a device 
 
 What is apart: the model record and its events (``orchestrator.managed``), the status contract and its building
 (``orchestrator.model_status``), span building (``orchestrator.inference_spans``), the blocking API
-(``orchestrator.blocking``), the residency plan (``orchestrator.residency``) and the runtime-config diff
-(``orchestrator.runtime_config``). Why this module is still over 500 lines: registry, load/unload with eviction,
-and the serving paths share one set of locks (the registry's, the residency lock, each model's) and the models'
-state; split across classes, the lock order that keeps an eviction from deadlocking a load would be spread out too.
+(``orchestrator.blocking``), the residency plan (``orchestrator.residency``), the placement plan and what it has
+placed (``orchestrator.placement``: ``PlacementBook``) and the runtime-config diff (``orchestrator.runtime_config``).
+Why this module is still over 800 lines: registry, load/unload with eviction and placement, and the serving paths
+share one set of locks (the registry's, the residency lock, each model's) and the models' state; split across
+classes, the lock order that keeps an eviction from deadlocking a load (and a move off a faulted device from
+deadlocking the fail-over that asked for it) would be spread out too. What is left here is the shell of those cores.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ from orchestrator.model_status import (
     chain_availability,
     model_status_of,
 )
-from orchestrator.placement import ModelDemand, Plan, plan_placement
+from orchestrator.placement import ModelDemand, PlacementBook, PlacementError
 from orchestrator.residency import Resident, describe_held, plan_room
 from orchestrator.runtime_config import diff_manager_config
 
@@ -148,8 +150,7 @@ class ModelManager:
         self._kv_cache = self._shared_kv_cache(config)
         self.devices: Any = None
         """The server's ``DeviceBook``; with GPUs in it, models on ``device: auto`` are placed by the planner."""
-        self._demands: dict[str, ModelDemand] = {}
-        self._plan: Plan | None = None
+        self._placements = PlacementBook()
         for model in config.models:
             self.register_model(model)
 
@@ -290,7 +291,7 @@ class ModelManager:
 
     # -- placement ---------------------------------------------------------------------------------------------
 
-    def _place(self, m: ManagedModel, spec: ModelSpec) -> list[str] | None:
+    def _place(self, m: ManagedModel, spec: ModelSpec, replica_bytes: int) -> list[str] | None:
         """The device of each replica of ``m``, from the planner over the book's GPUs; None where there is nothing
         to plan (no book, no GPU in it, a device the model's config names, or ranks that vLLM or DeepSpeed lay out
         over the visible GPUs themselves). A model that does not fit fails to load, saying what is short."""
@@ -301,42 +302,34 @@ class ModelManager:
         gpus = [d for d in book.for_placement(self._clock()) if d.id.startswith("cuda")]
         if not gpus:
             return None
-        demand = ModelDemand(cfg.name, weight_bytes=weights_bytes(spec.path),
-                             tensor_parallel=cfg.tensor_parallel_size, pipeline_parallel=cfg.pipeline_parallel_size,
-                             replicas=cfg.replicas)
-        with self._lock:
-            demands = {**self._demands, cfg.name: demand}
-            plan = plan_placement(demands.values(), gpus, previous=self._plan)
-            refused = [r.message for r in plan.refusals if r.model == cfg.name]
-            if refused:
-                raise ModelLoadFailedError(cfg.name, "placement: " + "; ".join(refused))
-            self._demands, self._plan = demands, plan
-        placements = plan.replicas_of(cfg.name)
-        log.info("model %s placed on %s", cfg.name, ", ".join("+".join(p.devices) for p in placements))
+        demand = ModelDemand(cfg.name, weight_bytes=replica_bytes, tensor_parallel=cfg.tensor_parallel_size,
+                             pipeline_parallel=cfg.pipeline_parallel_size, replicas=cfg.replicas)
+        try:
+            with self._lock:
+                placed = self._placements.place(demand, gpus)
+        except PlacementError as exc:
+            raise ModelLoadFailedError(cfg.name, f"placement: {exc}") from None
+        log.info("model %s placed on %s", cfg.name, ", ".join("+".join(p.devices) for p in placed))
         if demand.devices_per_replica > 1:
             return None
-        return [p.devices[0] for p in placements]
-
-    def _unplace(self, name: str) -> None:
-        with self._lock:
-            self._demands.pop(name, None)
+        return [p.devices[0] for p in placed]
 
     def placements(self) -> dict[str, list[str]]:
         """The devices each placed model's replicas sit on (``{"chat": ["cuda:0", "cuda:1"]}``)."""
         with self._lock:
-            plan = self._plan
-            names = set(self._demands)
-        if plan is None:
-            return {}
-        return {name: ["+".join(p.devices) for p in plan.replicas_of(name)] for name in sorted(names)}
+            return self._placements.replicas()
+
+    def models_on_devices(self) -> dict[str, list[str]]:
+        """Per device, the models placed on it."""
+        with self._lock:
+            return self._placements.models_on()
 
     def move_off(self, device: str) -> list[str]:
         """Reload every model placed on ``device`` (which the book has cordoned) onto the devices still usable;
         the names moved. Requests meanwhile get 503 with Retry-After (the model is loading); a model that fits
         nowhere else is left failed, saying so."""
         with self._lock:
-            plan = self._plan
-            affected = sorted({p.model for p in plan.placements if device in p.devices}) if plan else []
+            affected = self._placements.models_using(device)
         moved = []
         for name in affected:
             log.warning("model %s: moving off %s", name, device)
@@ -365,10 +358,11 @@ class ModelManager:
             chain = None
             try:
                 spec = self._spec(m.config, device)
+                replica_bytes = weights_bytes(spec.path)
                 # Each replica holds its own copy of the weights.
-                m.weights_bytes = weights_bytes(spec.path) * m.config.replicas
+                m.weights_bytes = replica_bytes * m.config.replicas
                 self._make_room(m)
-                placed = self._place(m, spec) if device is None else None
+                placed = self._place(m, spec, replica_bytes) if device is None else None
                 chain = self._new_chain(spec, preference, m.config.replicas, devices=placed)
                 chain.load()
             except Exception as exc:
@@ -475,7 +469,8 @@ class ModelManager:
     def _unload_locked(self, m: ManagedModel) -> bool:
         if m.state != "ready" or m.chain is None:
             return False
-        self._unplace(m.name)
+        with self._lock:
+            self._placements.forget(m.name)
         engine = m.chain.engine_name
         chain, batcher = m.chain, m.batcher
         m.state, m.chain, m.batcher = "unloaded", None, None

@@ -22,7 +22,7 @@ the exposition and serving go on (15.4).
 ``muai_time_to_first_token_seconds`` and ``muai_time_per_output_token_seconds`` are observed for streamed
 requests, where the first token is actually seen; a non-streamed request only has its end-to-end latency.
 
-Why one module of about 700 lines: every family the orchestrator exports is declared here, on one registry, beside
+Why one module of a little over 700 lines: every family the orchestrator exports is declared here, on one registry, beside
 the samplers that feed the scrape-time ones and the request path's own series with their collector, so
 ``docs/metrics.md`` (generated) and ``promtool check metrics`` see the whole exposition from one place and a name
 cannot be declared twice; moving the request series out would put their family names in a second module.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.errors import MuaiError
 
-__all__ = ["Device", "ModelDemand", "Placement", "PlacementError", "Plan", "Refusal", "plan_placement"]
+__all__ = ["Device", "ModelDemand", "Placement", "PlacementBook", "PlacementError", "Plan", "Refusal", "plan_placement"]
 
 
 class PlacementError(MuaiError, ValueError):
@@ -204,3 +204,50 @@ def plan_placement(
     placements.sort(key=lambda p: (p.model, p.replica))
     refusals.sort(key=lambda r: (r.model, r.replica))
     return Plan(tuple(placements), tuple(refusals))
+
+
+class PlacementBook:
+    """The models placed so far and the plan that placed them. Each model is planned with the others' placements
+    kept (``plan_placement``'s ``previous``); a forgotten (unloaded) model gives its devices back at the next plan.
+    Not thread safe: the manager calls it under its registry lock."""
+
+    def __init__(self) -> None:
+        self._demands: dict[str, ModelDemand] = {}
+        self._plan: Plan | None = None
+
+    def place(self, demand: ModelDemand, devices: Sequence[Device]) -> list[Placement]:
+        """``demand``'s replicas, planned beside everything placed; ``PlacementError`` (and nothing kept) when they
+        do not fit."""
+        demands = {**self._demands, demand.name: demand}
+        plan = plan_placement(demands.values(), devices, previous=self._plan)
+        refused = [r for r in plan.refusals if r.model == demand.name]
+        if refused:
+            raise PlacementError(refused)
+        self._demands, self._plan = demands, plan
+        return plan.replicas_of(demand.name)
+
+    def forget(self, model: str) -> None:
+        self._demands.pop(model, None)
+
+    def _placed(self) -> list[Placement]:
+        if self._plan is None:
+            return []
+        return [p for p in self._plan.placements if p.model in self._demands]
+
+    def replicas(self) -> dict[str, list[str]]:
+        """Each placed model's replicas, their devices joined by ``+`` (``{"chat": ["cuda:0", "cuda:1+cuda:2"]}``)."""
+        out: dict[str, list[str]] = {}
+        for p in self._placed():
+            out.setdefault(p.model, []).append("+".join(p.devices))
+        return dict(sorted(out.items()))
+
+    def models_on(self) -> dict[str, list[str]]:
+        """Per device, the models with a replica (or a rank of one) on it."""
+        out: dict[str, set[str]] = {}
+        for p in self._placed():
+            for device in p.devices:
+                out.setdefault(device, set()).add(p.model)
+        return {device: sorted(models) for device, models in out.items()}
+
+    def models_using(self, device: str) -> list[str]:
+        return self.models_on().get(device, [])

@@ -145,13 +145,8 @@ def _device(state: ServerState, device: str):
 async def admin_devices(request: web.Request) -> web.Response:
     state = _authorise(request)
     now = time.monotonic()
-    placements = getattr(state.manager, "placements", dict)()
-    on: dict[str, list[str]] = {}
-    for model, replicas in placements.items():
-        for devices in replicas:
-            for device in devices.split("+"):
-                on.setdefault(device, []).append(model)
-    return web.json_response({"devices": [{**d.as_dict(now), "models": sorted(set(on.get(d.id, [])))}
+    on = getattr(state.manager, "models_on_devices", dict)()
+    return web.json_response({"devices": [{**d.as_dict(now), "models": on.get(d.id, [])}
                                           for d in _book(state).devices(now)]})
 
 
