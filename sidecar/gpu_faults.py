@@ -3,11 +3,14 @@ the sidecar asks its orchestrator to cordon the GPU (``POST /admin/devices/cuda:
 placed there while an operator looks.
 
 What counts (NVIDIA's XID catalogue): a new XID among :data:`FATAL_XIDS` (lost or reset GPU, uncontained or
-double-bit ECC, fallen off the bus, ...), or a rise of the uncorrectable (volatile) ECC count. Other XIDs (an
-application's own illegal access, 13 or 31) are the application's fault and only counted (``muai_gpu_xid_errors``).
+double-bit ECC, fallen off the bus, ...), a rise of the uncorrectable (volatile) ECC count, or NVML reporting the
+GPU lost (``NVMLError_GpuIsLost``: the collector's sample has ``lost`` set). Other XIDs (an application's own
+illegal access, 13 or 31) are the application's fault and only counted (``muai_gpu_xid_errors``).
 
-:class:`GpuFaultWatch` is the pure core (samples in, new faults out; the first sample of a GPU is its baseline, so
-a restart does not cordon again for an old fault). The alert, ``GpuFatalFault`` (critical, labels ``gpu`` and
+:class:`GpuFaultWatch` is the pure core (samples in, new faults out; the first sample of a GPU is its baseline for
+XID and ECC counts, so a restart does not cordon again for an old fault). A lost GPU is a present state, not
+history: it is a fault from the first sample that shows it, once per loss (a GPU read again and then lost again
+is a new loss). The alert, ``GpuFatalFault`` (critical, labels ``gpu`` and
 ``uuid``), fires once per GPU and stays firing: the fault lasts until the GPU is reset, and a restarted sidecar
 learns the new baseline. :func:`cordon` is the shell's call to the orchestrator, with the stack's admin token.
 """
@@ -51,12 +54,21 @@ class GpuFaultWatch:
     def __init__(self) -> None:
         self._seen: dict[str, tuple[int, int | None]] = {}
         self._faulted: set[str] = set()
+        self._lost: set[str] = set()
 
     def update(self, samples: Iterable[Any]) -> list[GpuFault]:
         """New fatal faults in ``samples`` (objects with ``index``, ``uuid``, ``xid_errors_total``, ``last_xid``,
-        ``ecc_uncorrected_total``), at most one per GPU while this watch lives."""
+        ``ecc_uncorrected_total``, ``lost``): an XID or ECC fault at most once per GPU while this watch lives, a
+        loss once per loss."""
         out = []
         for g in samples:
+            lost = getattr(g, "lost", None)
+            if lost:
+                if g.uuid not in self._lost:
+                    self._lost.add(g.uuid)
+                    out.append(GpuFault(g.index, g.uuid, f"GPU is lost ({lost})"))
+                continue  # nothing else was read: the XID and ECC baselines stay as they were
+            self._lost.discard(g.uuid)
             previous = self._seen.get(g.uuid)
             self._seen[g.uuid] = (g.xid_errors_total, g.ecc_uncorrected_total)
             if previous is None or g.uuid in self._faulted:

@@ -4,6 +4,10 @@ NVML is initialised once, by :meth:`GpuCollector.start`; with no driver or no GP
 once, reports ``available = False`` with the reason, and every :meth:`sample` returns an empty list. Fields a
 driver or board does not support are ``None``, never an error. :meth:`sample` does blocking driver calls: the
 app runs it in a worker thread.
+
+A GPU that NVML reports lost (``NVMLError_GpuIsLost``, ``NVML_ERROR_GPU_IS_LOST``: fallen off the bus, dead until
+a reset) is not a GPU with unknown fields: its sample says so (``lost``, the error's text) and carries nothing
+else read, and the other GPUs are read as usual. ``sidecar.gpu_faults`` turns that into the fatal-fault path.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,8 @@ class GpuSample:
     ecc_corrected_total: int | None = None
     ecc_uncorrected_total: int | None = None
     processes: list[GpuProcess] = field(default_factory=list)
+    lost: str | None = None
+    """NVML's error when it reported this GPU lost (``"NVMLError_GpuIsLost: GPU is lost"``); None otherwise."""
 
     @property
     def framebuffer_used_percent(self) -> float | None:
@@ -75,11 +82,30 @@ class GpuSample:
             "ecc_corrected_total": self.ecc_corrected_total,
             "ecc_uncorrected_total": self.ecc_uncorrected_total,
             "processes": [{"pid": p.pid, "used_bytes": p.used_bytes} for p in self.processes],
+            "lost": self.lost,
         }
 
 
+def is_gpu_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is NVML saying the GPU is gone: pynvml's ``NVMLError_GpuIsLost`` (its code,
+    ``NVML_ERROR_GPU_IS_LOST``, is 15), or an error that carries its name or message on (a wrapper's)."""
+    if type(exc).__name__ == "NVMLError_GpuIsLost":
+        return True
+    if type(exc).__name__.startswith("NVMLError") and getattr(exc, "value", None) == _NVML_ERROR_GPU_IS_LOST:
+        return True
+    text = str(exc)
+    return "GPU_IS_LOST" in text or "GPU is lost" in text
+
+
+_NVML_ERROR_GPU_IS_LOST = 15
+
+
 class GpuCollector:
-    """Reads every GPU NVML sees. Thread-safe: samples are serialised by a lock."""
+    """Reads every GPU NVML sees. Thread-safe: samples are serialised by a lock.
+
+    :meth:`start`, :meth:`read` (one GPU) and :meth:`close` are what an implementation over another source of
+    readings replaces; :meth:`sample` (all GPUs, a lost one as a ``lost`` sample) stays.
+    """
 
     def __init__(self, *, processes: bool = True) -> None:
         self._processes = processes
@@ -111,13 +137,21 @@ class GpuCollector:
         self._nvml = pynvml
         try:
             count = pynvml.nvmlDeviceGetCount()
-            self.driver_version = _text(_try(pynvml.nvmlSystemGetDriverVersion))
+            self.driver_version = _text(_quiet(pynvml.nvmlSystemGetDriverVersion))
             for index in range(count):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                try:
+                    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                except Exception as exc:
+                    if not is_gpu_lost(exc):
+                        raise
+                    # Listed, and read as lost: one dead GPU must not hide the others' metrics.
+                    self._handles.append(exc)
+                    self._static.append((f"GPU-{index}", "unknown"))
+                    continue
                 self._handles.append(handle)
                 self._static.append(
-                    (_text(_try(pynvml.nvmlDeviceGetUUID, handle)) or f"GPU-{index}",
-                     _text(_try(pynvml.nvmlDeviceGetName, handle)) or "unknown")
+                    (_text(_quiet(pynvml.nvmlDeviceGetUUID, handle)) or f"GPU-{index}",
+                     _text(_quiet(pynvml.nvmlDeviceGetName, handle)) or "unknown")
                 )
         except Exception as exc:  # noqa: BLE001
             self.close()
@@ -125,13 +159,20 @@ class GpuCollector:
         if not self._handles:
             self.close()
             return self._unavailable("NVML found no GPU")
-        self._xid_counts = [0] * len(self._handles)
-        self._last_xid = [None] * len(self._handles)
         self._register_xid_events()
-        self.available = True
-        self.reason = None
+        self._ready(list(zip(self._handles, self._static)))
         log.info("GPU collector: %d GPU(s) via NVML, driver %s", len(self._handles), self.driver_version)
         return True
+
+    def _ready(self, devices: list[tuple[Any, tuple[str, str]]]) -> None:
+        """The GPUs to read from now on: ``(handle, (uuid, name))`` each."""
+        self._handles = [handle for handle, _ in devices]
+        self._static = [static for _, static in devices]
+        self._xid_counts = [0] * len(devices)
+        self._last_xid = [None] * len(devices)
+        self._started = True
+        self.available = True
+        self.reason = None
 
     def _unavailable(self, reason: str) -> bool:
         self.available = False
@@ -147,6 +188,8 @@ class GpuCollector:
             self._events = None
             return
         for handle in self._handles:
+            if isinstance(handle, BaseException):  # lost when the collector started
+                continue
             try:
                 nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, self._events)
             except nvml.NVMLError as exc:  # not supported on every board (or in containers)
@@ -177,47 +220,61 @@ class GpuCollector:
         return len(self._handles)
 
     def sample(self) -> list[GpuSample]:
-        """Read every GPU now (blocking driver calls); ``[]`` when NVML is unavailable."""
+        """Read every GPU now (blocking driver calls); ``[]`` when NVML is unavailable. A GPU NVML reports lost is
+        a sample with ``lost`` set (and nothing else read); any other error propagates."""
         if not self.available:
             return []
         with self._lock:
-            nvml = self._nvml
             self._drain_xid_events()
             out = []
             for index, handle in enumerate(self._handles):
-                uuid, name = self._static[index]
-                s = GpuSample(index=index, uuid=uuid, name=name)
-                util = _try(nvml.nvmlDeviceGetUtilizationRates, handle)
-                if util is not None:
-                    s.utilization_ratio = util.gpu / 100.0
-                    s.memory_utilization_ratio = util.memory / 100.0
-                mem = _try(nvml.nvmlDeviceGetMemoryInfo, handle)
-                if mem is not None:
-                    s.framebuffer_used_bytes = int(mem.used)
-                    s.framebuffer_free_bytes = int(mem.free)
-                    s.framebuffer_total_bytes = int(mem.total)
-                temp = _try(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
-                s.temperature_celsius = None if temp is None else float(temp)
-                power = _try(nvml.nvmlDeviceGetPowerUsage, handle)
-                s.power_watts = None if power is None else power / 1000.0
-                limit = _try(nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
-                s.power_limit_watts = None if limit is None else limit / 1000.0
-                sm = _try(nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_SM)
-                s.sm_clock_hz = None if sm is None else sm * 1e6
-                memclk = _try(nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_MEM)
-                s.memory_clock_hz = None if memclk is None else memclk * 1e6
-                s.ecc_corrected_total = _try(
-                    nvml.nvmlDeviceGetTotalEccErrors, handle, nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, nvml.NVML_VOLATILE_ECC
-                )
-                s.ecc_uncorrected_total = _try(
-                    nvml.nvmlDeviceGetTotalEccErrors, handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC
-                )
+                try:
+                    s = self.read(index, handle)
+                except Exception as exc:
+                    if not is_gpu_lost(exc):
+                        raise
+                    uuid, name = self._static[index]
+                    s = GpuSample(index=index, uuid=uuid, name=name, lost=f"{type(exc).__name__}: {exc}")
                 s.xid_errors_total = self._xid_counts[index]
                 s.last_xid = self._last_xid[index]
-                if self._processes:
-                    s.processes = self._read_processes(handle)
                 out.append(s)
             return out
+
+    def read(self, index: int, handle: Any) -> GpuSample:
+        """One GPU's reading (fields it cannot read are None); raises NVML's error when the GPU is lost."""
+        if isinstance(handle, BaseException):  # NVML's error when the collector started
+            raise handle
+        nvml = self._nvml
+        uuid, name = self._static[index]
+        s = GpuSample(index=index, uuid=uuid, name=name)
+        util = _try(nvml.nvmlDeviceGetUtilizationRates, handle)
+        if util is not None:
+            s.utilization_ratio = util.gpu / 100.0
+            s.memory_utilization_ratio = util.memory / 100.0
+        mem = _try(nvml.nvmlDeviceGetMemoryInfo, handle)
+        if mem is not None:
+            s.framebuffer_used_bytes = int(mem.used)
+            s.framebuffer_free_bytes = int(mem.free)
+            s.framebuffer_total_bytes = int(mem.total)
+        temp = _try(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
+        s.temperature_celsius = None if temp is None else float(temp)
+        power = _try(nvml.nvmlDeviceGetPowerUsage, handle)
+        s.power_watts = None if power is None else power / 1000.0
+        limit = _try(nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
+        s.power_limit_watts = None if limit is None else limit / 1000.0
+        sm = _try(nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_SM)
+        s.sm_clock_hz = None if sm is None else sm * 1e6
+        memclk = _try(nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_MEM)
+        s.memory_clock_hz = None if memclk is None else memclk * 1e6
+        s.ecc_corrected_total = _try(
+            nvml.nvmlDeviceGetTotalEccErrors, handle, nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, nvml.NVML_VOLATILE_ECC
+        )
+        s.ecc_uncorrected_total = _try(
+            nvml.nvmlDeviceGetTotalEccErrors, handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC
+        )
+        if self._processes:
+            s.processes = self._read_processes(handle)
+        return s
 
     def _read_processes(self, handle) -> list[GpuProcess]:
         nvml = self._nvml
@@ -238,19 +295,30 @@ class GpuCollector:
             if nvml is None:
                 return
             if self._events is not None:
-                _try(nvml.nvmlEventSetFree, self._events)
+                _quiet(nvml.nvmlEventSetFree, self._events)
                 self._events = None
             self._handles = []
             self.available = False
             self.reason = "closed"
-            _try(nvml.nvmlShutdown)
+            _quiet(nvml.nvmlShutdown)
 
 
 def _try(fn, *args):
-    """Call an NVML getter; ``None`` where the field is unsupported or unreadable."""
+    """Call an NVML getter; ``None`` where the field is unsupported or unreadable. A lost GPU is not an unknown
+    field: that error propagates, for :meth:`GpuCollector.sample` to report the GPU lost."""
     try:
         return fn(*args)
-    except Exception:  # noqa: BLE001 - NVMLError_NotSupported, NoPermission, GpuIsLost...: the field is unknown
+    except Exception as exc:  # noqa: BLE001 - NVMLError_NotSupported, NoPermission...: the field is unknown
+        if is_gpu_lost(exc):
+            raise
+        return None
+
+
+def _quiet(fn, *args):
+    """Call an NVML function whose failure, a lost GPU's included, only leaves a value unknown."""
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001
         return None
 
 
@@ -260,4 +328,4 @@ def _text(value) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-__all__ = ["GpuCollector", "GpuProcess", "GpuSample"]
+__all__ = ["GpuCollector", "GpuProcess", "GpuSample", "is_gpu_lost"]
