@@ -5,6 +5,12 @@ capacity (8.2), refuses past it or while draining (8.3, 8.5), and remembers when
 readiness can tell "busy" from "stuck" (an engine with requests in flight that has produced nothing for a while).
 It never reads a clock: every call takes ``now``.
 
+Admission can also be bounded by waiting time (``server.max_queue_wait_s``): while the oldest request of a model
+still waiting for a running slot has waited longer than the bound, new requests for that model are refused. The
+queue is FIFO, so the head's wait is what a request admitted now will wait too; unlike a count, the bound follows
+what the engine does right now (long prompts, a slower neighbour) without a rate to estimate, and the tuner sets
+it from the latency objective.
+
 ``AdmissionQueue`` is the asyncio shell: a FIFO per model of requests waiting for a running slot, so that at most
 ``running_limit(model)`` requests of a model are inside the engine layer at once (``None`` means no limit: engines
 with continuous batching take everything straight away). Waiting time is the queue time the metrics report.
@@ -21,11 +27,12 @@ from dataclasses import dataclass, field
 from orchestrator.errors import MuaiError
 
 QUEUE_FULL = "queue_full"
+QUEUE_WAIT = "queue_wait"
 DRAINING = "draining"
 
 
 class AdmissionRejected(MuaiError, RuntimeError):
-    """The request was not admitted: the queue is full (429) or the server is draining (503)."""
+    """The request was not admitted: the queue is full or waits too long (429), or the server is draining (503)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -82,6 +89,9 @@ class AdmissionState:
         self._draining = False
         self._busy_since: float | None = None
         self._last_progress = 0.0
+        # Per model, tickets in admission order; started and finished ones are dropped lazily from the left, so
+        # the head is the oldest still waiting (each ticket is appended and popped once).
+        self._waiting: dict[str, deque[Ticket]] = {}
 
     @property
     def capacity(self) -> int:
@@ -112,18 +122,38 @@ class AdmissionState:
             counts = self._models[model] = _ModelCounts()
         return counts
 
-    def admit(self, model: str, now: float) -> Ticket:
+    def oldest_wait(self, model: str, now: float) -> float:
+        """Seconds the oldest request of ``model`` still waiting for a running slot has waited (0 when none)."""
+        line = self._waiting.get(model)
+        while line and (line[0].started_at is not None or line[0].finished):
+            line.popleft()
+        return max(0.0, now - line[0].admitted_at) if line else 0.0
+
+    def admit(self, model: str, now: float, *, max_wait_s: float | None = None) -> Ticket:
+        """Admit a request of ``model`` or raise :class:`AdmissionRejected`; ``max_wait_s`` bounds the head's wait."""
         if self._draining:
             raise AdmissionRejected(DRAINING, "the server is shutting down and admits no new requests")
         if self._in_flight >= self._capacity:
             raise AdmissionRejected(
                 QUEUE_FULL, f"the request queue is full ({self._capacity} requests admitted); retry later"
             )
+        # Read on every admission, bound or not: it also drops the line's started tickets, which keeps it short.
+        waited = self.oldest_wait(model, now)
+        if max_wait_s is not None and waited > max_wait_s:
+            raise AdmissionRejected(
+                QUEUE_WAIT, f"requests for {model!r} have waited {waited:.2f} s for a slot, past "
+                f"server.max_queue_wait_s ({max_wait_s:g} s); retry later"
+            )
         if self._in_flight == 0:
             self._busy_since = now
         self._in_flight += 1
         self.counts(model).waiting += 1
-        return Ticket(model, now)
+        ticket = Ticket(model, now)
+        line = self._waiting.get(model)
+        if line is None:
+            line = self._waiting[model] = deque()
+        line.append(ticket)
+        return ticket
 
     def can_start(self, model: str, limit: int | None) -> bool:
         return limit is None or self.counts(model).running < limit
@@ -191,10 +221,12 @@ class AdmissionQueue:
         *,
         capacity: int,
         running_limit: Callable[[str], int | None] = lambda model: None,
+        max_wait_s: Callable[[], float | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.state = AdmissionState(capacity=capacity)
         self._limit = running_limit
+        self._max_wait_s = max_wait_s
         self._clock = clock
         self._waiters: dict[str, deque[tuple[Ticket, asyncio.Future[None]]]] = {}
         self._idle = asyncio.Event()
@@ -206,7 +238,7 @@ class AdmissionQueue:
 
     def admit(self, model: str) -> Ticket:
         """Admit now or raise :class:`AdmissionRejected`; never waits."""
-        ticket = self.state.admit(model, self._clock())
+        ticket = self.state.admit(model, self._clock(), max_wait_s=self._max_wait_s())
         self._idle.clear()
         return ticket
 

@@ -198,6 +198,14 @@ class ServerConfig(Section):
         "our queue. Unset: no limit (the engine takes everything). Engines behind our batcher get two batches' worth.",
         json_schema_extra=RUNTIME,
     )
+    max_queue_wait_s: float | None = Field(
+        None, gt=0, le=3600,
+        description="Admission by waiting time: while the oldest request of a model still waiting for a running slot "
+        "has waited longer than this, new requests for that model get 429 with Retry-After (the queue is FIFO, so that "
+        "is the wait they would face). Unset: off, only queue_capacity bounds admission. The tuner sets it from the "
+        "latency objective.",
+        json_schema_extra=RUNTIME,
+    )
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request limit; past it the client gets 504.", json_schema_extra=RUNTIME)
     max_body_bytes: int = Field(4 * 1024**2, ge=1024, description="Largest request body; larger gets 413.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long admitted requests may take to finish.")

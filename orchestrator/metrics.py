@@ -67,7 +67,7 @@ LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 30
 
 OPERATIONS = ("chat", "text_completion", "embeddings", "workflow")
 STATUSES = ("ok", "error", "invalid", "timeout", "cancelled")
-REJECT_REASONS = ("queue_full", "draining", "invalid", "too_large", "unknown_model")
+REJECT_REASONS = ("queue_full", "queue_wait", "draining", "invalid", "too_large", "unknown_model")
 LIFECYCLE_EVENTS = ("load_start", "load_ok", "load_fail", "unload")
 SPAN_DROP_REASONS = ("queue_full", "export_failed", "shutdown")
 THROUGHPUT_WINDOW_S = 60.0

@@ -24,6 +24,7 @@ APPLIERS: Mapping[str, str] = {
     "models[].inject_delay_s": "ModelManager.apply_config: the model's chain (or engine) reconfigure",
     "server.queue_capacity": "admin API: the admission queue's capacity, then a kick for those waiting",
     "server.max_running_per_model": "read per request by orchestrator.state.running_limit",
+    "server.max_queue_wait_s": "read per admission by the AdmissionQueue (orchestrator.server)",
     "server.request_timeout_s": "read per request by the request frame",
     "server.stuck_after_s": "read per readiness probe",
     "telemetry.tracing.sampling_ratio": "admin API: Tracing.set_sampling_ratio",

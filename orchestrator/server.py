@@ -136,7 +136,8 @@ def create_app(
         attach_hooks(manager, on_event, metrics)
 
     admission = AdmissionQueue(
-        capacity=config.server.queue_capacity, running_limit=lambda model: running_limit(state_ref[0], model)
+        capacity=config.server.queue_capacity, running_limit=lambda model: running_limit(state_ref[0], model),
+        max_wait_s=lambda: state_ref[0].config.server.max_queue_wait_s,
     )
     state = ServerState(
         config=config, manager=manager, admission=admission, metrics=metrics, tracing=tracing, health=health,

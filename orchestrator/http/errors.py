@@ -103,9 +103,10 @@ def unknown_model(name: str, models: Iterable[str]) -> ApiError:
                     reject_reason="unknown_model")
 
 
-def queue_full(message: str, retry_after_s: int) -> ApiError:
-    return ApiError(429, message, type_="rate_limit_error", code="queue_full",
-                    headers={"Retry-After": str(retry_after_s)}, reject_reason="queue_full")
+def queue_full(message: str, retry_after_s: int, *, reason: str = "queue_full") -> ApiError:
+    """429 for a queue that is full (``queue_full``) or waits past its bound (``queue_wait``)."""
+    return ApiError(429, message, type_="rate_limit_error", code=reason,
+                    headers={"Retry-After": str(retry_after_s)}, reject_reason=reason)
 
 
 def unavailable(message: str, retry_after_s: int, *, code: str = "draining", reject_reason: str | None = "draining") -> ApiError:

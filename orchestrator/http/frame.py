@@ -136,7 +136,7 @@ class Call:
         except AdmissionRejected as exc:
             if exc.reason == DRAINING:
                 raise err.unavailable(str(exc), server.retry_after_s) from None
-            raise err.queue_full(str(exc), server.retry_after_s) from None
+            raise err.queue_full(str(exc), server.retry_after_s, reason=exc.reason) from None
         self.ticket = ticket
         # Marked before waiting for a slot: a request that times out in the queue is still an admitted request
         # to the sidecar (its 504 counts), not an invisible one.

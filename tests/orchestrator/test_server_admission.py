@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from orchestrator.admission import (
     DRAINING,
     QUEUE_FULL,
+    QUEUE_WAIT,
     AdmissionQueue,
     AdmissionRejected,
     AdmissionState,
@@ -77,6 +78,59 @@ def test_capacity_can_shrink_without_evicting():
         state.admit("m", 1.0)
     state.finish(tickets[2], 1.0)
     state.admit("m", 1.0)
+
+
+def test_wait_bound_refuses_while_the_oldest_waiting_request_has_waited_past_it():
+    state = AdmissionState(capacity=100)
+    running = state.admit("m", 0.0)
+    state.start(running, 0.0)
+    head = state.admit("m", 1.0)  # waits for a slot
+    state.admit("m", 1.5, max_wait_s=1.0)  # the head has waited 0.5 s
+    with pytest.raises(AdmissionRejected) as info:
+        state.admit("m", 2.25, max_wait_s=1.0)
+    assert info.value.reason == QUEUE_WAIT and "1.25 s" in str(info.value) and "server.max_queue_wait_s" in str(info.value)
+    state.admit("n", 2.25, max_wait_s=1.0)  # per model: another model's line is its own
+    state.admit("m", 2.25)  # no bound given: only the capacity counts
+    # The head gets its slot: the next in line arrived at 1.5 s, so at 2.25 s the line has waited 0.75 s.
+    state.finish(running, 2.25)
+    state.start(head, 2.25)
+    assert state.oldest_wait("m", 2.25) == pytest.approx(0.75)
+    state.admit("m", 2.25, max_wait_s=1.0)
+
+
+def test_wait_bound_skips_requests_that_left_the_line_and_reads_zero_when_none_waits():
+    state = AdmissionState(capacity=100)
+    gone = state.admit("m", 0.0)
+    state.finish(gone, 0.1)  # cancelled while waiting
+    later = state.admit("m", 5.0, max_wait_s=1.0)
+    assert state.oldest_wait("m", 5.5) == pytest.approx(0.5)
+    state.start(later, 5.5)
+    assert state.oldest_wait("m", 100.0) == 0.0 and state.oldest_wait("unknown", 100.0) == 0.0
+    state.admit("m", 100.0, max_wait_s=0.001)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(0.01, 5.0), st.lists(st.tuples(st.sampled_from(["admit", "start", "finish"]), st.floats(0.0, 1.0)),
+                                      max_size=80))
+def test_wait_bound_property_admits_exactly_when_the_oldest_waiting_has_waited_at_most_the_bound(bound, ops):
+    state = AdmissionState(capacity=1000)
+    waiting: list = []  # FIFO, as the queue starts them
+    now = 0.0
+    for op, step in ops:
+        now += step
+        if op == "admit":
+            oldest = now - waiting[0].admitted_at if waiting else 0.0
+            try:
+                waiting.append(state.admit("m", now, max_wait_s=bound))
+                assert oldest <= bound
+            except AdmissionRejected as exc:
+                assert exc.reason == QUEUE_WAIT and oldest > bound
+        elif waiting:
+            ticket = waiting.pop(0)
+            if op == "start":
+                state.start(ticket, now)
+            else:
+                state.finish(ticket, now)
 
 
 @settings(max_examples=150, deadline=None)

@@ -239,6 +239,34 @@ async def test_queue_full_gets_429_with_retry_after_and_nothing_is_lost(tmp_path
                                                             "status": "ok"}) == 2
 
 
+async def test_a_queue_waiting_past_max_queue_wait_gets_429_queue_wait_and_admitted_requests_finish(tmp_path):
+    import time
+
+    config = echo_config(
+        tmp_path,
+        models=[{"name": "echo", "path": str(tmp_path), "engine": "echo", "inject_delay_s": 0.5}],
+        batching={"enabled": False},  # one request runs at a time; the rest wait in the admission queue
+        server={"max_queue_wait_s": 0.05, "retry_after_s": 2},
+    )
+    async with running_app(config) as (client, state):
+        def complete():
+            return client.post("/v1/completions", json={"model": "echo", "prompt": "a b", "max_tokens": 2})
+
+        admitted = [asyncio.create_task(complete()) for _ in range(2)]
+        await poll(lambda: state.admission.snapshot().waiting == 1, what="one request running, one waiting")
+        await poll(lambda: state.admission.state.oldest_wait("echo", time.monotonic()) > 0.05,
+                   what="the waiting request past the bound")
+        resp = await complete()
+        error = await error_of(resp, 429)
+        assert error["code"] == "queue_wait" and resp.headers["Retry-After"] == "2"
+        assert "server.max_queue_wait_s" in error["message"]
+        done = await asyncio.wait_for(asyncio.gather(*admitted), 60)
+        assert [r.status for r in done] == [200, 200]
+        assert state.metrics.registry.get_sample_value("muai_rejected_requests_total", {"reason": "queue_wait"}) == 1
+        # The line is empty again: the bound admits.
+        assert (await complete()).status == 200
+
+
 async def test_request_timeout_gives_504_and_frees_the_slot(tmp_path):
     config = echo_config(
         tmp_path,
