@@ -13,6 +13,12 @@ With ``tp_size > 1`` the process must be one of ``tp_size`` ranks started by the
 segfault, so load refuses early with a clear error instead. Sampled requests without a seed get one chosen by
 rank 0 and broadcast, so every rank draws the same tokens.
 
+A replica the orchestrator's planner placed (``spec.options["devices"]``, ``cuda:N`` in rank order) runs on those
+GPUs: one rank is initialised under ``torch.cuda.device(N)`` (DeepSpeed moves the model to the current device),
+and with several ranks each one checks that the GPU DeepSpeed will give it (visible GPU ``LOCAL_RANK``) is its
+planned one, which the launcher arranges with ``deepspeed --include localhost:N,M`` (``parallel.deepspeed_include``);
+a launch that does not match is refused, naming that flag, rather than served on other GPUs than the plan says.
+
 The shared-memory op compiles once (about 47 s here) into ``TORCH_EXTENSIONS_DIR``; when that is unset it is
 pointed at ``$MUAI_CACHE_DIR/torch_extensions`` so the compile is paid once per machine, not once per run.
 
@@ -22,6 +28,7 @@ deepspeed and torch are imported only inside methods.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -34,7 +41,13 @@ from adapters import _hf
 from adapters.base import Availability, Capabilities, GenerationRequest, ModelLoadError, ModelSpec
 from adapters.hf_decode import TorchEncode, TorchForward
 from adapters.hf_engine import Backend, HfEngine, HfParts
-from adapters.parallel import ParallelConfigError, check_autotp_env, dist_env
+from adapters.parallel import (
+    ParallelConfigError,
+    check_autotp_env,
+    deepspeed_rank_device,
+    device_indices,
+    dist_env,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +80,7 @@ class DeepSpeedEngine(HfEngine):
     def __init__(self, settings: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
         self._world_size = 1
+        self._device_index: int | None = None
 
     @classmethod
     def available(cls, settings: Mapping[str, Any] | None = None) -> Availability:
@@ -80,6 +94,21 @@ class DeepSpeedEngine(HfEngine):
             return int(spec.tensor_parallel_size)
         return int(self.settings.get("tensor_parallel_size") or 1)
 
+    @staticmethod
+    def _planned_device(spec: ModelSpec, tp: int, *, on_cpu: bool) -> int | None:
+        """The GPU index to initialise one rank under, None to leave DeepSpeed's choice (no plan, the CPU, or
+        several ranks, whose launch is checked against the plan here)."""
+        devices = tuple(spec.options.get("devices") or ())
+        if not devices or on_cpu:
+            return None
+        if tp > 1:
+            deepspeed_rank_device(devices, dist_env(), os.environ)
+            return None
+        if len(devices) != 1:
+            raise ParallelConfigError(f"the planner gave {len(devices)} device(s) ({', '.join(devices)}) for one "
+                                      "DeepSpeed rank (tensor_parallel_size = 1)")
+        return device_indices(devices)[0]
+
     def _load_spec(self, spec: ModelSpec) -> ModelSpec:
         """Checks the launch before anything heavy (a wrong one must fail in milliseconds, not segfault after the
         compile); the parts load on the CPU, and init_inference shards them and moves each rank's shard to that
@@ -91,6 +120,7 @@ class DeepSpeedEngine(HfEngine):
         on_cpu = not torch.cuda.is_available()
         try:
             check_autotp_env(tp, dist_env(), on_cpu=on_cpu)
+            self._device_index = self._planned_device(spec, tp, on_cpu=on_cpu)
         except ParallelConfigError as exc:
             raise ModelLoadError(f"model {spec.name!r}: {exc}", engine=self.name, model=spec.name,
                                  retryable=False) from exc
@@ -115,11 +145,14 @@ class DeepSpeedEngine(HfEngine):
             from deepspeed.accelerator import get_accelerator
 
             dtype = _hf.resolve_dtype(dtype_name, engine=self.name, model=spec.name)
-            ds_engine = deepspeed.init_inference(
-                parts.model, dtype=dtype, tensor_parallel={"tp_size": tp}, replace_with_kernel_inject=kernel_inject
-            )
-            accel = get_accelerator()
-            device = torch.device(accel.current_device_name())
+            index = self._device_index
+            # DeepSpeed puts the model on the current device: the planned one, for this call only.
+            with torch.cuda.device(index) if index is not None else contextlib.nullcontext():
+                ds_engine = deepspeed.init_inference(
+                    parts.model, dtype=dtype, tensor_parallel={"tp_size": tp}, replace_with_kernel_inject=kernel_inject
+                )
+                accel = get_accelerator()
+                device = torch.device(accel.current_device_name())
         except Exception as exc:  # DeepSpeed raises anything from RuntimeError to AssertionError on a bad init
             raise ModelLoadError(
                 f"model {spec.name!r}: deepspeed.init_inference failed (tp_size={tp}, "

@@ -19,9 +19,13 @@ __all__ = [
     "ParallelConfigError",
     "check_autotp_env",
     "cpu_thread_binding",
+    "deepspeed_include",
+    "deepspeed_rank_device",
+    "device_indices",
     "dist_env",
     "free_port",
     "resolve_tp_size",
+    "visible_devices_env",
     "visible_gpu_count",
 ]
 
@@ -108,6 +112,53 @@ def visible_gpu_count(env: Mapping[str, str] | None = None) -> int:
         return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
     except Exception:  # a broken driver reads as "no GPU", the engines then run on CPU or fall back
         return 0
+
+
+def device_indices(devices: Sequence[str]) -> list[int]:
+    """The GPU indices of planned devices (``["cuda:2", "cuda:3"]`` -> ``[2, 3]``); anything else is refused."""
+    out = []
+    for device in devices:
+        kind, _, index = str(device).partition(":")
+        if kind != "cuda" or not index.isdigit():
+            raise ParallelConfigError(f"planned device {device!r} is not a GPU (cuda:N)")
+        out.append(int(index))
+    if len(set(out)) != len(out):
+        raise ParallelConfigError(f"planned devices {list(devices)} name a GPU twice")
+    return out
+
+
+def visible_devices_env(devices: Sequence[str]) -> dict[str, str]:
+    """The environment that pins an engine's processes to the planned GPUs, rank i on ``devices[i]``.
+
+    The planner's ``cuda:N`` are NVML's indices, which follow the PCI bus; CUDA numbers devices fastest first
+    unless told otherwise, so the order is set too, or ``CUDA_VISIBLE_DEVICES=2`` could mean another GPU.
+    """
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in device_indices(devices))}
+
+
+def deepspeed_include(devices: Sequence[str]) -> str:
+    """The ``deepspeed`` launcher's ``--include`` that starts a replica's ranks on its planned GPUs, rank i on
+    ``devices[i]`` (the launcher sets each rank's ``CUDA_VISIBLE_DEVICES`` from it)."""
+    return "localhost:" + ",".join(str(i) for i in device_indices(devices))
+
+
+def deepspeed_rank_device(devices: Sequence[str], env: DistEnv, environ: Mapping[str, str]) -> str:
+    """This DeepSpeed rank's planned device (``devices[local_rank]``), refused unless the GPU DeepSpeed will put
+    the rank on is that one: DeepSpeed sets rank i on visible GPU i, so the launcher must have made the planned
+    GPUs the visible ones, in order (``deepspeed --include``, named in the error)."""
+    indices = device_indices(devices)
+    if len(indices) != env.world_size:
+        raise ParallelConfigError(
+            f"the planner gave {len(indices)} device(s) ({', '.join(devices)}) for {env.world_size} DeepSpeed "
+            "rank(s) (tensor_parallel_size)")
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    seen = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(env.world_size)]
+    if seen[:env.world_size] != [str(i) for i in indices]:
+        raise ParallelConfigError(
+            f"the planner placed this replica on {', '.join(devices)} but its ranks see GPUs "
+            f"{','.join(seen[:env.world_size])}; start them with `deepspeed --include {deepspeed_include(devices)}`")
+    return devices[env.local_rank]
 
 
 def resolve_tp_size(requested: int | None, *, gpus: int) -> int:

@@ -27,7 +27,11 @@ inside that process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); with several (``tens
 ``pipeline_parallel_size`` > 1) vLLM starts one worker per rank, and on CPU each rank gets its own cores through
 ``VLLM_CPU_OMP_THREADS_BIND`` (``"0|1"`` for two ranks on two cores) unless the environment already sets it. Those
 variables are process-global and vLLM reads them while it starts, so they are set only for the duration of the
-start, under a lock. Pipeline stages on CPU run in ``vllm_runtime``'s ``PipelineCPUWorker``: vLLM's own CPU worker
+start, under a lock. A replica the planner placed (``spec.options["devices"]``, ``cuda:N`` in rank order) runs
+its ranks on exactly those GPUs: ``CUDA_VISIBLE_DEVICES`` (and ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, NVML's numbering)
+is set by ``vllm_runtime``'s pinned executor inside the EngineCore process, never in the serving process, where
+another model's engine may be starting at the same time (:meth:`VllmEngine.pinning` says what is handed over).
+Pipeline stages on CPU run in ``vllm_runtime``'s ``PipelineCPUWorker``: vLLM's own CPU worker
 leaves a later stage without its input buffer when the model runs eagerly, and that stage fails its first step.
 
 The KV cache is always sized explicitly (``kv_cache_memory_bytes``): on CPU vLLM otherwise takes a share of all RAM.
@@ -70,8 +74,21 @@ from adapters.base import (
     _caller_cancelled,
 )
 from adapters.bridge import ThreadStream
-from adapters.parallel import ParallelConfigError, cpu_thread_binding, resolve_tp_size, visible_gpu_count
-from adapters.vllm_runtime import EngineStart, VllmStats, shutdown_quietly, trace_headers
+from adapters.parallel import (
+    ParallelConfigError,
+    cpu_thread_binding,
+    resolve_tp_size,
+    visible_devices_env,
+    visible_gpu_count,
+)
+from adapters.vllm_runtime import (
+    DEVICE_ENV_KEY,
+    PINNED_EXECUTORS,
+    EngineStart,
+    VllmStats,
+    shutdown_quietly,
+    trace_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +112,9 @@ class VllmEngine(Engine):
     ``enable_prefix_caching``, ``enforce_eager``, ``gpu_memory_utilization`` (GPU only), ``max_model_len``,
     ``start_timeout_s``, ``otlp_traces_endpoint`` (vLLM's own spans; vLLM then sets the process's global tracer
     provider). Per-model options (``ModelSpec.options``, falling back to settings): ``ignore_eos`` (generate exactly
-    ``max_new_tokens``), ``inject_delay_s``, ``max_num_seqs``.
+    ``max_new_tokens``), ``inject_delay_s``, ``max_num_seqs``; ``devices``, set by the orchestrator's planner: the
+    GPUs of this replica's ranks, whose layout is then the model's own ``tensor_parallel_size`` x
+    ``pipeline_parallel_size`` (the engine settings' defaults would take every visible GPU).
     """
 
     name = "vllm"
@@ -130,12 +149,18 @@ class VllmEngine(Engine):
             raise EngineUnavailableError(ok.reason, engine=self.name, model=spec.name)
         path = _hf.check_model_dir(spec, engine=self.name)
         gpus = visible_gpu_count()
+        devices = tuple(spec.options.get("devices") or ())
         try:
-            requested = spec.tensor_parallel_size if spec.tensor_parallel_size > 1 else self.settings.get(
-                "tensor_parallel_size")
-            tp = resolve_tp_size(requested, gpus=gpus)
-            pp = max(int(spec.pipeline_parallel_size), int(self.settings.get("pipeline_parallel_size") or 1))
-            env = self._start_env(self._check_ranks(tp, pp, gpus), on_cpu=gpus == 0)
+            if devices:
+                tp, pp = resolve_tp_size(int(spec.tensor_parallel_size), gpus=gpus), int(spec.pipeline_parallel_size)
+            else:
+                requested = spec.tensor_parallel_size if spec.tensor_parallel_size > 1 else self.settings.get(
+                    "tensor_parallel_size")
+                tp = resolve_tp_size(requested, gpus=gpus)
+                pp = max(int(spec.pipeline_parallel_size), int(self.settings.get("pipeline_parallel_size") or 1))
+            ranks = self._check_ranks(tp, pp, gpus)
+            env = self._start_env(ranks, on_cpu=gpus == 0)
+            pinned = self.pinning(devices, ranks) if devices else {}
         except ParallelConfigError as exc:
             raise ModelLoadError(f"model {spec.name!r}: {exc}", engine=self.name, model=spec.name,
                                  retryable=False) from exc
@@ -160,6 +185,7 @@ class VllmEngine(Engine):
             args_kw["max_num_seqs"] = int(max_num_seqs)
         if spec.task == "embed":
             args_kw["runner"] = "pooling"
+        args_kw.update(pinned)
         if self.settings.get("otlp_traces_endpoint"):
             # vLLM's own request spans; they join our traces through the trace headers each request carries.
             args_kw["otlp_traces_endpoint"] = str(self.settings["otlp_traces_endpoint"])
@@ -206,6 +232,7 @@ class VllmEngine(Engine):
             "device": "cuda" if gpus else "cpu",
             "tensor_parallel_size": tp,
             "pipeline_parallel_size": pp,
+            "devices": list(devices) or None,
             "kv_cache_memory_bytes": kv_bytes,
             "prefix_caching": prefix,
             "enforce_eager": args_kw["enforce_eager"],
@@ -235,6 +262,18 @@ class VllmEngine(Engine):
             # Two ranks on one core deadlock OpenMP barriers (see adapters.parallel.cpu_thread_binding).
             raise ParallelConfigError(f"{what}, but this process may use only {cores} CPU core(s) (one per rank)")
         return ranks
+
+    @staticmethod
+    def pinning(devices: Sequence[str], ranks: int) -> dict[str, Any]:
+        """vLLM's engine arguments that run rank i of this engine on ``devices[i]``: a pinned executor (several
+        ranks or one) and, for it to set in the EngineCore process, the devices' environment
+        (``parallel.visible_devices_env``). A list that does not match the ranks is refused, naming both."""
+        if len(devices) != ranks:
+            raise ParallelConfigError(
+                f"the planner gave {len(devices)} device(s) ({', '.join(devices)}) for {ranks} rank(s) "
+                "(tensor_parallel_size x pipeline_parallel_size)")
+        return {"distributed_executor_backend": PINNED_EXECUTORS["mp" if ranks > 1 else "uni"],
+                "additional_config": {DEVICE_ENV_KEY: visible_devices_env(devices)}}
 
     @staticmethod
     def _start_env(ranks: int, *, on_cpu: bool) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The vLLM engine's runtime pieces that are not the adapter itself: its statistics and the stat logger that feeds
-them, one ``AsyncLLM`` start on a worker thread (``EngineStart``), the scoped start environment, trace headers, and
-stopping the engine loop.
+them, one ``AsyncLLM`` start on a worker thread (``EngineStart``), the scoped start environment, the executors that
+pin an engine to its planned GPUs, trace headers, and stopping the engine loop.
 
 vllm is imported only inside functions.
 """
@@ -20,7 +20,7 @@ from adapters import _hf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineStart", "PIPELINE_CPU_WORKER", "STOP_TIMEOUT_S", "VllmStats", "scoped_env", "shutdown_quietly",
+__all__ = ["DEVICE_ENV_KEY", "EngineStart", "PINNED_EXECUTORS", "PIPELINE_CPU_WORKER", "STOP_TIMEOUT_S", "VllmStats", "scoped_env", "shutdown_quietly",
            "stat_logger_factory", "stop_loop", "trace_headers"]
 
 STOP_TIMEOUT_S = 60.0
@@ -209,14 +209,52 @@ def _pipeline_cpu_worker() -> type:
     return PipelineCPUWorker
 
 
+DEVICE_ENV_KEY = "muai_device_env"
+"""The key, in vLLM's ``additional_config``, of the environment a pinned executor sets in the EngineCore process."""
+
+PINNED_EXECUTORS = {"mp": f"{__name__}.PinnedMultiprocExecutor", "uni": f"{__name__}.PinnedUniProcExecutor"}
+"""vLLM's ``distributed_executor_backend`` for an engine pinned to planned GPUs: several ranks, one rank."""
+
+
+def _pinned_executor(base_name: str) -> type:
+    """vLLM's executor ``base_name``, setting ``additional_config[DEVICE_ENV_KEY]`` in its process first.
+
+    The executor is built inside the EngineCore process vLLM spawns, before any rank touches CUDA, and its ranks
+    run there (one rank) or in processes it spawns and which inherit its environment (several). So
+    ``CUDA_VISIBLE_DEVICES`` reaches exactly that engine's ranks: the serving process's own ``os.environ``, which
+    every other model's engine reads while it starts, is never changed for it (``scoped_env`` would change it for
+    the whole start, and a torch engine initialising CUDA meanwhile would see only this engine's GPUs).
+    """
+    if base_name == "PinnedMultiprocExecutor":
+        from vllm.v1.executor.multiproc_executor import MultiprocExecutor as base
+    else:
+        from vllm.v1.executor.uniproc_executor import UniProcExecutor as base
+
+    class Pinned(base):  # type: ignore[misc, valid-type]
+        def _init_executor(self) -> None:
+            extra = getattr(self.vllm_config, "additional_config", None) or {}
+            env = extra.get(DEVICE_ENV_KEY) if isinstance(extra, dict) else None
+            if env:
+                os.environ.update({str(k): str(v) for k, v in env.items()})
+                log.info("vllm: EngineCore pid %d pinned to %s", os.getpid(), env)
+            super()._init_executor()
+
+    Pinned.__name__ = Pinned.__qualname__ = base_name
+    Pinned.__module__ = __name__
+    return Pinned
+
+
 def __getattr__(name: str) -> Any:
-    # vLLM resolves ``worker_cls`` by name in each worker process; the class is built on first use there so that
-    # importing this module does not import vllm.
+    # vLLM resolves ``worker_cls`` and ``distributed_executor_backend`` by name in its own processes; the classes
+    # are built on first use there so that importing this module does not import vllm.
     if name == "PipelineCPUWorker":
         cls = _pipeline_cpu_worker()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    elif name in ("PinnedMultiprocExecutor", "PinnedUniProcExecutor"):
+        cls = _pinned_executor(name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = cls
+    return cls
 
 
 def stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> bool:

@@ -24,8 +24,9 @@ its next request. An ad-hoc chain (``infer(engine_preference=...)``) holds the m
 loaded within the same budget. Without it every loaded model stays loaded until unloaded.
 
 Placement: where the server's ``DeviceBook`` (``manager.devices``) lists GPUs, a model on ``device: auto`` gets
-its replicas' devices from the planner (``orchestrator.placement``: least loaded first, replicas apart, refused
-with what is short); ``move_off(device)`` reloads the models placed on a device that was cordoned after a fault.
+its replicas' devices from the planner (``orchestrator.placement``: least loaded first, replicas apart, a TP x PP
+replica on that many devices its engine is pinned to, refused with what is short); ``move_off(device)`` reloads
+the models placed on a device that was cordoned after a fault.
 
 What is apart: the model record and its events (``orchestrator.managed``), the status contract and its building
 (``orchestrator.model_status``), span building (``orchestrator.inference_spans``), the blocking API
@@ -264,9 +265,11 @@ class ModelManager:
         return hook
 
     def _new_chain(self, spec: ModelSpec, preference: Sequence[str], replicas: int = 1,
-                   devices: Sequence[str] | None = None) -> Any:
+                   devices: Sequence[Sequence[str]] | None = None) -> Any:
         """A fallback chain for ``spec``; with ``replicas`` > 1, that many behind one ``ReplicaSet``; ``devices``
-        (one per replica) as the planner placed them."""
+        (per replica, its ranks' devices in rank order) as the planner placed them: the replica's engines get the
+        first as ``spec.device`` and all of them as ``spec.options["devices"]``, which vLLM and DeepSpeed pin
+        their ranks to."""
         if replicas > 1:
             from orchestrator.replicas import ReplicaSet
 
@@ -274,7 +277,8 @@ class ModelManager:
                                for i in range(replicas)],
                               eject_s=self.config.engines.reprobe_after_s, clock=self._clock)
         if devices:
-            spec = replace(spec, device=devices[0])
+            ranks = tuple(devices[0])
+            spec = replace(spec, device=ranks[0], options={**spec.options, "devices": ranks})
         from adapters.fallback import FallbackChain
 
         return FallbackChain(
@@ -291,10 +295,10 @@ class ModelManager:
 
     # -- placement ---------------------------------------------------------------------------------------------
 
-    def _place(self, m: ManagedModel, spec: ModelSpec, replica_bytes: int) -> list[str] | None:
-        """The device of each replica of ``m``, from the planner over the book's GPUs; None where there is nothing
-        to plan (no book, no GPU in it, a device the model's config names, or ranks that vLLM or DeepSpeed lay out
-        over the visible GPUs themselves). A model that does not fit fails to load, saying what is short."""
+    def _place(self, m: ManagedModel, spec: ModelSpec, replica_bytes: int) -> list[tuple[str, ...]] | None:
+        """The devices of each replica of ``m`` (``tensor_parallel_size x pipeline_parallel_size`` of them, in rank
+        order), from the planner over the book's GPUs; None where there is nothing to plan (no book, no GPU in it,
+        a device the model's config names). A model that does not fit fails to load, saying what is short."""
         cfg = m.config
         book = self.devices
         if book is None or cfg.device != "auto":
@@ -310,9 +314,7 @@ class ModelManager:
         except PlacementError as exc:
             raise ModelLoadFailedError(cfg.name, f"placement: {exc}") from None
         log.info("model %s placed on %s", cfg.name, ", ".join("+".join(p.devices) for p in placed))
-        if demand.devices_per_replica > 1:
-            return None
-        return [p.devices[0] for p in placed]
+        return [p.devices for p in placed]
 
     def placements(self) -> dict[str, list[str]]:
         """The devices each placed model's replicas sit on (``{"chat": ["cuda:0", "cuda:1"]}``)."""

@@ -3,7 +3,10 @@
 A model replica needs ``tensor_parallel * pipeline_parallel`` distinct devices, each holding an equal share of the
 model's weights plus its KV budget. The planner hands replicas the least-loaded devices first, puts replicas of one
 model on distinct devices where it can (so losing one device costs one replica, not all of them), and never
-promises a device more than its ``free_bytes``. What cannot fit is refused with a message naming the model, the
+promises a device more than its ``free_bytes``. A replica of several devices (tensor or pipeline parallel) never
+shares a device with another replica of its model: its engine (vLLM, DeepSpeed) is pinned to exactly those
+devices and sizes its memory by the whole device, so two such groups on one GPU would each count on memory the
+other holds; it is refused instead. What cannot fit is refused with a message naming the model, the
 bytes per device and how many devices it needed, so an operator knows what to add or shrink.
 
 Re-planning is the same call with the previous plan: placements whose devices are all still usable (healthy, not
@@ -105,11 +108,14 @@ class Refusal:
     bytes_per_device: int
     devices_needed: int
     devices_fitting: int
+    apart: bool = False
+    """The devices had to be apart from the model's other replicas (a multi-device replica)."""
 
     @property
     def message(self) -> str:
+        where = " not held by its other replicas" if self.apart else ""
         return (
-            f"model {self.model!r} replica {self.replica} needs {self.devices_needed} usable device(s) with "
+            f"model {self.model!r} replica {self.replica} needs {self.devices_needed} usable device(s){where} with "
             f"{self.bytes_per_device} bytes free each; only {self.devices_fitting} had that much left"
         )
 
@@ -186,6 +192,9 @@ def plan_placement(
                 continue
             siblings = {d for p in placements if p.model == model.name for d in p.devices}
             fitting = [d for d in usable if left[d] >= size]
+            apart = need > 1 and bool(siblings)
+            if apart:
+                fitting = [d for d in fitting if d not in siblings]
 
             def load(device_id: str) -> tuple[int, int, float, float, str]:
                 device = usable[device_id]
@@ -195,7 +204,7 @@ def plan_placement(
 
             chosen = sorted(fitting, key=load)[:need]
             if len(chosen) < need:
-                refusals.append(Refusal(model.name, replica, size, need, len(fitting)))
+                refusals.append(Refusal(model.name, replica, size, need, len(fitting), apart=apart))
                 continue
             placement = Placement(model.name, replica, tuple(chosen), size)
             take(placement)

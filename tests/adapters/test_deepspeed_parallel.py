@@ -16,6 +16,8 @@ from adapters.parallel import (
     ParallelConfigError,
     check_autotp_env,
     cpu_thread_binding,
+    deepspeed_include,
+    deepspeed_rank_device,
     dist_env,
     free_port,
     resolve_tp_size,
@@ -25,8 +27,9 @@ from adapters.parallel import (
 
 def test_public_surface():
     assert sorted(parallel.__all__) == [
-        "DistEnv", "ParallelConfigError", "check_autotp_env", "cpu_thread_binding", "dist_env", "free_port",
-        "resolve_tp_size", "visible_gpu_count",
+        "DistEnv", "ParallelConfigError", "check_autotp_env", "cpu_thread_binding", "deepspeed_include",
+        "deepspeed_rank_device", "device_indices", "dist_env", "free_port", "resolve_tp_size", "visible_devices_env",
+        "visible_gpu_count",
     ]
     assert issubclass(ParallelConfigError, ValueError)
 
@@ -114,6 +117,34 @@ def test_visible_gpu_count_honours_an_empty_cuda_visible_devices():
     assert visible_gpu_count({"CUDA_VISIBLE_DEVICES": ""}) == 0
     assert visible_gpu_count({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
     assert visible_gpu_count() >= 0
+
+
+def test_deepspeed_ranks_are_held_to_their_planned_gpus():
+    """Rank i of a replica the planner put on cuda:2 + cuda:3 is on cuda:(2+i) only when the launcher made those
+    the visible GPUs in that order; otherwise DeepSpeed would put it on visible GPU i, so the load is refused."""
+    devices = ("cuda:2", "cuda:3")
+    assert deepspeed_include(devices) == "localhost:2,3"
+    launched = {"CUDA_VISIBLE_DEVICES": "2,3"}
+    assert deepspeed_rank_device(devices, DistEnv(rank=1, world_size=2, local_rank=1), launched) == "cuda:3"
+    assert deepspeed_rank_device(("cuda:0", "cuda:1"), DistEnv(world_size=2), {}) == "cuda:0"  # all visible
+    for environ in ({}, {"CUDA_VISIBLE_DEVICES": "3,2"}, {"CUDA_VISIBLE_DEVICES": "0,1"}):
+        with pytest.raises(ParallelConfigError, match="deepspeed --include localhost:2,3"):
+            deepspeed_rank_device(devices, DistEnv(world_size=2), environ)
+    with pytest.raises(ParallelConfigError, match=r"2 device\(s\) \(cuda:2, cuda:3\) for 4 DeepSpeed rank"):
+        deepspeed_rank_device(devices, DistEnv(world_size=4), launched)
+
+
+def test_the_deepspeed_engine_takes_its_planned_gpu():
+    from adapters.base import ModelSpec
+    from adapters.deepspeed_engine import DeepSpeedEngine
+
+    one = ModelSpec("m", "/nowhere", options={"devices": ("cuda:5",)})
+    assert DeepSpeedEngine._planned_device(one, 1, on_cpu=False) == 5
+    assert DeepSpeedEngine._planned_device(one, 1, on_cpu=True) is None  # nothing planned on the CPU
+    assert DeepSpeedEngine._planned_device(ModelSpec("m", "/nowhere"), 1, on_cpu=False) is None
+    with pytest.raises(ParallelConfigError, match="for one DeepSpeed rank"):
+        DeepSpeedEngine._planned_device(ModelSpec("m", "/nowhere", options={"devices": ("cuda:0", "cuda:1")}), 1,
+                                        on_cpu=False)
 
 
 def test_free_port_is_bindable():

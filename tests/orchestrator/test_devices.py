@@ -129,3 +129,45 @@ async def test_replicas_are_placed_apart_and_a_faulted_gpu_moves_its_models_to_t
         assert state.devices.get("cuda:0").cordoned == "fault"
         resp = await client.post("/v1/completions", json={"model": "big", "prompt": "a b", "max_tokens": 1})
         assert resp.status == 200, await resp.text()
+
+
+def test_a_tensor_x_pipeline_replica_gets_its_planned_devices_and_moves_off_a_cordoned_one(tmp_path):
+    """A model of tensor 2 x pipeline 1 ranks and two replicas over a book of six GPUs: each replica's engine is
+    handed the two devices the planner gave it (``spec.device`` its first, ``spec.options["devices"]`` all, in rank
+    order), the replicas hold no device in common, and a cordon moves only the replica on it. The engines here are
+    echo engines that keep the spec they were loaded with: this machine has no GPU for vLLM to be pinned to (what
+    vLLM does with the list is in tests/adapters/test_vllm_pinning.py)."""
+    from adapters.echo import EchoEngine
+    from orchestrator.manager import ModelManager
+
+    loaded: list = []
+
+    class SpecKeeper(EchoEngine):
+        def load(self, spec):
+            super().load(spec)
+            loaded.append(spec)
+
+    (tmp_path / "echo-model").mkdir(exist_ok=True)
+    config = echo_config(tmp_path, models=[{"name": "tp", "path": str(tmp_path / "echo-model"), "engine": "vllm",
+                                            "tensor_parallel_size": 2, "replicas": 2, "preload": False}])
+    manager = ModelManager(config, engine_factory=lambda name, settings: SpecKeeper(settings))
+    manager.devices = DeviceBook([DeviceState(f"cuda:{i}", "cuda", 2**34, 2**34) for i in range(6)],
+                                 reprobe_after_s=60)
+    try:
+        manager.load_model("tp")
+        groups = [tuple(spec.options["devices"]) for spec in loaded]
+        assert len(groups) == 2 and all(len(g) == 2 for g in groups)
+        assert [spec.device for spec in loaded] == [g[0] for g in groups]
+        assert not set(groups[0]) & set(groups[1]), groups
+        assert sorted(manager.placements()["tp"]) == sorted("+".join(g) for g in groups)
+
+        lost = groups[0][1]
+        manager.devices.cordon(lost, "XID 79", 0.0)
+        loaded.clear()
+        assert manager.move_off(lost) == ["tp"]
+        after = [tuple(spec.options["devices"]) for spec in loaded]
+        assert groups[1] in after, "the replica off the cordoned device moved"
+        (moved,) = [g for g in after if g != groups[1]]
+        assert lost not in moved and not set(moved) & set(groups[1])
+    finally:
+        manager.close()

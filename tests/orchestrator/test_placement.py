@@ -58,6 +58,10 @@ def check_plan(plan: Plan, demands: list[ModelDemand], fleet: list[Device]) -> N
         demand = next(m for m in demands if m.name == p.model)
         assert len(p.devices) == demand.tensor_parallel * demand.pipeline_parallel
         assert len(set(p.devices)) == len(p.devices), "a replica's ranks share a device"
+    for demand in demands:
+        if demand.devices_per_replica > 1:
+            held = [d for p in plan.replicas_of(demand.name) for d in p.devices]
+            assert len(held) == len(set(held)), f"multi-device replicas of {demand.name} share a device: {plan}"
     # Every replica is either placed or refused, never both, never forgotten.
     placed = {(p.model, p.replica) for p in plan.placements}
     refused = {(r.model, r.replica) for r in plan.refusals}
@@ -106,6 +110,23 @@ def test_a_lost_device_moves_only_its_replicas(
             assert after.get(p.model, p.replica) is not None or any(
                 (r.model, r.replica) == (p.model, p.replica) for r in after.refusals
             )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 4), st.sampled_from([(2, 1), (1, 2), (2, 2), (4, 1)]), devices(min_size=2), st.integers(1, 30))
+def test_multi_device_replicas_get_their_own_devices_or_are_refused(
+    replicas: int, layout: tuple[int, int], fleet: list[Device], gib: int
+) -> None:
+    tp, pp = layout
+    demand = ModelDemand("m", gib * GIB, GIB, tensor_parallel=tp, pipeline_parallel=pp, replicas=replicas)
+    plan = plan_placement([demand, ModelDemand("small", GIB, replicas=2)], fleet)
+    check_plan(plan, [demand, ModelDemand("small", GIB, replicas=2)], fleet)
+    fitting = [d for d in fleet if d.usable and d.free_bytes >= demand.bytes_per_device]
+    # Each placed replica holds tp x pp devices no other replica of it holds, so at most this many are placed.
+    assert len(plan.replicas_of("m")) <= len(fitting) // (tp * pp)
+    for refusal in plan.refusals:
+        if refusal.model == "m" and refusal.replica > 0 and plan.replicas_of("m"):
+            assert "not held by its other replicas" in refusal.message
 
 
 @settings(max_examples=100, deadline=None)
