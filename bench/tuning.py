@@ -9,9 +9,10 @@ sidecar`, the orchestrator tracing into it), each its own process. An open-loop 
 
 The same trace (same seed, same arrival times and prompts) is run under:
 
-- **default**: the shipped static settings (queue 256, batch 16, timeout 5 ms), tuner off;
-- **grid**: a grid search over the tuner's knobs (queue capacity x batch size x batch timeout), each point run on a
-  shortened trace; the best point by goodput is then run on the whole trace as **best_static**;
+- **default**: the shipped static settings (queue 256, no wait bound, batch 16, timeout 5 ms), tuner off;
+- **grid**: a grid search over the tuner's knobs (admission: queue capacity 32/64/256 or a wait bound of 0.7 or 0.4
+  of the objective; x batch size x batch timeout), each point run on a shortened trace; the best point by goodput is
+  then run on the whole trace as **best_static**;
 - **tuned_cold**: the tuner on, with an empty history;
 - **tuned_warm**: the tuner on again after a sidecar restart, warm from the history the cold run wrote.
 
@@ -53,8 +54,8 @@ TOKEN = "bench-tuning-admin-token-0123456789"
 # Prompts the tiny model (greedy) answers up to max_tokens without stopping early, so each request costs the same.
 SHORT_PROMPT = "once upon a time there was"
 LONG_TEXT = "the quick brown fox jumps over the lazy dog"
-DEFAULTS = {"server.queue_capacity": 256, "batching.max_batch_size": 16, "batching.min_batch_size": 1,
-            "batching.batch_timeout_s": 0.005}
+DEFAULTS = {"server.queue_capacity": 256, "server.max_queue_wait_s": None, "batching.max_batch_size": 16,
+            "batching.min_batch_size": 1, "batching.batch_timeout_s": 0.005}
 
 
 @dataclass(frozen=True)
@@ -279,13 +280,16 @@ def _recovery(ok: list[tuple[float, str, int, float]], start: float, seconds: fl
     return float(last_bad + 1)
 
 
-def grid() -> list[dict[str, Any]]:
+def grid(slo_s: float) -> list[dict[str, Any]]:
+    """Admission by count (three queue capacities) and by waiting time (the bound the tuner starts from, 0.7 of the
+    objective, and a tighter one), each with two batch sizes and two batch timeouts."""
     points = []
-    for capacity_ in (32, 64, 256):
+    admission = [{"server.queue_capacity": c} for c in (32, 64, 256)] + [
+        {"server.queue_capacity": 256, "server.max_queue_wait_s": round(share * slo_s, 3)} for share in (0.7, 0.4)]
+    for admit in admission:
         for batch in (16, 32):
             for timeout in (0.002, 0.01):
-                points.append({"server.queue_capacity": capacity_, "batching.max_batch_size": batch,
-                               "batching.batch_timeout_s": timeout})
+                points.append({**admit, "batching.max_batch_size": batch, "batching.batch_timeout_s": timeout})
     return points
 
 
@@ -360,7 +364,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             short = trace(args.scale * args.grid_scale)
             short_plan = arrivals(short, cap, args.seed + 1)
             scores = []
-            points = [] if args.no_grid else grid()
+            points = [] if args.no_grid else grid(args.slo_s)
             for i, point in enumerate(points):
                 s = await _static_run(stack, session, point, short_plan, short, args.slo_s)
                 scores.append((s["goodput_rps"], point))
@@ -411,7 +415,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "setup": {"model": "builtin:tiny-llama (torch, 1 thread)", "max_tokens": args.max_tokens,
                   "long_prompt_words": args.long_words, "trace_scale": args.scale, "grid_scale": args.grid_scale,
-                  "grid_points": len(grid()), "seed": args.seed, "workdir": str(workdir)},
+                  "grid_points": len(grid(args.slo_s)), "seed": args.seed, "workdir": str(workdir)},
     }
 
 

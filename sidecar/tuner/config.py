@@ -10,6 +10,7 @@ from sidecar.tuner.policy import (
     KNOBS,
     KV_BUDGET,
     MAX_BATCH,
+    MAX_QUEUE_WAIT,
     QUEUE_CAPACITY,
     RUNNING_LIMIT,
 )
@@ -42,6 +43,7 @@ class KnobConfig(_Section):
 def _default_knobs() -> dict[str, KnobConfig]:
     return {
         QUEUE_CAPACITY: KnobConfig(min=4, max=4096, max_step_ratio=4.0),
+        MAX_QUEUE_WAIT: KnobConfig(min=0.01, max=60.0, max_step_ratio=2.0, min_step=0.01),
         MAX_BATCH: KnobConfig(min=1, max=64, max_step_ratio=2.0),
         BATCH_TIMEOUT: KnobConfig(min=0.0, max=0.05, max_step_ratio=4.0, min_step=0.002),
         KV_BUDGET: KnobConfig(min=16 * 1024**2, max=8 * 1024**3, max_step_ratio=1.5),

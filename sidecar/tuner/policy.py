@@ -46,7 +46,9 @@ from sidecar.tuner.readings import (
     KV_BUDGET,
     LEARNED,
     MAX_BATCH,
+    MAX_QUEUE_WAIT,
     MEMORY_PRESSURE,
+    NULLABLE_KNOBS,
     QUEUE_CAPACITY,
     QUEUE_WAIT,
     REASONS,
@@ -60,6 +62,7 @@ from sidecar.tuner.readings import (
     Readings,
     Source,
     Value,
+    fresh_worst,
     ttft_breach,
     worst_model,
     worst_slo,
@@ -192,9 +195,10 @@ class TunerPolicy:
 
     def _finish(self, decisions: list[Decision], readings: Readings, now: float, observation: Observation | None,
                 *, gain: bool) -> TickResult:
-        # The batch timeout follows the arrival rate the way admission follows Little's law: a derived value, not
-        # an experiment, so it neither opens a trial nor waits for one (a trial blocks every other gain).
-        trial = [d for d in decisions if d.reason != BATCH_WINDOW]
+        # The batch timeout follows the arrival rate the way admission follows Little's law, and the wait bound
+        # follows the fresh latency: derived values, not experiments, so they neither open a trial nor wait for one
+        # (a trial blocks every other gain).
+        trial = [d for d in decisions if d.reason != BATCH_WINDOW and d.knob != MAX_QUEUE_WAIT]
         if trial and gain:
             ratio = readings.goodput_per_s / readings.offered_per_s if readings.offered_per_s else 1.0
             attainment = readings.goodput_per_s / readings.completed_per_s if readings.completed_per_s else 1.0
@@ -335,12 +339,21 @@ class TunerPolicy:
             # Only the queue is cut: a breach with a short queue (a slow engine, a noisy neighbour) is no reason to
             # turn requests away, and completions below capacity would understate what the server can take.
             queue_is_slow = wait > budget or ahead > budget or (breach and batch is not None and queued >= float(batch))
-            if queue_is_slow and target < 0.9 * float(capacity):
+            if self._wait_bound_managed(settings):
+                # A bound on waiting time admits by what the queue does now: it replaces the cut by a count.
+                d = self._wait_protect(readings, settings, level, now, slow=queue_is_slow, breach=breach)
+                if d:
+                    out.append(d)
+            elif queue_is_slow and target < 0.9 * float(capacity):
                 reason = SLO_BREACH if breach else QUEUE_WAIT
                 d = self._move(QUEUE_CAPACITY, settings, target, reason, "tuned", level, readings, now,
                                respect_cooldown=False)
                 if d:
                     out.append(d)
+        elif self._wait_bound_managed(settings):
+            d = self._wait_protect(readings, settings, level, now, slow=False, breach=breach)
+            if d:
+                out.append(d)
         if breach and worst is not None and worst.continuous_batching and RUNNING_LIMIT in self.bounds:
             # An engine that batches by itself slows every running request as its batch grows: with nothing
             # waiting in our queue, fewer at once inside it is the lever.
@@ -358,6 +371,58 @@ class TunerPolicy:
             if d:
                 out.append(d)
         return out
+
+    # -- admission by waiting time --------------------------------------------------------------------------
+
+    def _wait_bound_managed(self, settings: Mapping[str, Value]) -> bool:
+        return MAX_QUEUE_WAIT in self.bounds and MAX_QUEUE_WAIT in settings
+
+    def _late(self, m: ModelReading) -> bool:
+        return m.fresh_p99_s > m.slo_p99_s or m.fresh_attainment < self.attainment_target
+
+    def _wait_protect(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float, *,
+                      slow: bool, breach: bool) -> Decision | None:
+        """Bound the queue's wait at ``admission_share`` of the objective once the queue gets slow; tighten it while
+        the requests finishing now are late and requests wait (or are turned away): what they wait is the lever.
+
+        A late request with no queue at all, or with a queue that waited well short of the bound, is the engine's own
+        time (a batch too big, long prompts, a starved CPU): the batch rules answer that, not admission.
+        """
+        slo = worst_slo(readings)
+        if math.isinf(slo):
+            return None
+        bound = settings.get(MAX_QUEUE_WAIT)
+        if bound is None:
+            if not (slow or breach):
+                return None
+            return self._move(MAX_QUEUE_WAIT, settings, self.admission_share * slo, SLO_BREACH if breach else QUEUE_WAIT,
+                              "tuned", level, readings, now, respect_cooldown=False)
+        worst = fresh_worst(readings.models)
+        queued = sum(m.waiting for m in readings.models)
+        if worst is None or not self._late(worst) or (queued == 0 and readings.rejected_per_s <= 0):
+            return None
+        if not math.isnan(worst.fresh_queue_p99_s) and worst.fresh_queue_p99_s < 0.5 * float(bound):
+            # Late, but nobody waited near the bound: the time is spent past the queue (the engine, a starved CPU),
+            # and a tighter bound would only turn requests away.
+            return None
+        # Proportional: the share of the objective the tail overshoots comes off the bound, between a fifth and half.
+        factor = min(0.8, max(0.5, worst.slo_p99_s / worst.fresh_p99_s if worst.fresh_p99_s > 0 else 0.8))
+        return self._move(MAX_QUEUE_WAIT, settings, float(bound) * factor, SLO_BREACH, "tuned", level, readings, now)
+
+    def _wait_relax(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float) -> Decision | None:
+        """Loosen a bound that turns requests away while those finishing now have latency to spare, up to
+        ``admission_share`` of the objective."""
+        bound = settings.get(MAX_QUEUE_WAIT)
+        if not self._wait_bound_managed(settings) or bound is None or readings.rejected_per_s <= 0:
+            return None
+        slo = worst_slo(readings)
+        worst = fresh_worst(readings.models)
+        if math.isinf(slo) or worst is None or float(bound) >= self.admission_share * slo:
+            return None
+        if worst.fresh_p99_s >= (1 - self.deadband) * worst.slo_p99_s or worst.fresh_attainment < self.attainment_target:
+            return None
+        return self._move(MAX_QUEUE_WAIT, settings, min(self.admission_share * slo, float(bound) * 1.25), HEADROOM,
+                          "tuned", level, readings, now)
 
     def _memory_pressure(self, readings: Readings) -> bool:
         gpu = readings.gpu_memory_used_ratio
@@ -403,10 +468,12 @@ class TunerPolicy:
 
     def _gain(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float) -> list[Decision]:
         worst = worst_model(readings.models)
+        relax = self._wait_relax(readings, settings, level, now)
         if self._trial is not None:
-            # One experiment at a time, or the trial would not know what to blame; the timeout only follows the rate.
+            # One experiment at a time, or the trial would not know what to blame; the timeout and the wait bound only
+            # follow what they follow.
             window = self._window_rule(readings, settings, worst, level, now)
-            return [window] if window else []
+            return [d for d in (window, relax) if d]
         headroom = worst is None or (worst.p99_s < (1 - self.deadband) * worst.slo_p99_s and not ttft_breach(worst))
         out: list[Decision] = []
         queued = sum(m.waiting for m in readings.models)
@@ -417,7 +484,10 @@ class TunerPolicy:
         # The windows lag (spans arrive seconds late): what is inside the server now must fit Little's law too.
         fits = throughput > 0 and readings.in_flight / throughput <= worst_slo(readings) * self.admission_share
         if worst is not None and headroom and fits:
-            if capacity is not None and target is not None and readings.rejected_per_s > 0:
+            # Under a wait bound the refusals may be its own: only a queue that is nearly full is the capacity's.
+            bounded = settings.get(MAX_QUEUE_WAIT) is not None and self._wait_bound_managed(settings)
+            full = capacity is not None and readings.in_flight >= 0.9 * float(capacity)
+            if capacity is not None and target is not None and readings.rejected_per_s > 0 and (full or not bounded):
                 # Turning requests away with latency to spare: admit more. Under real overload the added wait
                 # eats the headroom and this stops; the trial rolls it back if goodput fell.
                 d = self._move(QUEUE_CAPACITY, settings, max(target, float(capacity) * 1.5), HEADROOM, "tuned",
@@ -458,6 +528,8 @@ class TunerPolicy:
         window = self._window_rule(readings, settings, worst, level, now)
         if window:
             out.append(window)
+        if relax:
+            out.append(relax)
         kv = settings.get(KV_BUDGET)
         if kv is not None and readings.kv_evictions_per_s > 0 and not self._memory_pressure(readings):
             room = readings.memory_available_bytes
@@ -498,6 +570,8 @@ __all__ = [
     "KNOBS",
     "KV_BUDGET",
     "MAX_BATCH",
+    "MAX_QUEUE_WAIT",
+    "NULLABLE_KNOBS",
     "QUEUE_CAPACITY",
     "REASONS",
     "RUNNING_LIMIT",

@@ -16,8 +16,11 @@ MAX_BATCH = "batching.max_batch_size"
 BATCH_TIMEOUT = "batching.batch_timeout_s"
 KV_BUDGET = "kv_cache.budget_bytes"
 RUNNING_LIMIT = "server.max_running_per_model"
+MAX_QUEUE_WAIT = "server.max_queue_wait_s"
 
-KNOBS: tuple[str, ...] = (QUEUE_CAPACITY, MAX_BATCH, BATCH_TIMEOUT, KV_BUDGET, RUNNING_LIMIT)
+KNOBS: tuple[str, ...] = (QUEUE_CAPACITY, MAX_QUEUE_WAIT, MAX_BATCH, BATCH_TIMEOUT, KV_BUDGET, RUNNING_LIMIT)
+NULLABLE_KNOBS = frozenset({RUNNING_LIMIT, MAX_QUEUE_WAIT})
+"""Knobs whose unset value (None) means "off" and is a setting like any other."""
 INTEGER_KNOBS = frozenset({QUEUE_CAPACITY, MAX_BATCH, KV_BUDGET, RUNNING_LIMIT})
 
 # Why a knob moved; the metric label and the log line use these words.
@@ -96,6 +99,21 @@ class ModelReading:
     running: int = 0
     mean_input_tokens: float = math.nan
     continuous_batching: bool = False
+    fresh_requests: float = 0.0
+    """Requests of the model the orchestrator finished since the last tick, by its latency histogram."""
+    fresh_p99_s: float = math.nan
+    """p99 of those requests, interpolated within the histogram's buckets (NaN with none)."""
+    fresh_queue_p99_s: float = math.nan
+    """p99 of the time those requests waited for a running slot (``muai_request_queue_seconds``)."""
+    fresh_attainment: float = math.nan
+    """Share of those requests that finished within ``slo_p99_s`` (NaN with none).
+
+    The windows see a request once its span is exported (seconds later) and average over the whole window; these
+    two describe only the requests that ended since the last tick, so a change shows in them within a tick."""
+
+    def fresh(self, least: float = 20.0) -> bool:
+        """Enough requests finished since the last tick for the fresh figures to mean something."""
+        return self.fresh_requests >= least and not math.isnan(self.fresh_p99_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +152,7 @@ class Readings:
     def summary(self) -> dict[str, float | int | None]:
         """The figures a decision is logged with."""
         worst = worst_model(self.models)
+        fresh = fresh_worst(self.models)
         return {
             "offered_rps": round(self.offered_per_s, 3),
             "goodput_rps": round(self.goodput_per_s, 3),
@@ -142,6 +161,8 @@ class Readings:
             "p99_s": None if worst is None or math.isnan(worst.p99_s) else round(worst.p99_s, 4),
             "slo_p99_s": None if worst is None else worst.slo_p99_s,
             "attainment": None if worst is None or math.isnan(worst.attainment) else round(worst.attainment, 4),
+            "fresh_p99_s": None if fresh is None else round(fresh.fresh_p99_s, 4),
+            "fresh_attainment": None if fresh is None else round(fresh.fresh_attainment, 4),
         }
 
 
@@ -175,12 +196,63 @@ class Observation:
     offered_per_s: float
 
 
+def histogram_delta(now: Mapping[float, float], before: Mapping[float, float]) -> list[tuple[float, float]]:
+    """Cumulative bucket counts (upper bound -> count, ``inf`` included) gained since ``before``, sorted by bound.
+
+    A counter that went down (the orchestrator restarted) reads as starting again from zero."""
+    out = []
+    reset = any(now.get(le, 0.0) < c for le, c in before.items())
+    for le in sorted(now):
+        gained = now[le] - (0.0 if reset else before.get(le, 0.0))
+        out.append((le, max(0.0, gained)))
+    return out
+
+
+def histogram_share_within(buckets: list[tuple[float, float]], limit: float) -> float:
+    """Share of a cumulative histogram's observations at or below ``limit``, linear within the bucket it falls in
+    (NaN when empty)."""
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return math.nan
+    lower, below = 0.0, 0.0
+    for le, count in buckets:
+        if limit <= le:
+            if math.isinf(le):
+                return below / total
+            return (below + (count - below) * (limit - lower) / (le - lower)) / total
+        lower, below = le, count
+    return 1.0
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """The ``q`` quantile of a cumulative histogram, linear within its bucket as Prometheus's
+    ``histogram_quantile`` reads it (the highest finite bound when it falls in the ``+Inf`` bucket; NaN when empty)."""
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return math.nan
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le):
+                return lower
+            inside = count - below
+            return lower + (le - lower) * ((rank - below) / inside if inside > 0 else 1.0)
+        lower, below = le, count
+    return lower
+
+
 def worst_model(models: Iterable[ModelReading]) -> ModelReading | None:
     """The model closest to (or furthest past) its objective, among those with traffic."""
     busy = [m for m in models if m.requests_per_s > 0 and not math.isnan(m.p99_s)]
     if not busy:
         return None
     return max(busy, key=lambda m: m.p99_s / m.slo_p99_s)
+
+
+def fresh_worst(models: Iterable[ModelReading]) -> ModelReading | None:
+    """The model furthest past its objective by the requests finished since the last tick (enough of them)."""
+    return max((m for m in models if m.fresh()), key=lambda m: m.fresh_p99_s / m.slo_p99_s, default=None)
 
 
 def worst_slo(readings: Readings) -> float:
@@ -194,7 +266,9 @@ def ttft_breach(m: ModelReading) -> bool:
 
 __all__ = [
     "BATCH_TIMEOUT", "BATCH_WINDOW", "CACHE_EVICTIONS", "HEADROOM", "INTEGER_KNOBS", "KNOBS", "KV_BUDGET", "LEARNED",
-    "MAX_BATCH", "MEMORY_PRESSURE", "QUEUE_CAPACITY", "QUEUE_WAIT", "REASONS", "ROLLBACK", "RUNNING_LIMIT",
-    "SLO_BREACH", "Bounds", "Decision", "ModelReading", "Observation", "Readings", "Source", "Value", "ttft_breach",
+    "MAX_BATCH", "MAX_QUEUE_WAIT", "MEMORY_PRESSURE", "NULLABLE_KNOBS", "QUEUE_CAPACITY", "QUEUE_WAIT", "REASONS",
+    "ROLLBACK", "RUNNING_LIMIT",
+    "SLO_BREACH", "Bounds", "Decision", "ModelReading", "Observation", "Readings", "Source", "Value",
+    "fresh_worst", "histogram_delta", "histogram_quantile", "histogram_share_within", "ttft_breach",
     "worst_model", "worst_slo",
 ]

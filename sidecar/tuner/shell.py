@@ -29,6 +29,7 @@ from sidecar.tuner.config import TunerConfig
 from sidecar.tuner.policy import (
     KNOBS,
     MAX_BATCH,
+    NULLABLE_KNOBS,
     REASONS,
     ROLLBACK,
     Bounds,
@@ -38,6 +39,7 @@ from sidecar.tuner.policy import (
     Readings,
     TunerPolicy,
 )
+from sidecar.tuner.readings import histogram_delta, histogram_quantile, histogram_share_within
 from sidecar.tuner.store import TunerStore
 
 if TYPE_CHECKING:
@@ -75,6 +77,14 @@ class OrchestratorView:
     finished_total: float = 0.0
     kv_evictions_total: float = 0.0
     kv_bytes: float = 0.0
+    latency_buckets: dict[str, dict[float, float]] = field(default_factory=dict)
+    """Per model, ``muai_request_latency_seconds``' cumulative bucket counts (upper bound -> count), engines summed."""
+    queue_buckets: dict[str, dict[float, float]] = field(default_factory=dict)
+    """The same of ``muai_request_queue_seconds``: the wait for a running slot."""
+
+
+# Refusals of admission the tuner's own knobs cause: a full queue, or one waiting past its bound.
+_ADMISSION_REJECTS = frozenset({"queue_full", "queue_wait"})
 
 
 def parse_metrics(text: str) -> OrchestratorView:
@@ -89,8 +99,13 @@ def parse_metrics(text: str) -> OrchestratorView:
                 view.running[labels.get("model", "")] = value
             elif name == "muai_requests_total" and labels.get("status") == "ok":
                 view.finished_total += value
-            elif name == "muai_rejected_requests_total" and labels.get("reason") == "queue_full":
+            elif name == "muai_rejected_requests_total" and labels.get("reason") in _ADMISSION_REJECTS:
                 view.rejected_total += value
+            elif name in ("muai_request_latency_seconds_bucket", "muai_request_queue_seconds_bucket"):
+                into = view.latency_buckets if name.startswith("muai_request_latency") else view.queue_buckets
+                buckets = into.setdefault(labels.get("model", ""), {})
+                le = float(labels.get("le", "inf"))
+                buckets[le] = buckets.get(le, 0.0) + value
             elif name == "muai_kv_cache_evictions_total":
                 view.kv_evictions_total += value
             elif name == "muai_kv_cache_bytes":
@@ -103,11 +118,14 @@ def parse_metrics(text: str) -> OrchestratorView:
 def flat_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The knobs' current values out of ``GET /admin/config``'s nested document."""
     out: dict[str, Any] = {}
+    missing = object()
     for key in (*KNOBS, _MIN_BATCH):
         node: Any = config
         for part in key.split("."):
-            node = node.get(part) if isinstance(node, Mapping) else None
-        if node is not None or key.endswith("max_running_per_model"):
+            node = node.get(part, missing) if isinstance(node, Mapping) else missing
+        # A knob whose None means "off" is a setting when the document has it (an orchestrator without the key
+        # cannot take it, so it is not one).
+        if node is not missing and (node is not None or key in NULLABLE_KNOBS):
             out[key] = node
     return out
 
@@ -185,6 +203,8 @@ class Tuner:
         self.last_error: str | None = None
         self.ticks = 0
         self._prev: tuple[float, float, float, float] | None = None  # (now, rejected, evictions, finished totals)
+        # The latency and queue histograms as the last tick read them: the requests finished since are the difference.
+        self._prev_latency: tuple[dict[str, dict[float, float]], dict[str, dict[float, float]]] = ({}, {})
         self._session: aiohttp.ClientSession | None = None
         for model, slo in config.models.items():
             monitor.track_slo(model, slo.p99_s)
@@ -299,6 +319,15 @@ class Tuner:
             tokens = math.nan
             if stats.requests and stats.input_tokens_per_s:
                 tokens = stats.input_tokens_per_s * stats.window_s / stats.requests
+            fresh_n, fresh_p99, fresh_att, fresh_queue = 0.0, math.nan, math.nan, math.nan
+            if first and key.model in view.latency_buckets and key.model in self._prev_latency[0]:
+                delta = histogram_delta(view.latency_buckets[key.model], self._prev_latency[0][key.model])
+                fresh_n = delta[-1][1] if delta else 0.0
+                fresh_p99 = histogram_quantile(delta, 0.99)
+                fresh_att = histogram_share_within(delta, slo.p99_s)
+                if key.model in view.queue_buckets and key.model in self._prev_latency[1]:
+                    queued = histogram_delta(view.queue_buckets[key.model], self._prev_latency[1][key.model])
+                    fresh_queue = histogram_quantile(queued, 0.99)
             models.append(ModelReading(
                 model=key.model,
                 slo_p99_s=slo.p99_s,
@@ -313,6 +342,10 @@ class Tuner:
                 running=int(view.running.get(key.model, 0)) if first else 0,
                 mean_input_tokens=tokens,
                 continuous_batching=key.model in view.continuous_batching,
+                fresh_requests=fresh_n,
+                fresh_p99_s=fresh_p99,
+                fresh_queue_p99_s=fresh_queue,
+                fresh_attainment=fresh_att,
             ))
         rejected_rate = evictions_rate = 0.0
         served_rate = math.nan
@@ -324,6 +357,7 @@ class Tuner:
             # exported (seconds) and average over the whole window.
             served_rate = max(0.0, view.finished_total - self._prev[3]) / dt
         self._prev = (now, view.rejected_total, view.kv_evictions_total, view.finished_total)
+        self._prev_latency = (view.latency_buckets, view.queue_buckets)
         host = self.host()
         used = [g.framebuffer_used_percent for g in self.gpus() or () if g.framebuffer_used_percent is not None]
         settings = dict(view.settings)

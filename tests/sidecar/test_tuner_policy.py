@@ -12,6 +12,7 @@ from sidecar.tuner.policy import (
     BATCH_TIMEOUT,
     KV_BUDGET,
     MAX_BATCH,
+    MAX_QUEUE_WAIT,
     QUEUE_CAPACITY,
     ROLLBACK,
     Bounds,
@@ -437,3 +438,95 @@ def test_learned_settings_never_open_admission_past_littles_law():
         seen += out
         current = apply(current, out)
     assert [d.source for d in seen] == ["learned"] and current[QUEUE_CAPACITY] == 70  # 100 x 1 s x 0.7
+
+
+# -- admission by waiting time (server.max_queue_wait_s) ------------------------------------------------------------
+
+WAIT_BOUNDS = {**BOUNDS, MAX_QUEUE_WAIT: Bounds(0.01, 60.0, 2.0, 0.01)}
+WAIT_START = {**START, MAX_QUEUE_WAIT: None}
+
+fresh_model_readings = st.builds(
+    lambda rps, p99, att, waiting, running, n, fresh_p99, fresh_att: ModelReading(
+        "m", 1.0, rps, p99_s=p99, p50_s=p99 / 2, attainment=att, waiting=waiting, running=running,
+        mean_input_tokens=10.0, fresh_requests=n, fresh_p99_s=fresh_p99, fresh_attainment=fresh_att),
+    rps=st.floats(0, 500), p99=st.floats(0.001, 20), att=st.floats(0, 1), waiting=st.integers(0, 2000),
+    running=st.integers(0, 128), n=st.floats(0, 1000), fresh_p99=st.floats(0.001, 20), fresh_att=st.floats(0, 1),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(fresh_model_readings, st.floats(0, 200), st.floats(0.1, 10)), min_size=1, max_size=40),
+       st.sampled_from([None, 0.05, 0.7, 5.0]))
+def test_the_wait_bound_stays_inside_its_bounds_and_its_step_limit(sequence, start):
+    p = policy(bounds=WAIT_BOUNDS, cooldown_s=0.0)
+    current = {**WAIT_START, MAX_QUEUE_WAIT: start}
+    now = 0.0
+    for model, rejected, dt in sequence:
+        now += dt
+        result = p.tick(Readings((model,), dict(current), rejected_per_s=rejected), now)
+        for d in result.decisions:
+            b = WAIT_BOUNDS[d.knob]
+            assert b.lo <= d.new <= b.hi and d.old == current[d.knob], d
+            if d.old is not None:
+                low, high = b.step_range(float(d.old))
+                assert low - 1e-9 <= d.new <= high + 1e-9, d
+        current = apply(current, result.decisions)
+    off = policy(bounds=WAIT_BOUNDS, enabled=False)
+    assert all(off.tick(Readings((m,), dict(WAIT_START), rejected_per_s=r), float(i)).decisions == []
+               for i, (m, r, _) in enumerate(sequence))
+
+
+def test_a_slow_queue_sets_the_wait_bound_to_the_admission_share_and_cuts_no_capacity():
+    p = policy(bounds=WAIT_BOUNDS)
+    r = readings(WAIT_START, rps=40.0, p99=3.0, p50=2.0, attainment=0.2, waiting=224, running=32, rejected=20.0)
+    decisions = p.tick(r, 0.0).decisions
+    [bound] = [d for d in decisions if d.knob == MAX_QUEUE_WAIT]
+    assert (bound.old, bound.new, bound.reason) == (None, 0.7, "slo_breach")
+    assert all(d.knob != QUEUE_CAPACITY for d in decisions)
+    quiet = policy(bounds=WAIT_BOUNDS)
+    assert all(d.knob != MAX_QUEUE_WAIT for d in quiet.tick(readings(WAIT_START, rps=40.0, p99=0.2), 0.0).decisions)
+
+
+def test_late_requests_finishing_now_tighten_the_bound_in_proportion_while_requests_wait():
+    p = policy(bounds=WAIT_BOUNDS, cooldown_s=4.0)
+    current = {**WAIT_START, MAX_QUEUE_WAIT: 0.7}
+    late = dict(rps=100.0, p99=0.5, waiting=40, running=32, fresh_requests=200.0, fresh_p99_s=1.25,
+                fresh_attainment=0.9)
+    [d] = [d for d in p.tick(readings(current, **late), 0.0).decisions if d.knob == MAX_QUEUE_WAIT]
+    assert d.reason == "slo_breach" and d.new == pytest.approx(0.7 * 0.8)  # the window still looks fine: fresh says
+    current = apply(current, [d])
+    assert all(x.knob != MAX_QUEUE_WAIT for x in p.tick(readings(current, **late), 2.0).decisions), "cooldown"
+    worse = {**late, "fresh_p99_s": 4.0}
+    [d] = [d for d in p.tick(readings(current, **worse), 4.0).decisions if d.knob == MAX_QUEUE_WAIT]
+    assert d.new == pytest.approx(0.56 * 0.5)  # never more than half at once
+    # Late with no queue and nobody turned away: the engine's own time, not admission's.
+    idle = policy(bounds=WAIT_BOUNDS)
+    assert all(x.knob != MAX_QUEUE_WAIT
+               for x in idle.tick(readings(current, **{**late, "waiting": 0}), 0.0).decisions)
+    # Late, but the queue waited far less than the bound: the time went elsewhere (a starved CPU).
+    elsewhere = policy(bounds=WAIT_BOUNDS)
+    assert all(x.knob != MAX_QUEUE_WAIT
+               for x in elsewhere.tick(readings(current, **{**late, "fresh_queue_p99_s": 0.1}), 0.0).decisions)
+    binding = policy(bounds=WAIT_BOUNDS)
+    assert any(x.knob == MAX_QUEUE_WAIT
+               for x in binding.tick(readings(current, **{**late, "fresh_queue_p99_s": 0.5}), 0.0).decisions)
+    # Too few requests since the last tick to say anything.
+    few = policy(bounds=WAIT_BOUNDS)
+    assert all(x.knob != MAX_QUEUE_WAIT
+               for x in few.tick(readings(current, **{**late, "fresh_requests": 5.0}), 0.0).decisions)
+
+
+def test_a_bound_that_turns_requests_away_with_latency_to_spare_loosens_up_to_the_share_and_opens_no_trial():
+    p = policy(bounds=WAIT_BOUNDS, cooldown_s=0.0)
+    current = {**WAIT_START, MAX_QUEUE_WAIT: 0.4}
+    spare = dict(rps=100.0, p99=0.3, waiting=10, running=16, rejected=30.0, fresh_requests=200.0,
+                 fresh_p99_s=0.4, fresh_attainment=1.0)
+    values = []
+    for i in range(8):
+        decisions = p.tick(readings(current, **spare), float(i * 2)).decisions
+        values += [d.new for d in decisions if d.knob == MAX_QUEUE_WAIT]
+        current = apply(current, decisions)
+    assert values[:2] == [pytest.approx(0.5), pytest.approx(0.625)] and max(values) == pytest.approx(0.7)
+    assert current[MAX_QUEUE_WAIT] == pytest.approx(0.7)
+    # While the bound is what turns requests away, the capacity (far from full) does not grow.
+    assert current[QUEUE_CAPACITY] == START[QUEUE_CAPACITY]

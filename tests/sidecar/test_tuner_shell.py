@@ -48,9 +48,15 @@ def test_the_orchestrators_exposition_is_read_with_its_own_names():
     metrics.set_engine_stats("m", {"kv_cache_evictions": 5.0, "kv_cache_bytes": 1024.0})
     for status in ("ok", "ok", "error"):
         metrics.request_done("m", "completion", status)
+    metrics.reject("queue_wait")  # a queue waiting past its bound is the tuner's own admission too
+    for e2e in (0.2, 0.6, 3.0):
+        metrics.model("m", "torch").observe(e2e_s=e2e, queue_s=0.0)
+    metrics.model("m", "echo").observe(e2e_s=0.02, queue_s=0.0)  # engines of one model add up
     view = parse_metrics(generate_latest(metrics.registry).decode())
     assert view.waiting == {"m": 7.0} and view.running == {"m": 16.0}
-    assert view.rejected_total == 3.0
+    assert view.rejected_total == 4.0
+    buckets = view.latency_buckets["m"]
+    assert buckets[0.025] == 1 and buckets[0.25] == 2 and buckets[0.75] == 3 and buckets[math.inf] == 4
     assert view.finished_total == 2.0  # answered ones: an error says nothing of what the server can serve
     assert view.kv_evictions_total == 5.0 and view.kv_bytes == 1024.0
     assert view.continuous_batching == set()
@@ -64,6 +70,41 @@ def test_settings_come_from_the_admin_documents_nested_shape():
         "server.queue_capacity": 64, "server.max_running_per_model": None, "batching.max_batch_size": 8,
         "batching.batch_timeout_s": 0.002, "kv_cache.budget_bytes": 1 << 28, "batching.min_batch_size": 1,
     }
+
+
+def test_the_wait_bound_is_a_setting_when_the_orchestrator_has_the_key_even_while_off():
+    doc = {"server": {"queue_capacity": 64, "max_queue_wait_s": None}, "batching": {"max_batch_size": 8}}
+    assert flat_settings(doc) == {"server.queue_capacity": 64, "server.max_queue_wait_s": None,
+                                  "batching.max_batch_size": 8}
+    doc["server"]["max_queue_wait_s"] = 0.5
+    assert flat_settings(doc)["server.max_queue_wait_s"] == 0.5
+
+
+def test_fresh_figures_describe_only_the_requests_finished_since_the_last_tick(tmp_path):
+    from orchestrator.metrics import ServerMetrics
+
+    metrics = ServerMetrics(CollectorRegistry())
+    monitor = PerformanceMonitor(windows={"10s": 10.0})
+    tuner = _tuner(TunerConfig(admin_token="t" * 16, slo={"p99_s": 1.0}), tmp_path, monitor=monitor)
+    for i in range(5):
+        monitor.record(SpanSample(REQUEST, "m", "text_completion", 0.1, False), 99.0 + i * 0.1)
+
+    def view():
+        return parse_metrics(generate_latest(metrics.registry).decode())
+
+    for _ in range(50):  # long ago, fast
+        metrics.model("m", "torch").observe(e2e_s=0.05, queue_s=0.0)
+    [first] = tuner.readings(view(), 100.0).models
+    assert first.fresh_requests == 0 and math.isnan(first.fresh_p99_s)  # nothing to compare with yet
+    for _ in range(30):  # since then: slow, a third of them late, after waiting in the queue
+        metrics.model("m", "torch").observe(e2e_s=0.9, queue_s=0.6)
+    for _ in range(15):
+        metrics.model("m", "torch").observe(e2e_s=2.0, queue_s=0.6)
+    [m] = tuner.readings(view(), 102.0).models
+    assert m.fresh_requests == 45 and m.fresh()
+    assert m.fresh_attainment == pytest.approx(30 / 45)
+    assert 1.0 < m.fresh_p99_s <= 2.5  # in the (1, 2.5] bucket, read linearly within it
+    assert 0.5 < m.fresh_queue_p99_s <= 1.0  # the queue waits since the last tick, not the fast ones before
 
 
 def _tuner(config: TunerConfig, tmp_path, monitor=None, url="http://127.0.0.1:1") -> Tuner:
