@@ -651,8 +651,10 @@ def sidecar_alerts() -> dict:
                             "{{key}}"),
                      description="The orchestrator's current values (muai_runtime_setting): what the tuner or an operator "
                                  "set through PATCH /admin/config. Each step is a tuner decision when the tuner is on."))
-    b.add(timeseries("Batch timeout as set", target('muai_runtime_setting{key="batching.batch_timeout_s"}', "{{key}}"),
-                     unit="s"), w=6)
+    b.add(timeseries("Batch timeout and wait bound as set",
+                     target('muai_runtime_setting{key=~"batching.batch_timeout_s|server.max_queue_wait_s"}', "{{key}}"),
+                     unit="s", description="server.max_queue_wait_s is absent while unset (admission by count only)."),
+          w=6)
     b.add(timeseries("KV-cache budget as set", target('muai_runtime_setting{key="kv_cache.budget_bytes"}', "{{key}}"),
                      unit="bytes"), w=6)
     b.add(timeseries("Tuner decisions by knob and reason",

@@ -386,6 +386,7 @@ def normalise_engine_stats(stats: Mapping[str, Any]) -> dict[str, float]:
 
 TUNABLE_SETTINGS = (
     "server.queue_capacity",
+    "server.max_queue_wait_s",
     "server.max_running_per_model",
     "batching.max_batch_size",
     "batching.min_batch_size",

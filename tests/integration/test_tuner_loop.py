@@ -36,7 +36,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _config(tmp: Path, server_port: int, sidecar_port: int) -> Path:
+COUNT_KNOB = {"server.queue_capacity": {"min": 4, "max": 4096, "max_step_ratio": 4}}
+
+
+def _config(tmp: Path, server_port: int, sidecar_port: int, knobs: dict | None = None) -> Path:
     config = {
         "models": [{"name": "echo", "path": str(tmp), "engine": "echo", "inject_delay_s": 0.05}],
         "engines": {"preference": ["torch"]},
@@ -50,7 +53,7 @@ def _config(tmp: Path, server_port: int, sidecar_port: int) -> Path:
             "detectors": {"enabled": False},
             "tuner": {"admin_token": TOKEN, "interval_s": 0.25, "trial_s": 0.5, "cooldown_s": 0.5,
                       "state_dir": str(tmp / "state"), "slo": {"p99_s": 0.4},
-                      "knobs": {"server.queue_capacity": {"min": 4, "max": 4096, "max_step_ratio": 4}}},
+                      "knobs": knobs or COUNT_KNOB},
         },
     }
     path = tmp / "muai.yaml"
@@ -148,3 +151,39 @@ async def test_a_load_shift_makes_the_tuner_cut_admission_and_a_restart_keeps_wh
             # The orchestrator kept the tuned value while the sidecar was away: serving never depended on it.
             assert await _setting(http, base, "server.queue_capacity") < 256
             assert any(d["knob"] == "server.queue_capacity" for d in after["decisions"])
+
+
+async def test_under_a_burst_the_tuner_bounds_admission_by_waiting_time_and_the_orchestrator_refuses_by_it(
+        tmp_path: Path):
+    knobs = {"server.max_queue_wait_s": {"min": 0.01, "max": 60, "max_step_ratio": 2, "min_step": 0.01}}
+    server_port, sidecar_port = free_ports(2)
+    config = _config(tmp_path, server_port, sidecar_port, knobs)
+    base = f"http://127.0.0.1:{server_port}"
+    side = f"http://127.0.0.1:{sidecar_port}"
+    sidecar = Process("sidecar", _argv("sidecar", config), tmp_path / "sidecar.log", env=_env(), url=side)
+    server = Process("orchestrator", _argv("serve", config), tmp_path / "orchestrator.log", env=_env(), url=base)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
+        with sidecar, server:
+            await sidecar.await_ready("/health", timeout=60)
+            await server.await_ready("/health/ready", timeout=120)
+            assert await _setting(http, base, "server.max_queue_wait_s") is None  # off in the static configuration
+            for _ in range(5):
+                assert await _send(http, base, 1) == [200]
+
+            async def refused_by_wait() -> bool:
+                statuses = await _send(http, base, 300)
+                assert set(statuses) <= {200, 429}, "overload answers 200 or 429, never 5xx"
+                async with http.get(f"{base}/metrics") as resp:
+                    text = await resp.text()
+                return re.search(r'^muai_rejected_requests_total\{reason="queue_wait"\} [1-9]', text, re.M) is not None
+
+            await apoll(refused_by_wait, timeout=90, interval=0.1, what="429 queue_wait under the tuner's wait bound",
+                        diagnose=lambda: sidecar.describe() + server.describe())
+            bound = await _setting(http, base, "server.max_queue_wait_s")
+            assert bound is not None and 0.01 <= bound <= 0.7 * 0.4 + 1e-9
+            state = await _get_json(http, f"{side}/api/v1/tuner")
+            [first, *_] = [d for d in state["decisions"] if d["knob"] == "server.max_queue_wait_s"]
+            assert first["old"] is None and first["new"] == pytest.approx(0.28) and first["source"] == "tuned"
+            assert "server.queue_capacity" not in state["settings"], "a knob left out is left alone"
+            assert await _setting(http, base, "server.queue_capacity") == 256.0
