@@ -7,6 +7,7 @@ importing this package never imports an inference engine.
 from .base import Detector, Verdict
 from .errors import DetectorConfigError, DetectorError, UnknownWindowError
 from .likelihood import LikelihoodDetector
+from .novelty import NoveltyDetector
 from .statistical import CusumDetector, EwmaDetector, MadDetector
 from .threshold import (
     RuleState,
@@ -36,6 +37,7 @@ __all__ = [
     "MadDetector",
     "MultiRatioWindow",
     "MultiWindow",
+    "NoveltyDetector",
     "RatioWindow",
     "RollingWindow",
     "RuleState",

@@ -56,6 +56,10 @@ class LikelihoodDetector:
         scale: robust z-score at which the raw score is ``1 - 1/e`` (> 0).
         direction: ``"both"``, ``"up"`` (only values above the median score) or ``"down"``.
         min_std: floor of the robust standard deviation; None means 1% of |median|.
+        min_z: a floor on the evidence itself (>= 0): the mean raw score of the last ``short_window`` values must
+            also be at least that of a residual of ``min_z`` robust sigmas. The likelihood alone is relative to the
+            series' own history, so on a long calm stretch ordinary noise becomes "unlikely"; with ``min_z`` noise
+            never fires however calm the history (0: no floor).
         name: the name verdicts carry.
     """
 
@@ -74,8 +78,10 @@ class LikelihoodDetector:
         min_std: float | None = None,
         *,
         min_history_std: float = 0.02,
+        min_z: float = 0.0,
         name: str | None = None,
     ) -> None:
+        self._min_z = check.real("min_z", min_z, lo=0.0)
         self._min_history_std = check.real("min_history_std", min_history_std, lo=0.0, lo_open=True)
         self._window = check.integer("window", window, lo=3, hi=1_000_000)
         self._base_warmup = check.integer("baseline_warmup", baseline_warmup, lo=2, hi=self._window)
@@ -91,6 +97,7 @@ class LikelihoodDetector:
         if direction not in _DIRECTIONS:
             raise DetectorConfigError(f"direction must be one of {', '.join(_DIRECTIONS)}, got {direction!r}")
         self._direction = direction
+        self._min_raw = 1.0 - math.exp(-self._min_z / self._scale)
         self._min_std = None if min_std is None else check.real("min_std", min_std, lo=0.0)
         self.name = check.name("name", self._kind if name is None else name)
         self.reset()
@@ -216,6 +223,10 @@ class LikelihoodDetector:
         zl = (avg - mean) / std
         likelihood = 1.0 - _tail(zl)
         threshold = 1.0 - self._eps
+        if avg < self._min_raw:
+            # Below the evidence floor the verdict is normal however unlikely: the score is held at the threshold so
+            # that ``anomalous`` stays ``score > threshold``, as for every detector.
+            likelihood = min(likelihood, threshold)
         self._score = likelihood
         anomalous = likelihood > threshold
         side = "above" if z >= 0 else "below"

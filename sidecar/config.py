@@ -259,6 +259,12 @@ class LikelihoodConfig(Section):
         description="Robust z-score at which a residual's raw score is 1 - 1/e (raw scores are 1 - exp(-z / scale)).",
         json_schema_extra=RUNTIME,
     )
+    min_z: float = Field(
+        0.0, ge=0, le=100,
+        description="Evidence floor: the recent residuals must also average at least this many robust sigmas above the "
+        "median (as raw scores), so ordinary noise never fires after a long calm stretch; 0 no floor.",
+        json_schema_extra=RUNTIME,
+    )
     warmup: int = Field(
         200, ge=2, le=100_000,
         description="Points before the first verdict: 30 build the median, the rest the residuals' history.",
@@ -271,6 +277,46 @@ class LikelihoodConfig(Section):
             raise ValueError(f"warmup ({self.warmup}) must exceed 30 + short_window ({30 + self.short_window})")
         if self.history < self.short_window + 2:
             raise ValueError(f"history ({self.history}) must be at least short_window + 2 ({self.short_window + 2})")
+        return self
+
+
+class NoveltyConfig(Section):
+    """A new maximum: a point above the largest of a long history of the series' interval p95 latency by a margin of
+    that history's upper range (its maximum minus its median), so a daily peak, already in the history, never pages."""
+
+    enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
+    history_s: float = Field(
+        259_200.0, gt=0, le=90 * 86_400, description="How far back the history whose maximum a point must beat reaches.",
+        json_schema_extra=RUNTIME,
+    )
+    recent_s: float = Field(
+        900.0, ge=0, le=7 * 86_400,
+        description="The latest span left out of the history: an incident cannot raise its own bar, and a lasting new "
+        "level is normal once it is this old.",
+        json_schema_extra=RUNTIME,
+    )
+    margin: float = Field(
+        0.35, gt=0, le=100,
+        description="How far above the history's maximum a point must be, in units of the history's maximum minus its "
+        "median (on log latency).",
+        json_schema_extra=RUNTIME,
+    )
+    min_history_s: float = Field(
+        86_400.0, ge=0, le=90 * 86_400,
+        description="The span the history must cover before the first verdict (a day: one daily cycle seen).",
+        json_schema_extra=RUNTIME,
+    )
+    for_s: float = Field(
+        0.0, ge=0,
+        description="This detector's own `for` delay (instead of `statistical.for_s`): a point that beats days of history "
+        "by the margin is evidence enough on its own, and the spikes it exists for last one interval.",
+        json_schema_extra=RUNTIME,
+    )
+
+    @model_validator(mode="after")
+    def _history_fits(self) -> NoveltyConfig:
+        if self.min_history_s > self.history_s:
+            raise ValueError(f"min_history_s ({self.min_history_s:g}) must not exceed history_s ({self.history_s:g})")
         return self
 
 
@@ -319,6 +365,7 @@ class StatisticalConfig(Section):
     mad: MadConfig = MadConfig()
     cusum: CusumConfig = CusumConfig()
     likelihood: LikelihoodConfig = LikelihoodConfig()
+    novelty: NoveltyConfig = NoveltyConfig()
 
 
 class DetectorsConfig(Section):

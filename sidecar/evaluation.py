@@ -10,7 +10,7 @@ Alerts it raises (labels beyond ``alertname`` and ``severity`` in brackets):
 * ``HighRequestLatency`` [model, operation]: a latency percentile over ``detectors.window`` above the threshold.
 * ``HighErrorRate`` [model, operation]: the error ratio above the threshold.
 * ``LowThroughput`` [model, operation]: the request rate below the floor (only once the series is a window old).
-* ``LatencyAnomaly`` [model, operation, detector]: EWMA / MAD / CUSUM / anomaly likelihood on the p95 latency of successive,
+* ``LatencyAnomaly`` [model, operation, detector]: EWMA / MAD / CUSUM / anomaly likelihood / new maximum on the p95 latency of successive,
   non-overlapping intervals (``statistical.interval_s``), on a log scale, scoring only rises.
 * ``HighGpuMemory`` [gpu, uuid]: framebuffer in use above the threshold percent.
 * ``HighHostMemory``: host memory in use above the threshold percent.
@@ -34,6 +34,7 @@ from detectors import (
     EwmaDetector,
     LikelihoodDetector,
     MadDetector,
+    NoveltyDetector,
     RuleState,
     ThresholdRule,
     memory_percent_above,
@@ -59,7 +60,7 @@ _NAN = math.nan
 _MIN_LATENCY_S = 1e-3
 # Points that build the likelihood detector's median before its residuals start (config: likelihood.warmup).
 _LIKELIHOOD_BASELINE_WARMUP = 30
-STATISTICAL_DETECTORS = ("ewma", "mad", "cusum", "likelihood")
+STATISTICAL_DETECTORS = ("ewma", "mad", "cusum", "likelihood", "novelty")
 
 
 @dataclass(slots=True)
@@ -196,8 +197,16 @@ class Evaluator:
             # clip_anomalies have nothing to act on; only a rise scores, as for the others.
             out["likelihood"] = LikelihoodDetector(
                 window=lk.window, baseline_warmup=_LIKELIHOOD_BASELINE_WARMUP, warmup=lk.warmup,
-                short_window=lk.short_window, history=lk.history, epsilon=lk.epsilon, scale=lk.scale, direction="up",
+                short_window=lk.short_window, history=lk.history, epsilon=lk.epsilon, scale=lk.scale, direction="up", min_z=lk.min_z,
                 min_std=floor, name="likelihood",
+            )
+        if st.novelty.enabled:
+            nv = st.novelty
+            # The upper range is floored like the others' spread: on a near-flat series a new maximum must still be a
+            # rise of a few percent of latency.
+            out["novelty"] = NoveltyDetector(
+                history_s=nv.history_s, recent_s=nv.recent_s, margin=nv.margin, min_history_s=nv.min_history_s,
+                clip_anomalies=st.clip_anomalies, min_spread=floor, name="novelty",
             )
         return out
 
@@ -388,6 +397,9 @@ class Evaluator:
                 if name == "likelihood":
                     why = (f"likelihood {verdict.score:.6f} above {verdict.threshold:.6g}: the recent intervals' p95 rose "
                            "further above their rolling median than this series has shown in its history")
+                elif name == "novelty":
+                    why = (f"{verdict.score:.2f} upper ranges above the highest p95 of the history (threshold "
+                           f"{verdict.threshold:g}): higher than this series has been for days")
                 else:
                     why = f"score {verdict.score:.2f} above {verdict.threshold:g} (sigmas of log latency)"
                 ann = {
@@ -396,7 +408,8 @@ class Evaluator:
                     "description": f"{name}: the latest interval's p95 is {_fmt(value / baseline)}x its baseline; {why}",
                     "score": _fmt(verdict.score),
                 }
-                fired = self._observe(out, labels(name), ann, wall=wall, active=True, for_s=st.for_s,
+                for_s = st.novelty.for_s if name == "novelty" else st.for_s
+                fired = self._observe(out, labels(name), ann, wall=wall, active=True, for_s=for_s,
                                       value=value, threshold=verdict.threshold)
                 if fired is not None:
                     det.anomaly_firing.add(name)

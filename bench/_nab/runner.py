@@ -16,7 +16,7 @@ from sidecar.monitor import PerformanceMonitor
 
 from .corpus import NabFile
 
-DETECTORS = ("ewma", "mad", "cusum", "likelihood")
+DETECTORS = ("ewma", "mad", "cusum", "likelihood", "novelty")
 COMBINED = "default"
 
 

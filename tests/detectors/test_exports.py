@@ -19,6 +19,7 @@ EXPECTED = {
     "MadDetector",
     "MultiRatioWindow",
     "MultiWindow",
+    "NoveltyDetector",
     "RatioWindow",
     "RollingWindow",
     "RuleState",

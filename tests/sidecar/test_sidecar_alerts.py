@@ -86,7 +86,9 @@ def test_statistical_detectors_flag_a_step_and_clear_after_recovery():
         error_rate={"enabled": False},
         # One point per 1 s tick, firing on the first anomalous one (the defaults are 10 s points and for_s=30).
         statistical={"interval_s": 1, "for_s": 0, "min_count": 1, "clear_after_s": 5,
-                     "ewma": {"warmup": 10}, "mad": {"enabled": True, "warmup": 10, "window": 20}},
+                     "ewma": {"warmup": 10}, "mad": {"enabled": True, "warmup": 10, "window": 20},
+                     # The new-maximum detector (on by default) waits for a day of history: none held back here.
+                     "novelty": {"recent_s": 0, "min_history_s": 0}},
     )
     mon, book = _mon(), AlertBook()
     ev = Evaluator(config, monitor=mon, book=book)
