@@ -2,6 +2,8 @@
 # The GPU-marked tests, in one run, for whoever has a machine with an NVIDIA GPU for a few minutes:
 #   scripts/gpu-check.sh            # installs what the tests need (as `make test` does), then runs `pytest -m gpu`
 #   scripts/gpu-check.sh -k nvml    # extra pytest arguments pass through
+# What runs: NVML read by the sidecar, the orchestrator's inventory, replicas placed on real GPUs, a real CUDA error
+# told as a device fault, and (only with vLLM's CUDA build installed) a vLLM rank pinned to the last GPU.
 # It prints what NVML sees first, so a report says which device it ran on. With no GPU the tests skip (and say why);
 # the exit status is pytest's, so a skipped-only run exits 0 and a failure exits 1.
 set -euo pipefail

@@ -92,3 +92,45 @@ async def test_two_ranks_get_the_planned_devices_in_their_own_processes_only(tin
         assert out.error is None and out.completion_tokens > 0
     finally:
         await asyncio.to_thread(engine.close)
+
+
+def _rank_gpu(worker) -> tuple[str | None, str]:
+    import torch
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+async def test_on_a_gpu_the_rank_runs_on_the_planned_gpu(tiny_llama_dir, monkeypatch):
+    """The last GPU NVML lists (the one an unpinned engine would not take): the rank's CUDA device is that GPU,
+    by UUID. Needs vLLM's CUDA build (the CPU build, which the test environment installs, is skipped)."""
+    pytest.importorskip("vllm")
+    import pynvml
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        pytest.skip("vLLM's CPU build is installed; pinning on a GPU needs vLLM's CUDA build")
+    from adapters.base import GenerationRequest, ModelSpec, SamplingParams
+    from adapters.vllm_engine import VllmEngine
+
+    pynvml.nvmlInit()
+    try:
+        last = pynvml.nvmlDeviceGetCount() - 1
+        uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(last))
+    finally:
+        pynvml.nvmlShutdown()
+    uuid = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    engine = VllmEngine({"kv_cache_memory_bytes": 64 * 2**20, "enforce_eager": True, "gpu_memory_utilization": 0.2})
+    await asyncio.to_thread(engine.load, ModelSpec("tiny-llama", str(tiny_llama_dir), max_model_len=512,
+                                                   options={"devices": (f"cuda:{last}",)}))
+    try:
+        ranks = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+            engine._llm.collective_rpc(lambda worker: _rank_gpu(worker)), engine._loop))
+        assert [r[0] for r in ranks] == [str(last)]
+        assert ranks[0][1] in uuid, (ranks, uuid)  # NVML writes "GPU-<uuid>", torch the UUID alone
+        (out,) = await engine.generate([GenerationRequest("Hello world", SamplingParams(max_new_tokens=4))])
+        assert out.error is None and out.completion_tokens > 0
+    finally:
+        await asyncio.to_thread(engine.close)
