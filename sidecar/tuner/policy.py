@@ -382,8 +382,9 @@ class TunerPolicy:
 
     def _wait_protect(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float, *,
                       slow: bool, breach: bool) -> Decision | None:
-        """Bound the queue's wait at ``admission_share`` of the objective once the queue gets slow; tighten it while
-        the requests finishing now are late and requests wait (or are turned away): what they wait is the lever.
+        """Bound the queue's wait once the queue gets slow, at what :meth:`_wait_ceiling` leaves of ``admission_share``
+        of the objective; bring it down to that when the engine's share grew; tighten it while the requests finishing
+        now are late and requests wait (or are turned away): what they wait is the lever.
 
         A late request with no queue at all, or with a queue that waited well short of the bound, is the engine's own
         time (a batch too big, long prompts, a starved CPU): the batch rules answer that, not admission.
@@ -392,11 +393,17 @@ class TunerPolicy:
         if math.isinf(slo):
             return None
         bound = settings.get(MAX_QUEUE_WAIT)
+        ceiling = self._wait_ceiling(readings, slo)
         if bound is None:
             if not (slow or breach):
                 return None
-            return self._move(MAX_QUEUE_WAIT, settings, self.admission_share * slo, SLO_BREACH if breach else QUEUE_WAIT,
+            return self._move(MAX_QUEUE_WAIT, settings, ceiling, SLO_BREACH if breach else QUEUE_WAIT,
                               "tuned", level, readings, now, respect_cooldown=False)
+        if float(bound) > 1.25 * ceiling and sum(m.waiting for m in readings.models) > 0:
+            # The engine holds requests longer than when the bound was set (a bigger batch, longer prompts): what is
+            # left of the objective's share for the queue shrank with it.
+            return self._move(MAX_QUEUE_WAIT, settings, ceiling, QUEUE_WAIT, "tuned", level, readings, now,
+                              respect_cooldown=False)
         worst = fresh_worst(readings.models)
         queued = sum(m.waiting for m in readings.models)
         if worst is None or not self._late(worst) or (queued == 0 and readings.rejected_per_s <= 0):
@@ -409,19 +416,31 @@ class TunerPolicy:
         factor = min(0.8, max(0.5, worst.slo_p99_s / worst.fresh_p99_s if worst.fresh_p99_s > 0 else 0.8))
         return self._move(MAX_QUEUE_WAIT, settings, float(bound) * factor, SLO_BREACH, "tuned", level, readings, now)
 
+    def _wait_ceiling(self, readings: Readings, slo: float) -> float:
+        """What of ``admission_share`` of the objective is left for the queue once the engine layer has its share:
+        by Little's law, the requests inside it (running) over what the server completes per second. Never below a
+        tenth of the objective: past that the engine's own time is the problem, which the batch rules answer."""
+        throughput = self._throughput(readings)
+        running = sum(m.running for m in readings.models)
+        engine_s = running / throughput if throughput > 0 else 0.0
+        return max(0.1 * slo, self.admission_share * slo - engine_s)
+
     def _wait_relax(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float) -> Decision | None:
-        """Loosen a bound that turns requests away while those finishing now have latency to spare, up to
-        ``admission_share`` of the objective."""
+        """Loosen a bound that turns requests away while those finishing now have latency to spare, up to what
+        :meth:`_wait_ceiling` leaves for the queue."""
         bound = settings.get(MAX_QUEUE_WAIT)
         if not self._wait_bound_managed(settings) or bound is None or readings.rejected_per_s <= 0:
             return None
         slo = worst_slo(readings)
         worst = fresh_worst(readings.models)
-        if math.isinf(slo) or worst is None or float(bound) >= self.admission_share * slo:
+        if math.isinf(slo) or worst is None:
+            return None
+        ceiling = self._wait_ceiling(readings, slo)
+        if float(bound) >= ceiling:
             return None
         if worst.fresh_p99_s >= (1 - self.deadband) * worst.slo_p99_s or worst.fresh_attainment < self.attainment_target:
             return None
-        return self._move(MAX_QUEUE_WAIT, settings, min(self.admission_share * slo, float(bound) * 1.25), HEADROOM,
+        return self._move(MAX_QUEUE_WAIT, settings, min(ceiling, float(bound) * 1.25), HEADROOM,
                           "tuned", level, readings, now)
 
     def _memory_pressure(self, readings: Readings) -> bool:

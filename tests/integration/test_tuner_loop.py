@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from support.ports import free_ports
 from support.procs import Process
@@ -184,6 +183,7 @@ async def test_under_a_burst_the_tuner_bounds_admission_by_waiting_time_and_the_
             assert bound is not None and 0.01 <= bound <= 0.7 * 0.4 + 1e-9
             state = await _get_json(http, f"{side}/api/v1/tuner")
             [first, *_] = [d for d in state["decisions"] if d["knob"] == "server.max_queue_wait_s"]
-            assert first["old"] is None and first["new"] == pytest.approx(0.28) and first["source"] == "tuned"
+            # 0.7 of the 0.4 s objective, less the engine layer's share, never below a tenth of the objective.
+            assert first["old"] is None and 0.04 - 1e-9 <= first["new"] <= 0.28 + 1e-9 and first["source"] == "tuned"
             assert "server.queue_capacity" not in state["settings"], "a knob left out is left alone"
             assert await _setting(http, base, "server.queue_capacity") == 256.0
