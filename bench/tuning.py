@@ -311,9 +311,16 @@ async def _static_run(stack: Stack, session: Any, settings: dict[str, Any], plan
     return summarise(results, phases, slo_s)
 
 
+# The orchestrator's span exporter sends a batch at least this often (OpenTelemetry's default schedule delay, 5 s).
+SPAN_FLUSH_S = 6.0
+
+
 async def _tuned_run(stack: Stack, session: Any, plan, phases, slo_s) -> dict[str, Any]:
     await _settle(stack, session)
     await stack.patch(session, DEFAULTS)
+    # The previous run's last spans must land in the sidecar that is stopped now: sent to the new one, they would
+    # fill its windows with the previous run's latencies and the tuner would answer a breach that is over.
+    await asyncio.sleep(SPAN_FLUSH_S)
     await stack.start_sidecar(session, tuner=True)
     before = await stack.tuner_state(session)
     seen = len(before.get("decisions", []))

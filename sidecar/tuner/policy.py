@@ -9,8 +9,11 @@ Two loops share one object:
   at once, and while requests are turned away with latency to spare and room inside it grows again. ``X`` is
   what the server does now: the latency windows lag (a request counts once its span arrives, seconds late), so a
   saturated server's own count of finished requests over the last tick (``Readings.served_per_s``) stands for
-  it. The batch size grows while batches fill from the queue (with headroom, or when saturated) and the doubled
-  batch still fits Little's law, and halves when, with batches full, one batch is more than Little's law admits
+  it. Where the tuner manages ``server.max_queue_wait_s``, admission is by waiting time instead: the bound is what
+  is left of that share once the engine layer has its own (the requests running in it over ``X``), corrected down
+  while the requests finishing now (the orchestrator's latency histogram since the last tick) are late after
+  waiting near it, and up while it turns requests away with latency to spare. The batch size grows while batches
+  fill from the queue (with headroom, or when saturated) and the doubled batch still fits Little's law, and halves when, with batches full, one batch is more than Little's law admits
   (the batch's own run time is the latency: long prompts, a big model), on a breach or a throughput that just
   fell; both are trials: a bigger batch is rolled back if goodput fell, a smaller one unless p99 fell or
   attainment rose, because a smaller batch also lowers throughput and with it what admission lets in. The batch
@@ -399,13 +402,13 @@ class TunerPolicy:
                 return None
             return self._move(MAX_QUEUE_WAIT, settings, ceiling, SLO_BREACH if breach else QUEUE_WAIT,
                               "tuned", level, readings, now, respect_cooldown=False)
-        if float(bound) > 1.25 * ceiling and sum(m.waiting for m in readings.models) > 0:
+        queued = sum(m.waiting for m in readings.models)
+        if float(bound) > 1.25 * ceiling and queued > 0:
             # The engine holds requests longer than when the bound was set (a bigger batch, longer prompts): what is
             # left of the objective's share for the queue shrank with it.
             return self._move(MAX_QUEUE_WAIT, settings, ceiling, QUEUE_WAIT, "tuned", level, readings, now,
                               respect_cooldown=False)
         worst = fresh_worst(readings.models)
-        queued = sum(m.waiting for m in readings.models)
         if worst is None or not self._late(worst) or (queued == 0 and readings.rejected_per_s <= 0):
             return None
         if not math.isnan(worst.fresh_queue_p99_s) and worst.fresh_queue_p99_s < 0.5 * float(bound):
