@@ -56,15 +56,13 @@ FROZEN_TOLERANCE = 5.0
 def frozen_grid(base) -> list:
     """Candidate parameter sets for the frozen run: the shipped defaults and their neighbours.
 
-    Varies the EWMA's threshold and smoothing: EWMA alone is the shipped default (MAD off), so a MAD
-    threshold in the grid would change nothing.
+    Varies the two detectors the default combination runs: the EWMA's threshold and the new-maximum margin.
     """
     out = []
-    for smoothing_k, ewma_z in itertools.product((0.5, 1.0, 2.0), (0.75, 1.0, 1.5)):
-        smoothing = min(1.0, base.ewma.smoothing * smoothing_k)
+    for margin_k, ewma_z in itertools.product((0.75, 1.0, 1.5), (0.85, 1.0, 1.2)):
         out.append(base.model_copy(update={
-            "ewma": base.ewma.model_copy(update={
-                "z_threshold": base.ewma.z_threshold * ewma_z, "smoothing": smoothing}),
+            "ewma": base.ewma.model_copy(update={"z_threshold": base.ewma.z_threshold * ewma_z}),
+            "novelty": base.novelty.model_copy(update={"margin": base.novelty.margin * margin_k}),
         }))
     return out
 
@@ -159,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "full_standard": default["full"]["standard"],
         "frozen_subset_standard": frozen,
         "frozen_others_standard": best_score,
-        "frozen_params": best.model_dump(include={"ewma", "mad"}),
+        "frozen_params": best.model_dump(include={"ewma", "novelty"}),
         "windowed_gaussian_full_standard": windowed_gaussian(corpus, profiles),
         "stationary_false_alerts_per_48h": stationary["per_48h"],
         "stationary_false_alerts": stationary,

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import _validate as check
 from .base import Verdict
+from .errors import DetectorConfigError
 
 __all__ = ["NoveltyDetector"]
 
@@ -39,6 +40,8 @@ _ABS_SPREAD_FLOOR = 1e-12
 # rate): a slice's maximum stays exact, only its median is estimated from every other value.
 _MAX_SLICE_VALUES = 4096
 _MAX_RECENT_VALUES = 100_000
+_MAD_TO_STD = 1.482602218505602
+_SCALES = ("range", "mad")
 
 
 class NoveltyDetector:
@@ -69,6 +72,7 @@ class NoveltyDetector:
         warmup: int = 30,
         buckets: int = 72,
         *,
+        scale: str = "range",
         clip_anomalies: bool = True,
         min_spread: float | None = None,
         name: str | None = None,
@@ -80,6 +84,9 @@ class NoveltyDetector:
         self._warmup = check.integer("warmup", warmup, lo=1, hi=10_000_000)
         self._buckets = check.integer("buckets", buckets, lo=2, hi=100_000)
         self._clip = check.boolean("clip_anomalies", clip_anomalies)
+        if scale not in _SCALES:
+            raise DetectorConfigError(f"scale must be one of {', '.join(_SCALES)}, got {scale!r}")
+        self._scale = scale
         self._min_spread = None if min_spread is None else check.real("min_spread", min_spread, lo=0.0)
         self._width = self._history_s / self._buckets
         self.name = check.name("name", self._kind if name is None else name)
@@ -131,6 +138,7 @@ class NoveltyDetector:
         self._open_n = 0
         self._first: float | None = None  # when the oldest value in the history was seen
         self._medians_cache: float | None = None
+        self._mad_cache = 0.0
 
     # -- the history -------------------------------------------------------------------------------------
 
@@ -139,7 +147,10 @@ class NoveltyDetector:
 
     def _close_open(self) -> None:
         if self._open_index is not None and self._open_vals:
-            self._closed.append((self._open_index, self._open_max, float(np.median(self._open_vals)), self._open_n))
+            vals = np.asarray(self._open_vals)
+            med = float(np.median(vals))
+            self._closed.append((self._open_index, self._open_max, med, self._open_n,
+                                 _MAD_TO_STD * float(np.median(np.abs(vals - med)))))
             self._medians_cache = None
         self._open_index, self._open_vals, self._open_max, self._open_n = None, [], -math.inf, 0
 
@@ -184,7 +195,15 @@ class NoveltyDetector:
             return float(np.median(self._open_vals))
         if self._medians_cache is None:
             self._medians_cache = float(np.median([c[2] for c in self._closed]))
+            self._mad_cache = float(np.median([c[4] for c in self._closed]))
         return self._medians_cache
+
+    def _mad(self) -> float:
+        if not self._closed:
+            vals = np.asarray(self._open_vals)
+            return _MAD_TO_STD * float(np.median(np.abs(vals - np.median(vals))))
+        self._median()
+        return self._mad_cache
 
     # -- the verdict -------------------------------------------------------------------------------------
 
@@ -204,7 +223,7 @@ class NoveltyDetector:
         top, med = self._max(), self._median()
         floor = max(self._min_spread, _ABS_SPREAD_FLOOR) if self._min_spread is not None else max(
             _REL_SPREAD_FLOOR * abs(top), _ABS_SPREAD_FLOOR)
-        spread = max(top - med, floor)
+        spread = max(top - med if self._scale == "range" else self._mad(), floor)
         score = max(0.0, (x - top) / spread)
         anomalous = score > self._margin
         bar = top + self._margin * spread

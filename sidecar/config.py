@@ -286,7 +286,7 @@ class NoveltyConfig(Section):
 
     enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
     history_s: float = Field(
-        259_200.0, gt=0, le=90 * 86_400, description="How far back the history whose maximum a point must beat reaches.",
+        172_800.0, gt=0, le=90 * 86_400, description="How far back the history whose maximum a point must beat reaches.",
         json_schema_extra=RUNTIME,
     )
     recent_s: float = Field(
@@ -296,9 +296,15 @@ class NoveltyConfig(Section):
         json_schema_extra=RUNTIME,
     )
     margin: float = Field(
-        0.35, gt=0, le=100,
+        0.4, gt=0, le=100,
         description="How far above the history's maximum a point must be, in units of the history's maximum minus its "
         "median (on log latency).",
+        json_schema_extra=RUNTIME,
+    )
+    scale: Literal["range", "mad"] = Field(
+        "range",
+        description="The unit of `margin`: `range`, the history's maximum minus its median; `mad`, its robust standard "
+        "deviation within each slice (1.4826 MAD).",
         json_schema_extra=RUNTIME,
     )
     min_history_s: float = Field(
@@ -343,7 +349,7 @@ class StatisticalConfig(Section):
         json_schema_extra=RUNTIME,
     )
     clear_after_s: float = Field(
-        14400.0, ge=0, description="An anomaly alert resolves after this long with no anomalous verdict.", json_schema_extra=RUNTIME
+        28800.0, ge=0, description="An anomaly alert resolves after this long with no anomalous verdict.", json_schema_extra=RUNTIME
     )
     min_count: int = Field(
         5, ge=1,

@@ -206,7 +206,7 @@ class Evaluator:
             # rise of a few percent of latency.
             out["novelty"] = NoveltyDetector(
                 history_s=nv.history_s, recent_s=nv.recent_s, margin=nv.margin, min_history_s=nv.min_history_s,
-                clip_anomalies=st.clip_anomalies, min_spread=floor, name="novelty",
+                clip_anomalies=st.clip_anomalies, min_spread=floor, scale=nv.scale, name="novelty",
             )
         return out
 

@@ -140,3 +140,13 @@ def test_time_never_runs_backwards():
 def test_bad_arguments_are_refused(kw):
     with pytest.raises(DetectorConfigError):
         quick(**kw)
+
+
+def test_the_margin_can_be_in_robust_sigmas_instead_of_the_range():
+    # With scale="mad" the unit is the slices' robust spread (about 1 here), not maximum - median (about 3).
+    series = noisy(12, 800)
+    series[600] = series[:600].max() + 2.0
+    assert 600 in fired(run(quick(scale="mad", margin=1.5), series))
+    assert 600 not in fired(run(quick(scale="range", margin=1.5), series))
+    with pytest.raises(DetectorConfigError):
+        quick(scale="iqr")
