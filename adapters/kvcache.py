@@ -73,7 +73,8 @@ class CacheEntry:
 def tensor_bytes(obj: Any) -> int:
     """Exact bytes held by the tensors of a KV cache: ``numel() * element_size()`` over all keys and values.
 
-    Accepts a transformers ``Cache`` (``.layers[i].keys`` / ``.values``), a legacy tuple of per-layer
+    Accepts a transformers ``Cache`` (``.layers[i].keys`` / ``.values``; a layer with ``held_bytes()`` counts what
+    its preallocated buffers hold, filled or not: that is the memory it keeps alive), a legacy tuple of per-layer
     ``(key, value)`` pairs, or any nesting of lists/tuples/dicts of tensors. Duck-typed, so this module never
     imports torch.
     """
@@ -85,6 +86,10 @@ def tensor_bytes(obj: Any) -> int:
     if layers is not None:
         total = 0
         for layer in layers:
+            held = getattr(layer, "held_bytes", None)
+            if held is not None:  # a preallocated layer: its whole buffers, not only the filled part
+                total += int(held())
+                continue
             total += tensor_bytes(getattr(layer, "keys", None))
             total += tensor_bytes(getattr(layer, "values", None))
         return total

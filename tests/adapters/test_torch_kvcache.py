@@ -83,14 +83,36 @@ async def test_bytes_held_are_counted_exactly_from_the_tensors(tiny_llama_dir):
     await run_conversation(engine, "a", USER_TURNS[:2])
     entry = engine.conversations.peek("a")
     ids, kv = entry.payload
-    exact = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-                for layer in kv.layers)
-    assert entry.nbytes == exact == tensor_bytes(kv) == engine.cache_stats().bytes_held
     # The cached state covers exactly the token ids stored with it.
     assert kv.get_seq_length() == len(ids)
     cfg = engine.model.config
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
-    assert exact == per_token * len(ids)
+    # What is held is the preallocated buffers, filled or not: room for the next turn is memory in use too.
+    capacity = {layer.capacity() for layer in kv.layers}
+    assert len(capacity) == 1
+    (capacity,) = capacity
+    assert capacity > len(ids)
+    exact = per_token * capacity
+    assert entry.nbytes == exact == tensor_bytes(kv) == engine.cache_stats().bytes_held
+    filled = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                 for layer in kv.layers)
+    assert filled == per_token * len(ids) < exact
+    engine.close()
+
+
+async def test_a_next_turn_writes_into_the_buffers_it_finds(tiny_llama_dir):
+    """A short next turn fits the room reserved by the last one: no reallocation (a copy of the whole history)
+    before its first token, and its answer is what recomputing gives."""
+    engine = load(tiny_llama_dir)
+    replies = await run_conversation(engine, "r", USER_TURNS[:2])
+    _, kv = engine.conversations.peek("r").payload
+    buffers = [layer._kbuf.data_ptr() for layer in kv.layers]
+    history = USER_TURNS[0] + replies[0].text + USER_TURNS[1] + replies[1].text + " Thanks."
+    (res,) = await engine.generate([GenerationRequest(history, SP, conversation_id="r")])
+    (ref,) = await engine.generate([GenerationRequest(history, SP)])
+    assert res.cache_hit and res.text == ref.text
+    _, kv = engine.conversations.peek("r").payload
+    assert [layer._kbuf.data_ptr() for layer in kv.layers] == buffers
     engine.close()
 
 
@@ -248,3 +270,36 @@ def test_kv_cache_benchmark_runs_and_reports(tmp_path, tiny_llama_dir, capsys):
     assert line["bench"] == "kv_cache" and line["goals"] == {"reuse_speedup": ">= 10"}
     assert line["figures"]["outputs_identical"] is True
     assert line["ratios"]["reuse_speedup"] > 0
+
+
+def test_a_preallocated_layer_holds_what_a_dynamic_layer_holds():
+    """Writes in place, crops, outgrows its reservation (one reallocation, the past kept), selects rows: the keys
+    and values always equal transformers' own DynamicLayer fed the same way."""
+    from transformers.cache_utils import DynamicLayer
+
+    from adapters.hf_decode import preallocated_layer
+
+    gen = torch.Generator().manual_seed(0)
+    ours, theirs = preallocated_layer()(), DynamicLayer()
+    ours.reserve(8)
+
+    def feed(n):
+        k, v = torch.randn(2, 3, n, 4, generator=gen), torch.randn(2, 3, n, 5, generator=gen)
+        got, want = ours.update(k, v), theirs.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+    feed(5)
+    assert ours.capacity() == 8 and ours.get_seq_length() == 5
+    first = ours._kbuf.data_ptr()
+    feed(2)
+    assert ours._kbuf.data_ptr() == first  # fitted: written in place
+    ours.crop(-3), theirs.crop(-3)
+    assert ours.get_seq_length() == theirs.get_seq_length() == 4
+    feed(6)  # outgrows the 8 reserved
+    assert ours.capacity() == 10 and ours._kbuf.data_ptr() != first
+    assert ours.held_bytes() == 2 * 3 * 10 * (4 + 5) * 4
+    ours.batch_select_indices(torch.tensor([1])), theirs.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    feed_one = torch.randn(1, 3, 1, 4, generator=gen), torch.randn(1, 3, 1, 5, generator=gen)
+    got, want = ours.update(*feed_one), theirs.update(*feed_one)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
