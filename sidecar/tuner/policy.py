@@ -9,10 +9,10 @@ Two loops share one object:
   at once, and while requests are turned away with latency to spare and room inside it grows again. ``X`` is
   what the server does now: the latency windows lag (a request counts once its span arrives, seconds late), so a
   saturated server's own count of finished requests over the last tick (``Readings.served_per_s``) stands for
-  it. Where the tuner manages ``server.max_queue_wait_s``, admission is by waiting time instead: the bound is what
-  is left of that share once the engine layer has its own (the requests running in it over ``X``), corrected down
-  while the requests finishing now (the orchestrator's latency histogram since the last tick) are late after
-  waiting near it, and up while it turns requests away with latency to spare. The batch size grows while batches
+  it. Where the tuner manages ``server.max_queue_wait_s``, admission is by waiting time instead: the bound starts
+  at what is left of that share once the engine layer has its own (the requests running in it over ``X``), comes
+  down while the requests finishing now (the orchestrator's latency histogram since the last tick) are late after
+  waiting near it, and goes up while it turns requests away with latency to spare. The batch size grows while batches
   fill from the queue (with headroom, or when saturated) and the doubled batch still fits Little's law, and halves when, with batches full, one batch is more than Little's law admits
   (the batch's own run time is the latency: long prompts, a big model), on a breach or a throughput that just
   fell; both are trials: a bigger batch is rolled back if goodput fell, a smaller one unless p99 fell or
@@ -386,8 +386,8 @@ class TunerPolicy:
     def _wait_protect(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float, *,
                       slow: bool, breach: bool) -> Decision | None:
         """Bound the queue's wait once the queue gets slow, at what :meth:`_wait_ceiling` leaves of ``admission_share``
-        of the objective; bring it down to that when the engine's share grew; tighten it while the requests finishing
-        now are late and requests wait (or are turned away): what they wait is the lever.
+        of the objective; tighten it while the requests finishing now are late and requests wait (or are turned
+        away): what they wait is the lever.
 
         A late request with no queue at all, or with a queue that waited well short of the bound, is the engine's own
         time (a batch too big, long prompts, a starved CPU): the batch rules answer that, not admission.
@@ -403,11 +403,6 @@ class TunerPolicy:
             return self._move(MAX_QUEUE_WAIT, settings, ceiling, SLO_BREACH if breach else QUEUE_WAIT,
                               "tuned", level, readings, now, respect_cooldown=False)
         queued = sum(m.waiting for m in readings.models)
-        if float(bound) > 1.25 * ceiling and queued > 0:
-            # The engine holds requests longer than when the bound was set (a bigger batch, longer prompts): what is
-            # left of the objective's share for the queue shrank with it.
-            return self._move(MAX_QUEUE_WAIT, settings, ceiling, QUEUE_WAIT, "tuned", level, readings, now,
-                              respect_cooldown=False)
         worst = fresh_worst(readings.models)
         if worst is None or not self._late(worst) or (queued == 0 and readings.rejected_per_s <= 0):
             return None
@@ -415,9 +410,11 @@ class TunerPolicy:
             # Late, but nobody waited near the bound: the time is spent past the queue (the engine, a starved CPU),
             # and a tighter bound would only turn requests away.
             return None
-        # Proportional: the share of the objective the tail overshoots comes off the bound, between a fifth and half.
+        # Proportional: the share of the objective the tail overshoots comes off the bound, between a fifth and half;
+        # and at least down to what the engine's share leaves, which grows with the batch and the prompts.
         factor = min(0.8, max(0.5, worst.slo_p99_s / worst.fresh_p99_s if worst.fresh_p99_s > 0 else 0.8))
-        return self._move(MAX_QUEUE_WAIT, settings, float(bound) * factor, SLO_BREACH, "tuned", level, readings, now)
+        wanted = min(float(bound) * factor, max(ceiling, float(bound) * 0.5))
+        return self._move(MAX_QUEUE_WAIT, settings, wanted, SLO_BREACH, "tuned", level, readings, now)
 
     def _wait_ceiling(self, readings: Readings, slo: float) -> float:
         """What of ``admission_share`` of the objective is left for the queue once the engine layer has its share:
@@ -429,21 +426,19 @@ class TunerPolicy:
         return max(0.1 * slo, self.admission_share * slo - engine_s)
 
     def _wait_relax(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float) -> Decision | None:
-        """Loosen a bound that turns requests away while those finishing now have latency to spare, up to what
-        :meth:`_wait_ceiling` leaves for the queue."""
+        """Loosen a bound that turns requests away while those finishing now have latency to spare, up to
+        ``admission_share`` of the objective: a bound that turns requests away which would have met it costs goodput
+        and buys nothing (the engine's share only sets where the bound starts and how far a breach cuts it)."""
         bound = settings.get(MAX_QUEUE_WAIT)
         if not self._wait_bound_managed(settings) or bound is None or readings.rejected_per_s <= 0:
             return None
         slo = worst_slo(readings)
         worst = fresh_worst(readings.models)
-        if math.isinf(slo) or worst is None:
-            return None
-        ceiling = self._wait_ceiling(readings, slo)
-        if float(bound) >= ceiling:
+        if math.isinf(slo) or worst is None or float(bound) >= self.admission_share * slo:
             return None
         if worst.fresh_p99_s >= (1 - self.deadband) * worst.slo_p99_s or worst.fresh_attainment < self.attainment_target:
             return None
-        return self._move(MAX_QUEUE_WAIT, settings, min(ceiling, float(bound) * 1.25), HEADROOM,
+        return self._move(MAX_QUEUE_WAIT, settings, min(self.admission_share * slo, float(bound) * 1.25), HEADROOM,
                           "tuned", level, readings, now)
 
     def _memory_pressure(self, readings: Readings) -> bool:

@@ -527,19 +527,22 @@ def test_a_bound_that_turns_requests_away_with_latency_to_spare_loosens_up_to_th
         decisions = p.tick(readings(current, **spare), float(i * 2)).decisions
         values += [d.new for d in decisions if d.knob == MAX_QUEUE_WAIT]
         current = apply(current, decisions)
-    assert values == [pytest.approx(0.5), pytest.approx(0.54)]  # 0.7 less 16 running at 100 req/s
-    assert current[MAX_QUEUE_WAIT] == pytest.approx(0.54)
+    assert values == [pytest.approx(0.5), pytest.approx(0.625), pytest.approx(0.7)]  # a quarter a tick, to the share
+    assert current[MAX_QUEUE_WAIT] == pytest.approx(0.7)
     # While the bound is what turns requests away, the capacity (far from full) does not grow.
     assert current[QUEUE_CAPACITY] == START[QUEUE_CAPACITY]
 
 
-def test_when_the_engine_holds_requests_longer_the_bound_comes_down_to_what_is_left_at_once():
-    p = policy(bounds=WAIT_BOUNDS, cooldown_s=60.0)
+def test_late_while_the_engine_holds_requests_longer_cuts_the_bound_to_what_is_left_at_once():
+    p = policy(bounds=WAIT_BOUNDS)
     current = {**WAIT_START, MAX_QUEUE_WAIT: 0.6}
-    # A bigger batch: 40 inside the engine layer at 100 req/s is 0.4 s of the 0.7 s share.
-    grown = readings(current, rps=100.0, p99=0.5, waiting=30, running=40)
-    [d] = [d for d in p.tick(grown, 0.0).decisions if d.knob == MAX_QUEUE_WAIT]
-    assert d.reason == "queue_wait" and d.new == pytest.approx(0.3)
-    # Without a queue there is nothing to bound: no change.
-    assert all(x.knob != MAX_QUEUE_WAIT for x in policy(bounds=WAIT_BOUNDS).tick(
-        readings(current, rps=100.0, p99=0.5, waiting=0, running=40), 0.0).decisions)
+    # A bigger batch: 40 inside the engine layer at 100 req/s is 0.4 s of the 0.7 s share, and the tail is a little
+    # late: the cut goes to the 0.3 s left, not just the fifth the overshoot alone would take.
+    grown = dict(rps=100.0, p99=0.5, waiting=30, running=40, fresh_requests=200.0, fresh_p99_s=1.05,
+                 fresh_attainment=0.97)
+    [d] = [d for d in p.tick(readings(current, **grown), 0.0).decisions if d.knob == MAX_QUEUE_WAIT]
+    assert d.reason == "slo_breach" and d.new == pytest.approx(0.3)
+    # In time, the same share leaves the bound alone: a bound that binds only when it must.
+    calm = policy(bounds=WAIT_BOUNDS)
+    assert all(x.knob != MAX_QUEUE_WAIT for x in calm.tick(
+        readings(current, **{**grown, "fresh_p99_s": 0.6, "fresh_attainment": 1.0}), 0.0).decisions)
