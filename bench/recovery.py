@@ -8,8 +8,9 @@ server named ``EngineCore``) and keeps the load on. Figures:
 - ``engine_core_recovery_s``: from the kill until a request sent after it has succeeded and none fails any more
   (goal <= 30 on this machine): the chain notices the dead core, moves the model to torch and retries there;
 - ``in_flight_stall_s``: the longest a request that was running at the kill waited for its answer;
-- ``vllm_back_s``: from the kill until vLLM serves the model again (readiness names the engine), after the
-  re-probe;
+- ``vllm_back_s``: from the kill until vLLM serves the model again and readiness says ready (it names the
+  engine), after the re-probe; ``readiness_after_kill`` the readiness statuses seen in between, in order, and
+  ``degraded_reason`` the first reason it gave;
 - every answer's status during the run: each request gets an answer (a result, or 503 with ``Retry-After``);
   ``unanswered`` (a connection error or a 5xx other than 503) must be 0.
 
@@ -95,10 +96,15 @@ async def _load(base: str, connections: int, stop: asyncio.Event, log: list[tupl
         await asyncio.gather(*(client() for _ in range(connections)))
 
 
-async def _engine_of(session: Any, base: str) -> str | None:
+async def _readiness(session: Any, base: str) -> tuple[str | None, str | None, list[str]]:
+    """The model's engine, the server's readiness status and its degraded reasons, from ``/health/ready``."""
     async with session.get(f"{base}/health/ready") as resp:
         body = await resp.json()
-    return (body.get("models", {}).get("m") or {}).get("engine")
+    return (body.get("models", {}).get("m") or {}).get("engine"), body.get("status"), list(body.get("degraded", []))
+
+
+async def _engine_of(session: Any, base: str) -> str | None:
+    return (await _readiness(session, base))[0]
 
 
 async def _kill_run(args: argparse.Namespace, model_dir: Path, work: Path) -> dict[str, Any]:
@@ -123,13 +129,19 @@ async def _kill_run(args: argparse.Namespace, model_dir: Path, work: Path) -> di
         killed_at = time.monotonic()
         core.send_signal(signal.SIGKILL)
         vllm_back = None
+        degraded_reason = None
+        statuses_seen: list[str] = []
         async with aiohttp.ClientSession() as session:
             deadline = killed_at + args.reprobe_after * 4 + args.start_timeout
             seen_other = False
             while time.monotonic() < deadline:
-                engine = await _engine_of(session, base)
+                engine, status, degraded = await _readiness(session, base)
+                if status and (not statuses_seen or statuses_seen[-1] != status):
+                    statuses_seen.append(status)
+                if degraded and degraded_reason is None:
+                    degraded_reason = degraded[0]
                 seen_other = seen_other or engine != "vllm"
-                if seen_other and engine == "vllm":
+                if seen_other and engine == "vllm" and status == "ready":
                     vllm_back = time.monotonic() - killed_at
                     break
                 await asyncio.sleep(0.2)
@@ -149,7 +161,9 @@ async def _kill_run(args: argparse.Namespace, model_dir: Path, work: Path) -> di
     unanswered = sum(n for s, n in statuses.items() if s in ("0", "599") or (s.startswith("5") and s != "503"))
     return {"engine_core_recovery_s": round(recovery, 3), "in_flight_stall_s": round(stall, 3), "vllm_back_s": None if vllm_back is None else round(vllm_back, 3),
             "statuses": dict(sorted(statuses.items())), "unanswered": unanswered,
-            "requests_after_kill": len(after), "failed_after_kill": len(failures)}
+            "requests_after_kill": len(after), "failed_after_kill": len(failures),
+            # What /health/ready said after the kill, in order (e.g. degraded while torch serves, then ready).
+            "readiness_after_kill": statuses_seen, "degraded_reason": degraded_reason}
 
 
 async def _throughput(args: argparse.Namespace, model_dir: Path, work: Path, replicas: int) -> dict[str, Any]:

@@ -23,5 +23,8 @@ def test_a_killed_engine_core_costs_no_request_and_vllm_comes_back(tmp_path: Pat
     assert kill["unanswered"] == 0 and kill["requests_after_kill"] > 0
     assert kill["engine_core_recovery_s"] <= 30
     assert kill["vllm_back_s"] is not None, "vLLM never took the model back after the re-probe"
+    # Readiness shows the degradation and its cause while torch serves, and is ready again once vLLM is back.
+    assert "degraded" in kill["readiness_after_kill"] and kill["readiness_after_kill"][-1] == "ready"
+    assert kill["degraded_reason"] and "vllm" in kill["degraded_reason"].lower()
     assert report["figures"]["replicas_2"]["req_per_s"] > 0 and report["figures"]["replicas_2"]["errors"] == 0
     assert report["ratios"]["replicas2_vs_1"] > 0
