@@ -31,3 +31,23 @@ def test_the_budget_figure_is_computed_and_counts_alerts():
     # A hair-trigger EWMA pages on this healthy traffic: the figure sees false alarms when there are some.
     jumpy = StatisticalConfig(ewma={"z_threshold": 0.5, "smoothing": 1.0}, clear_after_s=60.0)
     assert false_alerts(jumpy, 0, hours=6) > 0
+
+
+def test_the_shipped_new_maximum_is_quiet_on_two_healthy_days_and_pages_on_a_threefold_slowdown():
+    from alerting import AlertBook
+    from sidecar.config import DetectorsConfig, MonitorConfig
+    from sidecar.evaluation import ALERT_ANOMALY, Evaluator
+    from sidecar.monitor import PerformanceMonitor
+
+    only = StatisticalConfig(ewma={"enabled": False})  # the new maximum alone, as shipped
+    assert only.novelty.enabled
+    assert false_alerts(only, 2, hours=48, rps=2.0) == 0
+    ends, p95 = interval_p95s(4, hours=32, rps=5.0)
+    change = 30 * 3600.0
+    p95 = np.where(ends > change, 3.0 * p95, p95)
+    ev = Evaluator(DetectorsConfig(statistical=only), monitor=PerformanceMonitor(windows=MonitorConfig().windows),
+                   book=AlertBook())
+    fired = [now for now, v in zip(ends.tolist(), p95.tolist(), strict=True)
+             for a in ev.judge_point("m", "chat", v, now, now)
+             if a.status == "firing" and a.labels["alertname"] == ALERT_ANOMALY]
+    assert fired and change < fired[0] <= change + 120.0, fired[:3]

@@ -59,6 +59,8 @@ def test_a_threefold_slowdown_fires_every_detector_within_two_minutes(rps):
     first = {}
     for t, detector in fired:
         first.setdefault(detector, t)
+    # The new maximum (on by default) waits for a day of history, so it is silent within this hour; its own slowdown
+    # and two-day stationary checks are in tests/bench/test_nab_stationary.py.
     assert set(first) == {"ewma", "mad", "cusum"}
     assert all(1800 < t <= 1920 for t in first.values()), first
 
