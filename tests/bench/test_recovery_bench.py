@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600
 
 def test_a_killed_engine_core_costs_no_request_and_vllm_comes_back(tmp_path: Path, capsys):
     status = recovery.main(["--warmup", "1.5", "--duration", "2", "--reprobe-after", "3", "--connections", "4",
-                            "--results-dir", str(tmp_path), "--strict"])
+                            "--rounds", "1", "--results-dir", str(tmp_path), "--strict"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert status == 0, report["goals"]
     kill = report["figures"]["engine_core_kill"]
