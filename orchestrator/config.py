@@ -45,7 +45,7 @@ class OnnxEngineConfig(Section):
     cache_dir: str | None = Field(
         None, description="Where converted models are cached; default: <MUAI_CACHE_DIR or ~/.cache/muai>/onnx."
     )
-    intra_op_threads: int | None = Field(None, ge=1, description="ORT intra-op threads; unset keeps ORT's default.")
+    intra_op_threads: int | None = Field(None, ge=1, description="ORT intra-op threads; unset: 1 for a model narrower than 512, else ORT's default.")
 
 
 class DeepSpeedEngineConfig(Section):

@@ -83,6 +83,19 @@ def test_status_names_the_execution_provider_in_use(ort_llama):
     assert status["onnx_path"].endswith("model.onnx")
 
 
+def test_the_served_graph_is_the_fused_export_and_fewer_kernels(ort_llama):
+    """ORT's transformer fusions are applied to the export (cached beside it), and that graph is what was
+    validated and serves: fewer nodes for the same answers (greedy equality is the test below)."""
+    import onnx
+
+    status = ort_llama.status()
+    assert status["fused"] is True and status["served_path"].endswith("model.fused.onnx")
+    plain = onnx.load(status["onnx_path"], load_external_data=False).graph.node
+    served = onnx.load(status["served_path"], load_external_data=False).graph.node
+    assert len(served) < len(plain)
+    assert any(n.op_type.endswith("SimplifiedLayerNormalization") for n in served)
+
+
 def test_greedy_matches_torch_token_for_token(ort_llama, torch_llama):
     expected = _shape(torch_llama._generate_sync(_greedy()))
     assert _shape(ort_llama._generate_sync(_greedy())) == expected
