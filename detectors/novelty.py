@@ -42,6 +42,7 @@ _MAX_SLICE_VALUES = 4096
 _MAX_RECENT_VALUES = 100_000
 _MAD_TO_STD = 1.482602218505602
 _SCALES = ("range", "mad")
+_DIRECTIONS = ("up", "both")
 
 
 class NoveltyDetector:
@@ -56,7 +57,9 @@ class NoveltyDetector:
         warmup: values the history must hold before the first verdict (>= 1); with ``recent_s = 0`` the first
             ``warmup`` values give no verdict.
         buckets: time slices the history is kept in (2 .. 100 000).
-        clip_anomalies: an anomalous value joins the history no higher than the bar it broke.
+        direction: ``"up"``, only a new maximum; ``"both"``, also a new minimum: a value below the history's
+            minimum by ``margin`` x its lower range (median - minimum).
+        clip_anomalies: an anomalous value joins the history no further out than the bar it broke.
         min_spread: floor of the upper range; None means 1% of |maximum| (never below 1e-12).
         name: the name verdicts carry.
     """
@@ -73,6 +76,7 @@ class NoveltyDetector:
         buckets: int = 72,
         *,
         scale: str = "range",
+        direction: str = "up",
         clip_anomalies: bool = True,
         min_spread: float | None = None,
         name: str | None = None,
@@ -87,6 +91,9 @@ class NoveltyDetector:
         if scale not in _SCALES:
             raise DetectorConfigError(f"scale must be one of {', '.join(_SCALES)}, got {scale!r}")
         self._scale = scale
+        if direction not in _DIRECTIONS:
+            raise DetectorConfigError(f"direction must be one of {', '.join(_DIRECTIONS)}, got {direction!r}")
+        self._direction = direction
         self._min_spread = None if min_spread is None else check.real("min_spread", min_spread, lo=0.0)
         self._width = self._history_s / self._buckets
         self.name = check.name("name", self._kind if name is None else name)
@@ -95,7 +102,7 @@ class NoveltyDetector:
     def __repr__(self) -> str:
         return (
             f"NoveltyDetector(history_s={self._history_s:g}, recent_s={self._recent_s:g}, margin={self._margin:g}, "
-            f"min_history_s={self._min_history_s:g}, warmup={self._warmup}, name={self.name!r})"
+            f"min_history_s={self._min_history_s:g}, warmup={self._warmup}, direction={self._direction!r}, name={self.name!r})"
         )
 
     @property
@@ -105,6 +112,10 @@ class NoveltyDetector:
     @property
     def margin(self) -> float:
         return self._margin
+
+    @property
+    def direction(self) -> str:
+        return self._direction
 
     @property
     def warming_up(self) -> bool:
@@ -130,11 +141,13 @@ class NoveltyDetector:
         self._score = math.nan
         self._latest = -math.inf
         self._recent: deque[tuple[float, float]] = deque()  # (now, value as it will join the history)
-        self._closed: deque[tuple[int, float, float, int]] = deque()  # (slice index, maximum, median, values)
+        # (slice index, maximum, median, values, robust sd, minimum)
+        self._closed: deque[tuple[int, float, float, int, float, float]] = deque()
         self._count = 0  # values in the history
         self._open_index: int | None = None
         self._open_vals: list[float] = []
         self._open_max = -math.inf
+        self._open_min = math.inf
         self._open_n = 0
         self._first: float | None = None  # when the oldest value in the history was seen
         self._medians_cache: float | None = None
@@ -150,9 +163,9 @@ class NoveltyDetector:
             vals = np.asarray(self._open_vals)
             med = float(np.median(vals))
             self._closed.append((self._open_index, self._open_max, med, self._open_n,
-                                 _MAD_TO_STD * float(np.median(np.abs(vals - med)))))
+                                 _MAD_TO_STD * float(np.median(np.abs(vals - med))), self._open_min))
             self._medians_cache = None
-        self._open_index, self._open_vals, self._open_max, self._open_n = None, [], -math.inf, 0
+        self._open_index, self._open_vals, self._open_max, self._open_min, self._open_n = None, [], -math.inf, math.inf, 0
 
     def _enter(self, t: float, x: float) -> None:
         index = math.floor(t / self._width)
@@ -165,6 +178,7 @@ class NoveltyDetector:
         if len(self._open_vals) > _MAX_SLICE_VALUES:
             self._open_vals = self._open_vals[::2]
         self._open_max = max(self._open_max, x)
+        self._open_min = min(self._open_min, x)
         if self._first is None:
             self._first = t
 
@@ -178,7 +192,8 @@ class NoveltyDetector:
             dropped = True
         if self._open_index is not None and self._open_index < oldest:
             self._count -= self._open_n
-            self._open_index, self._open_vals, self._open_max, self._open_n = None, [], -math.inf, 0
+            self._open_index, self._open_vals, self._open_max, self._open_min, self._open_n = (
+                None, [], -math.inf, math.inf, 0)
             dropped = True
         if dropped:
             self._medians_cache = None
@@ -189,6 +204,9 @@ class NoveltyDetector:
 
     def _max(self) -> float:
         return max(max((c[1] for c in self._closed), default=-math.inf), self._open_max)
+
+    def _min(self) -> float:
+        return min(min((c[5] for c in self._closed), default=math.inf), self._open_min)
 
     def _median(self) -> float:
         if not self._closed:
@@ -221,18 +239,37 @@ class NoveltyDetector:
             self._recent.append((t, x))
             return None
         top, med = self._max(), self._median()
+        up = self._judge_side(x, top, med, top - med)
+        down = None
+        if self._direction == "both":
+            bottom = self._min()
+            down = self._judge_side(-x, -bottom, -med, med - bottom)
+        score, spread, bar = up
+        side, edge = "above", top
+        if down is not None and down[0] > score:
+            score, spread, bar = down
+            side, edge, bar = "below", bottom, -bar
+        anomalous = score > self._margin
+        joined = x
+        if anomalous and self._clip:
+            joined = min(x, bar) if side == "above" else max(x, bar)
+        self._recent.append((t, joined))
+        self._score = score
+        extreme = "maximum" if side == "above" else "minimum"
+        word = "upper" if side == "above" else "lower"
+        rng = "maximum - median" if side == "above" else "median - minimum"
+        reason = (
+            f"{self.name}: value {x:.6g} is {side if anomalous else 'within'} the bar {bar:.6g}: the {extreme} "
+            f"{edge:.6g} of the history ({self._history_s:g} s, the latest {self._recent_s:g} s left out) "
+            f"{'plus' if side == 'above' else 'minus'} {self._margin:g} x its {word} range {spread:.6g} ({rng}, "
+            f"median {med:.6g})"
+        )
+        return Verdict(anomalous=anomalous, score=score, value=x, baseline=edge, detector=self.name, reason=reason,
+                       threshold=self._margin, at=t)
+
+    def _judge_side(self, x: float, top: float, med: float, span: float) -> tuple[float, float, float]:
+        """(score, spread, bar) of ``x`` against a new maximum ``top``; the new minimum is judged on negated values."""
         floor = max(self._min_spread, _ABS_SPREAD_FLOOR) if self._min_spread is not None else max(
             _REL_SPREAD_FLOOR * abs(top), _ABS_SPREAD_FLOOR)
-        spread = max(top - med if self._scale == "range" else self._mad(), floor)
-        score = max(0.0, (x - top) / spread)
-        anomalous = score > self._margin
-        bar = top + self._margin * spread
-        self._recent.append((t, min(x, bar) if anomalous and self._clip else x))
-        self._score = score
-        reason = (
-            f"{self.name}: value {x:.6g} is {'above' if anomalous else 'within'} the bar {bar:.6g}: the maximum "
-            f"{top:.6g} of the history ({self._history_s:g} s, the latest {self._recent_s:g} s left out) plus "
-            f"{self._margin:g} x its upper range {spread:.6g} (maximum - median {med:.6g})"
-        )
-        return Verdict(anomalous=anomalous, score=score, value=x, baseline=top, detector=self.name, reason=reason,
-                       threshold=self._margin, at=t)
+        spread = max(span if self._scale == "range" else self._mad(), floor)
+        return max(0.0, (x - top) / spread), spread, top + self._margin * spread

@@ -307,6 +307,12 @@ class NoveltyConfig(Section):
         "deviation within each slice (1.4826 MAD).",
         json_schema_extra=RUNTIME,
     )
+    direction: Literal["up", "both"] = Field(
+        "both",
+        description="`up`: only a new maximum pages; `both`: also a new minimum, a point below the history's lowest by "
+        "`margin` x its median minus its minimum (a p95 far below anything in days: requests failing fast).",
+        json_schema_extra=RUNTIME,
+    )
     min_history_s: float = Field(
         86_400.0, ge=0, le=90 * 86_400,
         description="The span the history must cover before the first verdict (a day: one daily cycle seen).",

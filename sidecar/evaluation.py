@@ -206,7 +206,8 @@ class Evaluator:
             # rise of a few percent of latency.
             out["novelty"] = NoveltyDetector(
                 history_s=nv.history_s, recent_s=nv.recent_s, margin=nv.margin, min_history_s=nv.min_history_s,
-                clip_anomalies=st.clip_anomalies, min_spread=floor, scale=nv.scale, name="novelty",
+                clip_anomalies=st.clip_anomalies, min_spread=floor, scale=nv.scale, direction=nv.direction,
+                name="novelty",
             )
         return out
 
@@ -398,8 +399,13 @@ class Evaluator:
                     why = (f"likelihood {verdict.score:.6f} above {verdict.threshold:.6g}: the recent intervals' p95 rose "
                            "further above their rolling median than this series has shown in its history")
                 elif name == "novelty":
-                    why = (f"{verdict.score:.2f} upper ranges above the highest p95 of the history (threshold "
-                           f"{verdict.threshold:g}): higher than this series has been for days")
+                    if verdict.value >= verdict.baseline:
+                        why = (f"{verdict.score:.2f} upper ranges above the highest p95 of the history (threshold "
+                               f"{verdict.threshold:g}): higher than this series has been for days")
+                    else:
+                        why = (f"{verdict.score:.2f} lower ranges below the lowest p95 of the history (threshold "
+                               f"{verdict.threshold:g}): lower than this series has been for days (requests failing "
+                               "fast, or not doing their work?)")
                 else:
                     why = f"score {verdict.score:.2f} above {verdict.threshold:g} (sigmas of log latency)"
                 ann = {

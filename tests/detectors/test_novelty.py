@@ -150,3 +150,55 @@ def test_the_margin_can_be_in_robust_sigmas_instead_of_the_range():
     assert 600 not in fired(run(quick(scale="range", margin=1.5), series))
     with pytest.raises(DetectorConfigError):
         quick(scale="iqr")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_both_directions_also_find_a_new_minimum(seed):
+    drop = noisy(seed, 800)
+    drop[500:] -= 8.0
+    verdicts = run(quick(direction="both"), drop)
+    assert fired(verdicts[:500]) == [] and 500 in fired(verdicts)
+    v = verdicts[500]
+    assert v.value < v.baseline and "below" in v.reason and "minimum" in v.reason
+    assert v.baseline == pytest.approx(min(drop[:500]))  # the history's minimum (nothing held back here)
+    dip = noisy(seed, 800)
+    dip[500] -= 12.0
+    assert fired(run(quick(direction="both"), dip)) == [500]
+    # Rises are judged exactly as with direction "up".
+    step = noisy(seed, 800)
+    step[500:] += 8.0
+    up, both = run(quick(), step), run(quick(direction="both"), step)
+    assert fired(up) == fired(both) and 500 in fired(both)
+
+
+def test_a_new_minimum_joins_the_history_clipped_to_its_bar():
+    series = noisy(4, 800)
+    series[500] -= 1e6
+    det = quick(direction="both", history_s=10_000.0, buckets=10)
+    verdicts = run(det, series)
+    assert fired(verdicts) == [500]
+    # The huge dip joined no lower than its bar, so the history's minimum stays near the series' own.
+    assert det._min() > series[500] / 1000
+
+
+def test_two_sided_never_fires_on_in_control_noise():
+    assert len(fired(run(quick(direction="both"), noisy(10, n=50_000)))) <= 10
+    assert len(fired(run(quick(direction="both", history_s=5000.0, buckets=50, warmup=1000), noisy(11, n=50_000)))) <= 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.floats(min_value=-1e6, max_value=1e6), min_size=101, max_size=160))
+def test_two_sided_verdicts_name_the_extreme_they_beat(values):
+    verdicts = run(quick(direction="both"), values)
+    for i, v in enumerate(verdicts):
+        if v is None:
+            continue
+        assert v.score >= 0.0 and v.anomalous == (v.score > v.threshold)
+        if v.anomalous:
+            assert (v.value > v.baseline) == ("above" in v.reason)
+
+
+def test_direction_is_validated():
+    with pytest.raises(DetectorConfigError):
+        NoveltyDetector(direction="down-ish")
+    assert NoveltyDetector(direction="both").direction == "both"
