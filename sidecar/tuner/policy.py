@@ -463,7 +463,9 @@ class TunerPolicy:
         out = []
         admit = self._capacity_target(readings, settings)
         for knob, value in target.items():
-            if knob not in settings or value is None or settings[knob] is None or knob == KV_BUDGET:
+            # A wait bound that worked here is set even while it is off; the other knobs move from a value.
+            unset = settings.get(knob) is None and knob != MAX_QUEUE_WAIT
+            if knob not in settings or value is None or unset or knob == KV_BUDGET:
                 continue
             wanted = float(value)
             if knob == QUEUE_CAPACITY and admit is not None and wanted > max(float(settings[knob]), admit):

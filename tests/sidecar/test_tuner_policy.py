@@ -546,3 +546,20 @@ def test_late_while_the_engine_holds_requests_longer_cuts_the_bound_to_what_is_l
     calm = policy(bounds=WAIT_BOUNDS)
     assert all(x.knob != MAX_QUEUE_WAIT for x in calm.tick(
         readings(current, **{**grown, "fresh_p99_s": 0.6, "fresh_attainment": 1.0}), 0.0).decisions)
+
+
+def test_a_warm_table_sets_the_wait_bound_that_worked_here_even_while_it_is_off():
+    level_readings = dict(rps=100.0, p99=0.5, attainment=0.95, waiting=3, running=16)
+    table = LearnedTable(min_samples=3)
+    level = load_level(readings(WAIT_START, **level_readings))
+    for _ in range(5):
+        table.observe(Observation(0.0, level, {**WAIT_START, MAX_QUEUE_WAIT: 0.4}, 98.0, 1.0, 100.0))
+    p = policy(bounds=WAIT_BOUNDS, learned=table, learn_confirm_ticks=2)
+    current = dict(WAIT_START)
+    decisions = []
+    for t in (0.0, 2.0, 4.0):
+        out = p.tick(readings(current, **level_readings), t).decisions
+        decisions += out
+        current = apply(current, out)
+    [d] = [d for d in decisions if d.knob == MAX_QUEUE_WAIT]
+    assert (d.old, d.new, d.source) == (None, 0.4, "learned")
