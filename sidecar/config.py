@@ -286,7 +286,7 @@ class NoveltyConfig(Section):
 
     enabled: bool = Field(True, description="Run this detector.", json_schema_extra=RUNTIME)
     history_s: float = Field(
-        172_800.0, gt=0, le=90 * 86_400, description="How far back the history whose maximum a point must beat reaches.",
+        259_200.0, gt=0, le=90 * 86_400, description="How far back the history whose maximum a point must beat reaches.",
         json_schema_extra=RUNTIME,
     )
     recent_s: float = Field(
@@ -296,7 +296,7 @@ class NoveltyConfig(Section):
         json_schema_extra=RUNTIME,
     )
     margin: float = Field(
-        0.4, gt=0, le=100,
+        0.35, gt=0, le=100,
         description="How far above the history's maximum a point must be, in units of the history's maximum minus its "
         "median (on log latency).",
         json_schema_extra=RUNTIME,
