@@ -51,3 +51,23 @@ def test_the_shipped_new_maximum_is_quiet_on_two_healthy_days_and_pages_on_a_thr
              for a in ev.judge_point("m", "chat", v, now, now)
              if a.status == "firing" and a.labels["alertname"] == ALERT_ANOMALY]
     assert fired and change < fired[0] <= change + 120.0, fired[:3]
+
+
+def test_the_shipped_new_minimum_pages_when_requests_start_failing_fast():
+    from alerting import AlertBook
+    from sidecar.config import DetectorsConfig, MonitorConfig
+    from sidecar.evaluation import ALERT_ANOMALY, Evaluator
+    from sidecar.monitor import PerformanceMonitor
+
+    only = StatisticalConfig(ewma={"enabled": False})
+    assert only.novelty.direction == "both"
+    ends, p95 = interval_p95s(6, hours=32, rps=5.0)
+    change = 30 * 3600.0
+    p95 = np.where(ends > change, p95 / 5.0, p95)  # an error path that answers five times faster
+    ev = Evaluator(DetectorsConfig(statistical=only), monitor=PerformanceMonitor(windows=MonitorConfig().windows),
+                   book=AlertBook())
+    fired = [(now, a) for now, v in zip(ends.tolist(), p95.tolist(), strict=True)
+             for a in ev.judge_point("m", "chat", v, now, now)
+             if a.status == "firing" and a.labels["alertname"] == ALERT_ANOMALY]
+    assert fired and change < fired[0][0] <= change + 120.0, [t for t, _ in fired[:3]]
+    assert "lower than this series has been" in fired[0][1].annotations["description"]
