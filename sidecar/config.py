@@ -355,7 +355,7 @@ class StatisticalConfig(Section):
         json_schema_extra=RUNTIME,
     )
     clear_after_s: float = Field(
-        28800.0, ge=0, description="An anomaly alert resolves after this long with no anomalous verdict.", json_schema_extra=RUNTIME
+        14400.0, ge=0, description="An anomaly alert resolves after this long with no anomalous verdict.", json_schema_extra=RUNTIME
     )
     min_count: int = Field(
         5, ge=1,
