@@ -494,6 +494,11 @@ class TunerPolicy:
             window = self._window_rule(readings, settings, worst, level, now)
             return [d for d in (window, relax) if d]
         headroom = worst is None or (worst.p99_s < (1 - self.deadband) * worst.slo_p99_s and not ttft_breach(worst))
+        # The windows lag by seconds; the requests finished since the last tick do not. A tail already past the
+        # deadband there is no time for an experiment (in one run a batch doubled to 64 on the window's headroom
+        # while the fresh p99 stood at 0.98 of the objective, and the next tick's was 2.5 times it).
+        fresh = fresh_worst(readings.models)
+        fresh_late = fresh is not None and fresh.fresh_p99_s >= (1 - self.deadband) * fresh.slo_p99_s
         out: list[Decision] = []
         queued = sum(m.waiting for m in readings.models)
         batch = settings.get(MAX_BATCH)
@@ -502,7 +507,7 @@ class TunerPolicy:
         throughput = self._throughput(readings)
         # The windows lag (spans arrive seconds late): what is inside the server now must fit Little's law too.
         fits = throughput > 0 and readings.in_flight / throughput <= worst_slo(readings) * self.admission_share
-        if worst is not None and headroom and fits:
+        if worst is not None and headroom and fits and not fresh_late:
             # Under a wait bound the refusals may be its own: only a queue that is nearly full is the capacity's.
             bounded = settings.get(MAX_QUEUE_WAIT) is not None and self._wait_bound_managed(settings)
             full = capacity is not None and readings.in_flight >= 0.9 * float(capacity)
@@ -529,7 +534,7 @@ class TunerPolicy:
             shrink = self._move(MAX_BATCH, settings, float(batch) / 2, SLO_BREACH, "tuned", level, readings, now)
             if shrink:
                 out.append(shrink)
-        if shrink is None and worst is not None and (headroom or readings.rejected_per_s > 0):
+        if shrink is None and worst is not None and (headroom or readings.rejected_per_s > 0) and not fresh_late:
             # Batches that fill from the queue: a bigger one may raise throughput (and with it what admission
             # lets in). Worth trying when saturated even without headroom; the trial undoes it if goodput fell.
             # Never past what Little's law admits: a batch past it would be halved again by the rule above (and

@@ -563,3 +563,14 @@ def test_a_warm_table_sets_the_wait_bound_that_worked_here_even_while_it_is_off(
         current = apply(current, out)
     [d] = [d for d in decisions if d.knob == MAX_QUEUE_WAIT]
     assert (d.old, d.new, d.source) == (None, 0.4, "learned")
+
+
+def test_no_experiment_while_the_requests_finishing_now_are_late_whatever_the_window_says():
+    """Full batches from the queue and requests turned away would try a bigger batch, unless the fresh tail is late."""
+    setting = {**START, MAX_BATCH: 16}
+    saturated = dict(rps=200.0, p99=0.3, waiting=64, running=32, rejected=50.0)
+    grows = policy().tick(readings(setting, **saturated), 0.0).decisions
+    assert any(d.knob == MAX_BATCH and d.new == 32 for d in grows)
+    late = policy().tick(readings(setting, **saturated, fresh_requests=300.0, fresh_p99_s=0.95,
+                                  fresh_attainment=0.99), 0.0).decisions
+    assert all(d.knob != MAX_BATCH for d in late) and all(d.knob != QUEUE_CAPACITY or d.new < d.old for d in late)
