@@ -108,8 +108,9 @@ class ModelReading:
     fresh_attainment: float = math.nan
     """Share of those requests that finished within ``slo_p99_s`` (NaN with none).
 
-    The windows see a request once its span is exported (seconds later) and average over the whole window; these
-    two describe only the requests that ended since the last tick, so a change shows in them within a tick."""
+    The windows see a request once its span is exported (seconds later) and average over the whole window; the
+    fresh figures describe only the requests that ended since the last tick, so a change shows in them within a
+    tick."""
 
     def fresh(self, least: float = 20.0) -> bool:
         """Enough requests finished since the last tick for the fresh figures to mean something."""
@@ -267,8 +268,7 @@ def ttft_breach(m: ModelReading) -> bool:
 __all__ = [
     "BATCH_TIMEOUT", "BATCH_WINDOW", "CACHE_EVICTIONS", "HEADROOM", "INTEGER_KNOBS", "KNOBS", "KV_BUDGET", "LEARNED",
     "MAX_BATCH", "MAX_QUEUE_WAIT", "MEMORY_PRESSURE", "NULLABLE_KNOBS", "QUEUE_CAPACITY", "QUEUE_WAIT", "REASONS",
-    "ROLLBACK", "RUNNING_LIMIT",
-    "SLO_BREACH", "Bounds", "Decision", "ModelReading", "Observation", "Readings", "Source", "Value",
-    "fresh_worst", "histogram_delta", "histogram_quantile", "histogram_share_within", "ttft_breach",
-    "worst_model", "worst_slo",
+    "ROLLBACK", "RUNNING_LIMIT", "SLO_BREACH", "Bounds", "Decision", "ModelReading", "Observation", "Readings",
+    "Source", "Value", "fresh_worst", "histogram_delta", "histogram_quantile", "histogram_share_within",
+    "ttft_breach", "worst_model", "worst_slo",
 ]
