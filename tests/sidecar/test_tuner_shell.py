@@ -173,3 +173,22 @@ def test_the_fresh_served_rate_is_the_orchestrators_own_count_between_two_ticks(
     assert tuner.readings(view, 12.0).served_per_s == pytest.approx(140.0)
     view.finished_total = 0.0  # the orchestrator restarted: no negative rate
     assert tuner.readings(view, 14.0).served_per_s == 0.0
+
+
+def test_histogram_figures_between_two_readings():
+    from sidecar.tuner.readings import histogram_delta, histogram_quantile, histogram_share_within
+
+    before = {0.5: 10.0, 1.0: 10.0, 2.5: 10.0, math.inf: 10.0}
+    now = {0.5: 10.0, 1.0: 90.0, 2.5: 100.0, math.inf: 100.0}  # 80 in (0.5, 1], 10 in (1, 2.5]
+    delta = histogram_delta(now, before)
+    assert delta == [(0.5, 0.0), (1.0, 80.0), (2.5, 90.0), (math.inf, 90.0)]
+    assert histogram_share_within(delta, 1.0) == pytest.approx(80 / 90)
+    assert histogram_share_within(delta, 0.75) == pytest.approx(40 / 90)  # linear inside its bucket
+    assert histogram_quantile(delta, 0.5) == pytest.approx(0.5 + 0.5 * 45 / 80)
+    assert 1.0 < histogram_quantile(delta, 0.99) <= 2.5
+    # A counter that went down is a restarted orchestrator: everything it holds is new.
+    assert histogram_delta({0.5: 3.0, math.inf: 4.0}, {0.5: 10.0, math.inf: 12.0}) == [(0.5, 3.0), (math.inf, 4.0)]
+    # Past the last finite bound the quantile reads that bound; nothing new reads NaN.
+    assert histogram_quantile([(1.0, 0.0), (math.inf, 5.0)], 0.99) == 1.0
+    assert math.isnan(histogram_quantile(histogram_delta(now, now), 0.99))
+    assert math.isnan(histogram_share_within([], 1.0))
