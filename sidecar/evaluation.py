@@ -414,7 +414,8 @@ class Evaluator:
                     "description": f"{name}: the latest interval's p95 is {_fmt(value / baseline)}x its baseline; {why}",
                     "score": _fmt(verdict.score),
                 }
-                for_s = st.novelty.for_s if name == "novelty" else st.for_s
+                # A detector's section may carry its own `for` delay (novelty's spikes last one point).
+                for_s = getattr(getattr(st, name), "for_s", st.for_s)
                 fired = self._observe(out, labels(name), ann, wall=wall, active=True, for_s=for_s,
                                       value=value, threshold=verdict.threshold)
                 if fired is not None:

@@ -11,12 +11,12 @@ import numpy as np
 
 from alerting import AlertBook
 from sidecar.config import DetectorsConfig, MonitorConfig, StatisticalConfig
-from sidecar.evaluation import ALERT_ANOMALY, Evaluator
+from sidecar.evaluation import ALERT_ANOMALY, STATISTICAL_DETECTORS, Evaluator
 from sidecar.monitor import PerformanceMonitor
 
 from .corpus import NabFile
 
-DETECTORS = ("ewma", "mad", "cusum", "likelihood", "novelty")
+DETECTORS = STATISTICAL_DETECTORS
 COMBINED = "default"
 
 
