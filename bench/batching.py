@@ -3,13 +3,19 @@
 Everything goes through the model manager's async API (``await manager.generate``), not HTTP: the figures are the
 batcher's and the engine's, without the server's request handling in front.
 
-- Throughput (torch engine, ``builtin:tiny-llama``, greedy, ``max_new_tokens`` tokens): ``clients`` concurrent
-  clients in a closed loop through the batched path, vs the raw engine called with full batches of the same
-  prompts (``engine.generate(batch)``), vs the unbatched path (``batching.enabled: false``: each request alone).
+- Throughput (torch engine, ``--model``: ``builtin:tiny-llama`` by default, or ``builtin:bench-llama``, the
+  realistic-size model; greedy, ``max_new_tokens`` tokens): ``clients`` concurrent clients in a closed loop
+  through the batched path, vs the raw engine called with full batches of the same prompts
+  (``engine.generate(batch)``), vs the unbatched path (``batching.enabled: false``: each request alone).
   -> ``batched_vs_raw`` (goal >= 0.9) and ``batched_vs_unbatched`` (goal >= 4). The three are interleaved
   (raw, batched, unbatched, batched, raw) over ``--repeats`` rounds and each figure is the best of them (like
   ``timeit``: on a shared machine other processes only ever slow a run down, so the fastest run is the least
   disturbed one).
+- Sizes per model (``SIZES``; each option overrides its own): on tiny-llama 32 clients, 16 tokens, 4 rounds, 1
+  unbatched round, 5 repeats. On bench-llama a forward pass costs ~20 ms per decode step where tiny-llama's costs
+  ~1 ms, so the same sizes would run for many minutes: 32 clients, 16 tokens, 2 rounds, 1 unbatched round (32
+  requests, one at a time) and 3 repeats, a few minutes in all. A model not in ``SIZES`` gets bench-llama's. The
+  report's figures name the model and every size used.
 - Added latency at one client (echo engine, so the engine's own jitter does not hide it): median latency through
   the batched path minus the median of the raw engine call -> goal <= batch timeout + 0.5 ms.
 - Batcher overhead per request (echo engine), in microseconds -> goal <= 10 us (the asyncio floor here is about
@@ -43,6 +49,14 @@ PROMPTS = [
     "Colours red green blue yellow",
     "Operators watch latency and throughput on dashboards",
 ]
+
+
+# Throughput sizes per model: clients, max_new_tokens, rounds, unbatched_rounds, repeats.
+SIZES: dict[str, dict[str, int]] = {
+    "builtin:tiny-llama": {"clients": 32, "max_new_tokens": 16, "rounds": 4, "unbatched_rounds": 1, "repeats": 5},
+    "builtin:bench-llama": {"clients": 32, "max_new_tokens": 16, "rounds": 2, "unbatched_rounds": 1, "repeats": 3},
+}
+_LARGE = SIZES["builtin:bench-llama"]
 
 
 def _prompts(n: int) -> list[str]:
@@ -85,21 +99,22 @@ async def _raw_batches(engine: Any, batch: list[Any], rounds: int) -> float:
 async def throughput(args: argparse.Namespace) -> dict[str, Any]:
     from orchestrator.manager import ModelManager
 
-    model = [{"name": "tiny-llama", "path": "builtin:tiny-llama"}]
+    name = "bench"
+    model = [{"name": name, "path": args.model}]
     n = args.clients
     batched = ModelManager(_config(model, ["torch"], {
         "enabled": True, "max_batch_size": n, "batch_timeout_s": args.batch_timeout_s, "adaptive": True}))
     unbatched = ModelManager(_config(model, ["torch"], {"enabled": False}))
-    await batched.aload_model("tiny-llama")
-    await unbatched.aload_model("tiny-llama")
+    await batched.aload_model(name)
+    await unbatched.aload_model(name)
     requests = _requests(n, args.max_new_tokens)
-    engine = batched.get_model("tiny-llama").engine
+    engine = batched.get_model(name).engine
 
     async def via_batched(req):
-        return await batched.generate("tiny-llama", req)
+        return await batched.generate(name, req)
 
     async def via_unbatched(req):
-        return await unbatched.generate("tiny-llama", req)
+        return await unbatched.generate(name, req)
 
     # Warm-up: torch's first calls, and the adaptive size grows to the client count.
     await _raw_batches(engine, requests, 2)
@@ -113,12 +128,15 @@ async def throughput(args: argparse.Namespace) -> dict[str, Any]:
         unbatched_rps.append(n * args.unbatched_rounds / await _closed_loop(via_unbatched, requests, args.unbatched_rounds))
         batched_rps.append(n * args.rounds / await _closed_loop(via_batched, requests, args.rounds))
         raw_rps.append(n * args.rounds / await _raw_batches(engine, requests, args.rounds))
-    st = batched.batcher("tiny-llama").stats().policy
+    st = batched.batcher(name).stats().policy
     out = {
         "engine": "torch",
-        "model": "builtin:tiny-llama",
+        "model": args.model,
         "clients": n,
         "max_new_tokens": args.max_new_tokens,
+        "rounds": args.rounds,
+        "unbatched_rounds": args.unbatched_rounds,
+        "repeats": args.repeats,
         "raw_full_batches_rps": max(raw_rps),
         "batched_rps": max(batched_rps),
         "unbatched_rps": max(unbatched_rps),
@@ -216,18 +234,32 @@ def _round(d: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with each throughput size left unset taken from the model's ``SIZES``."""
     p = argparse.ArgumentParser(prog="muai bench batching", description=__doc__.splitlines()[0])
-    p.add_argument("--clients", type=int, default=32, help="concurrent clients = full batch size (default 32)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--model", default="builtin:tiny-llama",
+                   help="the throughput part's model (default builtin:tiny-llama; builtin:bench-llama: realistic size)")
+    p.add_argument("--clients", type=int, default=None, help="concurrent clients = full batch size (default: SIZES)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="(default: SIZES)")
     p.add_argument("--batch-timeout-s", type=float, default=0.005)
-    p.add_argument("--rounds", type=int, default=4, help="requests per client per throughput run (batched, raw)")
-    p.add_argument("--unbatched-rounds", type=int, default=1, help="requests per client per unbatched run")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved repetitions; figures are the best of them")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="requests per client per throughput run (batched, raw; default: SIZES)")
+    p.add_argument("--unbatched-rounds", type=int, default=None,
+                   help="requests per client per unbatched run (default: SIZES)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved repetitions; figures are the best of them (default: SIZES)")
     p.add_argument("--latency-samples", type=int, default=300)
     p.add_argument("--overhead-rounds", type=int, default=200, help="requests per client per overhead run (echo)")
     add_output_args(p)
     args = p.parse_args(argv)
+    for key, value in SIZES.get(args.model, _LARGE).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     report = asyncio.run(_run(args))
     return finish(report, args)
 
