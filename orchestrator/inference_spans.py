@@ -14,6 +14,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from adapters.base import EmbeddingResult, StreamChunk
+from orchestrator.lean_tracer import UNSAMPLED_CONTEXT
 
 TRACER_NAME = "muai.orchestrator"
 OP_GENERATE = "text_completion"
@@ -63,8 +64,10 @@ class CallSpans:
         if tracer is None:
             self.spans: list[Any] = [None] * len(contexts)
         else:
-            spans = [tracer.start_span(name, context=ctx, kind=SpanKind.INTERNAL) for ctx in contexts]
-            self.spans = [s if s.is_recording() else None for s in spans]
+            # A request its trace's sampler dropped has nothing to record, and is told apart by its context alone.
+            spans = [None if ctx is UNSAMPLED_CONTEXT else tracer.start_span(name, context=ctx, kind=SpanKind.INTERNAL)
+                     for ctx in contexts]
+            self.spans = [s if s is not None and s.is_recording() else None for s in spans]
 
     @property
     def recording(self) -> bool:

@@ -18,8 +18,8 @@ class TracingConfigError(MuaiError, ValueError):
     """The tracing section cannot be used (e.g. an endpoint that is not a URL, a sampling ratio out of range)."""
 
 
-_RANDOM_BITS = 56
-_SPACE = 1 << _RANDOM_BITS
+RANDOM_BITS = 56
+_SPACE = 1 << RANDOM_BITS
 _RANDOM_MASK = _SPACE - 1
 # Thresholds keep 4 significant hex digits (the specification's default precision): short tracestate values, and a
 # probability that the encoded threshold reproduces exactly, so the sidecar's 1/p is the p that decided.
@@ -98,7 +98,7 @@ class AdjustableRatioSampler(Sampler):
         self._interval_start = clock()
         self._count = 0
         self._rate = 0.0  # traces per second over the last complete interval
-        self._decided: tuple[int, SamplingResult] | None = None
+        self._threshold_of: tuple[float, int] = (1.0, 0)  # the last probability and its threshold
 
     @staticmethod
     def _check(ratio: float) -> float:
@@ -130,28 +130,28 @@ class AdjustableRatioSampler(Sampler):
         rate = max(self._rate, float(self._count))
         return ratio if rate * ratio <= budget else budget / rate
 
+    def root_threshold(self) -> int | None:
+        """The rejection threshold for the next new trace, counting it as one arrival; None when none is kept
+        (probability 0). A new trace is kept when its randomness is at least this threshold."""
+        p = self.probability()
+        if p <= 0.0:
+            return None
+        last_p, threshold = self._threshold_of
+        if p != last_p:
+            # Under a budget the probability moves once per rate interval, not per request.
+            threshold = threshold_for(p)
+            self._threshold_of = (p, threshold)
+        return threshold
+
     def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None) -> SamplingResult:
-        decided = self._decided
-        if decided is not None and decided[0] == trace_id:
-            # The lean tracer's root decision, now asked again by the SDK building that very span.
-            self._decided = None
-            return decided[1]
         return self._decide(parent_context, trace_id, attributes)
 
-    def decide_root(self, trace_id: int, attributes=None) -> SamplingResult:
-        """Decide a new trace; a kept one's decision is held for the SDK's own call for the same trace id."""
-        result = self._decide(None, trace_id, attributes)
-        if result.decision is Decision.RECORD_AND_SAMPLE:
-            self._decided = (trace_id, result)
-        return result
-
     def _decide(self, parent_context, trace_id, attributes) -> SamplingResult:
-        p = self.probability()
+        threshold = self.root_threshold()
         parent = trace.get_current_span(parent_context).get_span_context() if parent_context is not None else None
         parent_state = parent.trace_state if parent is not None else None
-        if p <= 0.0:
+        if threshold is None:
             return SamplingResult(Decision.DROP, None, parent_state)
-        threshold = threshold_for(p)
         if randomness(trace_id, parent_state) < threshold:
             return SamplingResult(Decision.DROP, None, parent_state)
         return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, with_threshold(parent_state, encode_threshold(threshold)))
@@ -161,6 +161,7 @@ class AdjustableRatioSampler(Sampler):
 
 
 __all__ = [
+    "RANDOM_BITS",
     "AdjustableRatioSampler",
     "TracingConfigError",
     "encode_threshold",

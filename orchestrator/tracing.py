@@ -7,9 +7,10 @@
   are sampled with OpenTelemetry's consistent probability sampling (:class:`AdjustableRatioSampler`): at
   ``sampling_ratio`` (runtime) while traffic is below ``sampling_budget_per_s`` traces per second, at that budget
   above it, each kept span carrying its threshold as ``ot=th:`` in its ``tracestate`` (adjusted count 1/p).
-- **Cost**: :class:`LeanTracer` decides a new trace before the SDK sees it; an unsampled request is one
-  ``NonRecordingSpan`` made current (its inner spans are that same span, with no context work), and only
-  sampled spans go through the SDK, the processor and the exporter.
+- **Cost** (:mod:`orchestrator.lean_tracer`): :class:`LeanTracer` decides a new trace before anything is built;
+  an unsampled request makes one prebuilt context current and builds no span (its inner spans are the same
+  stand-in); a sampled span is one plain object until it ends, then the SDK's ``ReadableSpan`` for the processor
+  and the exporter.
 - **Failures** (15.5): :class:`ObservedSpanExporter` wraps the real exporter, counts each failed export call (a
   batch: ``muai_telemetry_export_failures_total{signal="traces"}``) and the spans it carried, logs at most once per
   ``log_period_s``, and reports "exporter failing" to the health state until an export succeeds again. The OTLP
@@ -26,14 +27,13 @@
 Which spans count as requests is the sidecar's rule (``docs/sidecar-api.md``): the root span of a request is a
 ``SERVER`` span with ``muai.request = true``; the model manager's inference spans are ``INTERNAL`` children.
 
-Why one module of about 550 lines: the exporter wrapper, the counting processor, the lean tracer and
-:func:`build_tracing` are the stages of one pipeline whose promises (a drop is counted exactly once, export never
-blocks a request) hold only across all of them; what is a policy of its own (sampling) is already apart.
+The exporter wrapper, the counting processor and :func:`build_tracing` are the stages of one pipeline whose
+promises (a drop is counted exactly once, export never blocks a request) hold only across all of them; what is a
+policy of its own (sampling) and what decides the request path's cost (the lean tracer) live apart.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -42,16 +42,15 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import Decision, ParentBased
+from opentelemetry.sdk.trace.sampling import ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from orchestrator.lean_tracer import UNSAMPLED_CONTEXT, UNSAMPLED_SPAN, LeanTracer
 from orchestrator.sampling import (
     AdjustableRatioSampler,
     TracingConfigError,
@@ -311,94 +310,6 @@ class CountingSpanProcessor(SpanProcessor):
         return self._inner.force_flush(timeout_millis)
 
 
-class _PresetIds(IdGenerator):
-    """The provider's id generator, except that the lean tracer can hand it the trace id it already decided on."""
-
-    def __init__(self, inner: IdGenerator) -> None:
-        self.inner = inner
-        self._next = threading.local()
-
-    def preset(self, trace_id: int) -> None:
-        self._next.trace_id = trace_id
-
-    def generate_span_id(self) -> int:
-        return self.inner.generate_span_id()
-
-    def generate_trace_id(self) -> int:
-        trace_id = getattr(self._next, "trace_id", None)
-        if trace_id is None:
-            return self.inner.generate_trace_id()
-        self._next.trace_id = None
-        return trace_id
-
-
-class LeanTracer(trace.Tracer):
-    """The SDK's tracer, minus the work for spans that will never be seen.
-
-    Under a valid parent that is not sampled, a new span would be dropped anyway: the parent span itself is
-    returned (its ``end()`` and attribute calls are no-ops) and ``start_as_current_span`` attaches nothing, so
-    an unsampled request's inner spans cost one context lookup. With the provider's sampler and ids at hand, a
-    new trace is decided here first: a dropped one is one ``NonRecordingSpan`` (which children need as their
-    unsampled parent), never the SDK's span machinery; a kept one is built by the SDK with the same trace id and
-    decision.
-    """
-
-    def __init__(self, inner: trace.Tracer, *, sampler: AdjustableRatioSampler | None = None,
-                 ids: _PresetIds | None = None) -> None:
-        self.inner = inner
-        self._sampler = sampler
-        self._ids = ids
-
-    def _lean(self, context: Context | None, attributes) -> trace.Span | None:
-        parent = trace.get_current_span(context)
-        span_context = parent.get_span_context()
-        if span_context.is_valid:
-            if not span_context.trace_flags.sampled and not parent.is_recording():
-                return parent
-            return None
-        sampler, ids = self._sampler, self._ids
-        if sampler is None or ids is None:
-            return None
-        trace_id = ids.inner.generate_trace_id()
-        result = sampler.decide_root(trace_id, attributes)
-        if result.decision is Decision.RECORD_AND_SAMPLE:
-            ids.preset(trace_id)
-            return None
-        return trace.NonRecordingSpan(
-            trace.SpanContext(trace_id, ids.inner.generate_span_id(), is_remote=False, trace_state=result.trace_state)
-        )
-
-    def start_span(self, name, context=None, kind=trace.SpanKind.INTERNAL, attributes=None, links=None,
-                   start_time=None, record_exception=True, set_status_on_exception=True) -> trace.Span:
-        span = self._lean(context, attributes)
-        if span is not None:
-            return span
-        return self.inner.start_span(name, context, kind, attributes, links, start_time, record_exception,
-                                     set_status_on_exception)
-
-    @contextlib.contextmanager
-    def start_as_current_span(self, name, context=None, kind=trace.SpanKind.INTERNAL, attributes=None, links=None,
-                              start_time=None, record_exception=True, set_status_on_exception=True,
-                              end_on_exit=True):
-        span = self._lean(context, attributes)
-        if span is not None and span is trace.get_current_span(context) and context is None:
-            yield span  # the current, unsampled span stays current: nothing to attach
-            return
-        if span is not None:
-            # A dropped trace's stand-in: current (so its children know), with nothing to end or record.
-            token = context_api.attach(trace.set_span_in_context(span, context))
-            try:
-                yield span
-            finally:
-                context_api.detach(token)
-            return
-        span = self.inner.start_span(name, context, kind, attributes, links, start_time, record_exception,
-                                     set_status_on_exception)
-        with trace.use_span(span, end_on_exit=end_on_exit, record_exception=record_exception,
-                            set_status_on_exception=set_status_on_exception) as current:
-            yield current
-
-
 def make_exporter(config: Any) -> SpanExporter:
     """The real OTLP exporter for ``telemetry.tracing`` (http/protobuf or grpc)."""
     endpoint = config.endpoint
@@ -510,8 +421,7 @@ def build_tracing(
         return Tracing(None, trace.NoOpTracer(), owned=False)
     sampler = AdjustableRatioSampler(config.sampling_ratio, budget_per_s=getattr(config, "sampling_budget_per_s", None))
     resource = Resource.create({"service.name": config.service_name})
-    ids = _PresetIds(RandomIdGenerator())
-    provider = TracerProvider(resource=resource, sampler=ParentBased(root=sampler), id_generator=ids,
+    provider = TracerProvider(resource=resource, sampler=ParentBased(root=sampler),
                               shutdown_on_exit=False)
     inner = exporter if exporter is not None else make_exporter(config)
     _limit_exporter_logs(log_period_s)
@@ -529,12 +439,14 @@ def build_tracing(
             log_period_s=log_period_s,
         )
     )
-    tracer = LeanTracer(provider.get_tracer(INSTRUMENTATION_NAME), sampler=sampler, ids=ids)
+    tracer = LeanTracer(provider.get_tracer(INSTRUMENTATION_NAME), sampler=sampler)
     return Tracing(provider, tracer, sampler, observed, owned=True)
 
 
 def extract_context(headers: Mapping[str, str]) -> Context:
     """The W3C trace context of incoming headers (``traceparent``/``tracestate``); empty when absent or invalid."""
+    if "traceparent" not in headers:
+        return Context()
     return _PROPAGATOR.extract(headers)
 
 
@@ -553,6 +465,8 @@ __all__ = [
     "ConsistentProbabilitySampler",
     "CountingSpanProcessor",
     "LeanTracer",
+    "UNSAMPLED_CONTEXT",
+    "UNSAMPLED_SPAN",
     "ObservedSpanExporter",
     "Tracing",
     "TracingConfigError",

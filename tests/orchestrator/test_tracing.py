@@ -19,6 +19,7 @@ from test_server_support import OtlpReceiver, attrs, echo_config, free_port, pol
 from orchestrator.config import TracingConfig
 from orchestrator.tracing import (
     AdjustableRatioSampler,
+    UNSAMPLED_SPAN,
     CountingSpanProcessor,
     ObservedSpanExporter,
     build_tracing,
@@ -359,6 +360,8 @@ def test_lean_tracer_builds_nothing_for_unsampled_requests():
                     assert step is root and trace.get_current_span() is root
                 headers = inject_headers({})
                 assert headers["traceparent"].endswith("-00")  # still propagated, as not sampled
+                # ... under a trace id of its own each time: no two requests share one downstream.
+                assert inject_headers({})["traceparent"][3:35] != headers["traceparent"][3:35]
             assert not trace.get_current_span().get_span_context().is_valid  # detached again
         assert Counting.started == 0
         # A sampled incoming traceparent is still followed through the lean tracer, children included.
@@ -377,12 +380,14 @@ def test_lean_tracer_decides_each_new_trace_once():
         kept = 0
         for _ in range(2000):
             with tracing.tracer.start_as_current_span("r") as span:
-                randomness = span.get_span_context().trace_id & ((1 << 56) - 1)
-                # The trace id the SDK built the span with is the one the decision was made on.
-                assert span.is_recording() == (randomness >= threshold_for(0.5))
-                kept += span.is_recording()
                 if span.is_recording():
+                    # The trace id the SDK built the span with carries the randomness the decision was made on.
+                    assert span.get_span_context().trace_id & ((1 << 56) - 1) >= threshold_for(0.5)
                     assert _th(span) == "8"
+                    kept += 1
+                else:
+                    # A dropped trace builds nothing of its own: the one shared stand-in is current.
+                    assert span is UNSAMPLED_SPAN and trace.get_current_span() is UNSAMPLED_SPAN
         assert 850 < kept < 1150
     finally:
         tracing.shutdown(1)
