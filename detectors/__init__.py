@@ -8,6 +8,7 @@ from .base import Detector, Verdict
 from .errors import DetectorConfigError, DetectorError, UnknownWindowError
 from .likelihood import LikelihoodDetector
 from .novelty import NoveltyDetector
+from .seasonal import DailyRecurrence, RecurringGate
 from .statistical import CusumDetector, EwmaDetector, MadDetector
 from .threshold import (
     RuleState,
@@ -29,6 +30,7 @@ from .window import (
 __all__ = [
     "DEFAULT_HORIZONS",
     "CusumDetector",
+    "DailyRecurrence",
     "Detector",
     "DetectorConfigError",
     "DetectorError",
@@ -39,6 +41,7 @@ __all__ = [
     "MultiWindow",
     "NoveltyDetector",
     "RatioWindow",
+    "RecurringGate",
     "RollingWindow",
     "RuleState",
     "ThresholdRule",

@@ -207,6 +207,17 @@ class EwmaConfig(Section):
         "band narrowed to match; below 1 it finds small lasting rises sooner. 1 judges each point alone.",
         json_schema_extra=RUNTIME,
     )
+    recurring_days: int = Field(
+        2, ge=0, le=30,
+        description="A point judged anomalous is reported normal when the series reached that level within "
+        "`recurring_window_s` of the same time of day on each of this many past days: the EWMA's mean trails a daily "
+        "cycle, so every daily peak would page. 0 turns the check off.",
+        json_schema_extra=RUNTIME,
+    )
+    recurring_window_s: float = Field(
+        1800.0, gt=0, lt=43_200, description="How far either side of the same time of day `recurring_days` looks.",
+        json_schema_extra=RUNTIME,
+    )
 
 
 class MadConfig(Section):
@@ -356,6 +367,23 @@ class StatisticalConfig(Section):
     )
     clear_after_s: float = Field(
         14400.0, ge=0, description="An anomaly alert resolves after this long with no anomalous verdict.", json_schema_extra=RUNTIME
+    )
+    repeat_hold_s: float = Field(
+        28800.0, ge=0,
+        description="One page per incident: no anomaly alert of a series starts firing while another of that series fires, "
+        "nor for this long after one resolved (its anomalous points count as normal meanwhile). 0: only while another fires.",
+        json_schema_extra=RUNTIME,
+    )
+    repeat_raise: float = Field(
+        0.2, ge=0, le=10,
+        description="Each page a detector sent on a series in the last `repeat_window_s` raises its threshold there by "
+        "this fraction: a detector that keeps paging on one series is tuned too tight for it (not the likelihood "
+        "detector, whose threshold is a probability). 0 turns it off.",
+        json_schema_extra=RUNTIME,
+    )
+    repeat_window_s: float = Field(
+        604_800.0, gt=0, le=90 * 86_400, description="How long a page counts towards `repeat_raise`.",
+        json_schema_extra=RUNTIME,
     )
     min_count: int = Field(
         5, ge=1,

@@ -23,6 +23,7 @@ itself is ``LowThroughput``'s to report (off until ``detectors.throughput.thresh
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from detectors import (
     LikelihoodDetector,
     MadDetector,
     NoveltyDetector,
+    RecurringGate,
     RuleState,
     ThresholdRule,
     memory_percent_above,
@@ -103,7 +105,7 @@ class _RiseCusum(CusumDetector):
 
 class _SeriesDetectors:
     __slots__ = ("latency", "errors", "throughput", "stats", "last_anomaly", "anomaly_firing", "interval_start",
-                 "labels")
+                 "labels", "quiet_until", "pages")
 
     def __init__(self, key: SeriesKey) -> None:
         self.latency: ThresholdRule | None = None
@@ -113,6 +115,8 @@ class _SeriesDetectors:
         self.last_anomaly: dict[str, float] = {}
         self.anomaly_firing: set[str] = set()
         self.interval_start: float | None = None
+        self.quiet_until = -math.inf  # no new anomaly alert fires before this (statistical.repeat_hold_s)
+        self.pages: dict[str, deque[float]] = {}  # when each detector's alert fired (statistical.repeat_raise)
         self.labels = {"model": key.model, "operation": key.operation}
 
 
@@ -182,6 +186,10 @@ class Evaluator:
                 smoothing=st.ewma.smoothing,
                 adapt_after=st.adapt_after, clip_anomalies=st.clip_anomalies, name="ewma",
             )
+            if st.ewma.recurring_days:
+                # The EWMA's mean trails a daily cycle, so each day's peak sits far above it; a peak reached at this
+                # time on each of the last days is the cycle, not an incident.
+                out["ewma"] = RecurringGate(out["ewma"], days=st.ewma.recurring_days, window_s=st.ewma.recurring_window_s)
         if st.mad.enabled:
             out["mad"] = _RiseMad(
                 window=st.mad.window, z_threshold=st.mad.z_threshold, warmup=st.mad.warmup, min_std=floor,
@@ -392,7 +400,23 @@ class Evaluator:
         point = math.log(max(p95, _MIN_LATENCY_S))
         for name, detector in det.stats.items():
             verdict = detector.update(point, now)
-            if verdict is not None and verdict.anomalous:
+            anomalous = verdict is not None and verdict.anomalous
+            bar = math.nan if verdict is None else verdict.threshold
+            pages = det.pages.get(name)
+            if pages:
+                while pages and pages[0] <= now - st.repeat_window_s:
+                    pages.popleft()
+                if name != "likelihood":  # its threshold is a probability near 1: there is no fraction to raise it by
+                    # Paged on this series recently: a detector that keeps paging on one series is too tight for it.
+                    bar *= 1.0 + st.repeat_raise * len(pages)
+                    anomalous = anomalous and verdict.score > bar
+            if anomalous and name not in det.anomaly_firing and (
+                now < det.quiet_until or any(other != name for other in det.anomaly_firing)
+            ):
+                # One page per incident: while another detector's alert fires on this series, or soon after one
+                # resolved, this detector's finding is the same incident (or its echo), so it counts as normal.
+                anomalous = False
+            if anomalous:
                 det.last_anomaly[name] = now
                 value, baseline = math.exp(verdict.value), math.exp(verdict.baseline)
                 if name == "likelihood":
@@ -401,13 +425,16 @@ class Evaluator:
                 elif name == "novelty":
                     if verdict.value >= verdict.baseline:
                         why = (f"{verdict.score:.2f} upper ranges above the highest p95 of the history (threshold "
-                               f"{verdict.threshold:g}): higher than this series has been for days")
+                               f"{bar:g}): higher than this series has been for days")
                     else:
                         why = (f"{verdict.score:.2f} lower ranges below the lowest p95 of the history (threshold "
-                               f"{verdict.threshold:g}): lower than this series has been for days (requests failing "
+                               f"{bar:g}): lower than this series has been for days (requests failing "
                                "fast, or not doing their work?)")
                 else:
-                    why = f"score {verdict.score:.2f} above {verdict.threshold:g} (sigmas of log latency)"
+                    why = f"score {verdict.score:.2f} above {bar:g} (sigmas of log latency)"
+                if bar != verdict.threshold:
+                    why += (f"; the threshold is {verdict.threshold:g} raised for {len(pages)} page(s) this detector sent on "
+                            f"this series in the last {st.repeat_window_s:g} s")
                 ann = {
                     "summary": f"p95 latency of {det.labels['model']}/{det.labels['operation']} is unusual: {_fmt(value)} s "
                     f"(expected about {_fmt(baseline)} s)",
@@ -417,15 +444,18 @@ class Evaluator:
                 # A detector's section may carry its own `for` delay (novelty's spikes last one point).
                 for_s = getattr(getattr(st, name), "for_s", st.for_s)
                 fired = self._observe(out, labels(name), ann, wall=wall, active=True, for_s=for_s,
-                                      value=value, threshold=verdict.threshold)
+                                      value=value, threshold=bar)
                 if fired is not None:
                     det.anomaly_firing.add(name)
+                    det.pages.setdefault(name, deque()).append(now)
             elif name in det.last_anomaly and (
                 # A pending anomaly needs anomalous points throughout for_s; a firing one clears after clear_after_s.
                 (verdict is not None and name not in det.anomaly_firing)
                 or now - det.last_anomaly[name] >= st.clear_after_s
             ):
                 del det.last_anomaly[name]
+                if name in det.anomaly_firing:
+                    det.quiet_until = now + st.repeat_hold_s
                 det.anomaly_firing.discard(name)
                 self._observe(out, labels(name), None, wall=wall, active=False)
 

@@ -20,24 +20,33 @@ DETECTORS = STATISTICAL_DETECTORS
 COMBINED = "default"
 
 
-def _all_on(config: StatisticalConfig, names: Sequence[str] = DETECTORS) -> StatisticalConfig:
-    # Each detector raises its own alert, so one run with all of them on gives each one's onsets as if it ran
-    # alone; the combination is then the union of those the configuration enables.
+def _only(config: StatisticalConfig, names: Sequence[str]) -> StatisticalConfig:
     return config.model_copy(update={name: getattr(config, name).model_copy(update={"enabled": name in names})
                                      for name in DETECTORS})
 
 
-def onsets(f: NabFile, config: StatisticalConfig, names: Sequence[str] = DETECTORS) -> dict[str, np.ndarray]:
-    """Per detector in ``names``, a 0/1 array over ``f``'s rows with 1 where its LatencyAnomaly alert started
-    firing, and the union of those ``config`` enables as ``"default"``."""
-    evaluator = Evaluator(DetectorsConfig(statistical=_all_on(config, names)), monitor=PerformanceMonitor(windows=MonitorConfig().windows), book=AlertBook())
-    out = {name: np.zeros(len(f)) for name in names}
+def _run(f: NabFile, config: StatisticalConfig) -> dict[str, np.ndarray]:
+    evaluator = Evaluator(DetectorsConfig(statistical=config), monitor=PerformanceMonitor(windows=MonitorConfig().windows),
+                          book=AlertBook())
+    out = {name: np.zeros(len(f)) for name in DETECTORS}
     for i, (value, now) in enumerate(zip(f.values.tolist(), f.seconds.tolist(), strict=True)):
         for alert in evaluator.judge_point("nab", "series", value, now, now):
             if alert.status == "firing" and alert.labels["alertname"] == ALERT_ANOMALY:
                 out[alert.labels["detector"]][i] = 1.0
-    enabled = [name for name in names if getattr(config, name).enabled]
-    out[COMBINED] = np.max([out[name] for name in enabled], axis=0) if enabled else np.zeros(len(f))
+    return out
+
+
+def onsets(f: NabFile, config: StatisticalConfig, names: Sequence[str] = DETECTORS) -> dict[str, np.ndarray]:
+    """Per detector in ``names``, a 0/1 array over ``f``'s rows with 1 where its LatencyAnomaly alert started
+    firing when it runs alone, and as ``"default"`` the onsets of all the alerts of ``config`` as it stands.
+
+    The detectors of one series are not independent (``repeat_hold_s``: one page per incident, so while one
+    fires, or soon after, another's finding does not page), so the combination is its own run, not the union
+    of the detectors' own runs.
+    """
+    out = {name: _run(f, _only(config, (name,)))[name] for name in names}
+    shipped = _run(f, config)
+    out[COMBINED] = np.max([shipped[name] for name in DETECTORS], axis=0)
     return out
 
 

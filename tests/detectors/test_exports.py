@@ -11,6 +11,7 @@ import detectors
 EXPECTED = {
     "DEFAULT_HORIZONS",
     "CusumDetector",
+    "DailyRecurrence",
     "Detector",
     "DetectorConfigError",
     "DetectorError",
@@ -21,6 +22,7 @@ EXPECTED = {
     "MultiWindow",
     "NoveltyDetector",
     "RatioWindow",
+    "RecurringGate",
     "RollingWindow",
     "RuleState",
     "ThresholdRule",

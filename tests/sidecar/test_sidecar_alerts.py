@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from alerting import AlertBook
@@ -79,17 +81,9 @@ def _feed(mon, now, values, error_every=0):
         mon.record(SpanSample(REQUEST, "m", "chat", v, bool(error_every) and i % error_every == 0), now)
 
 
-def test_statistical_detectors_flag_a_step_and_clear_after_recovery():
-    config = DetectorsConfig(
-        window="10s",
-        latency={"enabled": False},
-        error_rate={"enabled": False},
-        # One point per 1 s tick, firing on the first anomalous one (the defaults are 10 s points and for_s=30).
-        statistical={"interval_s": 1, "for_s": 0, "min_count": 1, "clear_after_s": 5,
-                     "ewma": {"warmup": 10}, "mad": {"enabled": True, "warmup": 10, "window": 20},
-                     # The new-maximum detector (on by default) waits for a day of history: none held back here.
-                     "novelty": {"recent_s": 0, "min_history_s": 0}},
-    )
+def _step_alerts(statistical: dict):
+    config = DetectorsConfig(window="10s", latency={"enabled": False}, error_rate={"enabled": False},
+                             statistical=statistical)
     mon, book = _mon(), AlertBook()
     ev = Evaluator(config, monitor=mon, book=book)
     rng = np.random.default_rng(1)
@@ -100,10 +94,26 @@ def test_statistical_detectors_flag_a_step_and_clear_after_recovery():
         _feed(mon, t, list(level + rng.normal(0, 0.002, size=3)))
         fired += ev.tick(t, 1e9 + t)
         t += 1.0
-    names = {(a.labels["alertname"], a.labels["detector"], a.status) for a in fired}
-    assert (ALERT_ANOMALY, "ewma", "firing") in names and (ALERT_ANOMALY, "mad", "firing") in names
-    assert {a.status for a in fired} == {"firing", "resolved"}
     assert all(s.score >= 0 for s in ev.scores())
+    return fired
+
+
+def test_statistical_detectors_flag_a_step_and_clear_after_recovery():
+    # One point per 1 s tick, firing on the first anomalous one (the defaults are 10 s points and for_s=10).
+    base = {"interval_s": 1, "for_s": 0, "min_count": 1, "clear_after_s": 5, "ewma": {"warmup": 10},
+            # The new-maximum detector (on by default) waits for a day of history: none held back here.
+            "novelty": {"recent_s": 0, "min_history_s": 0}}
+    for alone in ("ewma", "mad"):
+        only = {**base, "ewma": {"warmup": 10, "enabled": alone == "ewma"},
+                "mad": {"enabled": alone == "mad", "warmup": 10, "window": 20}}
+        fired = _step_alerts(only)
+        names = {(a.labels["alertname"], a.labels["detector"], a.status) for a in fired}
+        assert (ALERT_ANOMALY, alone, "firing") in names, alone
+        assert {a.status for a in fired} == {"firing", "resolved"}
+    # Both on: one page for the one step (the second detector's finding is the same incident).
+    fired = _step_alerts({**base, "mad": {"enabled": True, "warmup": 10, "window": 20}})
+    assert [a.labels["detector"] for a in fired if a.status == "firing"] == ["ewma"]
+    assert {a.status for a in fired} == {"firing", "resolved"}
 
 
 def test_error_rate_throughput_and_memory_rules():
@@ -221,3 +231,46 @@ async def test_each_sink_has_its_own_token_bucket(start_sidecar, http):
 async def _both_sent(sinks, n):
     body = await sinks()
     return body if body["log"]["sent"] == n and body["webhook"]["sent"] == n else None
+
+
+def test_an_anomaly_soon_after_one_resolved_does_not_page_again():
+    config = DetectorsConfig(statistical={"for_s": 0, "clear_after_s": 5, "repeat_hold_s": 100,
+                                          "ewma": {"warmup": 10, "recurring_days": 0}, "novelty": {"enabled": False}})
+    ev = Evaluator(config, monitor=_mon(), book=AlertBook())
+    rng = np.random.default_rng(2)
+    firing = []
+    for step in range(300):
+        level = 1.0 if 40 <= step < 45 or 70 <= step < 75 or 200 <= step < 205 else 0.1
+        for a in ev.judge_point("m", "chat", float(level * np.exp(rng.normal(0, 0.01))), float(step), float(step)):
+            if a.status == "firing":
+                firing.append(step)
+    # The second step comes within 100 s of the first one's alert resolving: the same incident, no second page.
+    assert firing == [40, 200]
+
+
+def test_each_recent_page_raises_the_bar_for_the_next_one():
+    # No hold after a resolve here: only the raise stands between the second step and a second page.
+    config = DetectorsConfig(statistical={"for_s": 0, "clear_after_s": 5, "repeat_hold_s": 0, "repeat_raise": 1.0,
+                                          "repeat_window_s": 1000, "min_rel_spread": 0.01,
+                                          "ewma": {"warmup": 30, "recurring_days": 0, "smoothing": 1.0, "z_threshold": 4.0},
+                                          "novelty": {"enabled": False}})
+
+    def first_pages(steps):
+        ev = Evaluator(config, monitor=_mon(), book=AlertBook())
+        rng = np.random.default_rng(3)
+        firing = []
+        for step in range(1500):
+            level = steps.get(step // 10 * 10, 0.1) if step % 100 < 10 else 0.1
+            for a in ev.judge_point("m", "chat", float(level * np.exp(rng.normal(0, 0.01))), float(step), float(step)):
+                if a.status == "firing":
+                    firing.append((step, a.annotations["description"]))
+        return firing
+
+    modest, large = 0.1 * math.exp(0.05), 0.1 * math.exp(0.3)  # about 5 and 30 sigmas of the noise
+    # The same modest rise twice, 100 s apart: the second is below the raised bar (z x 2) and does not page.
+    same = first_pages({100: modest, 200: modest})
+    assert [s for s, _ in same] == [100]
+    # A much larger rise still pages, and says its threshold was raised; a page a window later counts no more.
+    larger = first_pages({100: modest, 200: large, 1300: modest})
+    assert [s for s, _ in larger] == [100, 200, 1300]
+    assert "raised for 1 page(s)" in larger[1][1] and "raised" not in larger[2][1]
