@@ -112,7 +112,10 @@ class RecurringGate:
         return f"RecurringGate({self.inner!r}, days={self.recurrence.days}, window_s={self.recurrence.window_s:g})"
 
     def __getattr__(self, attr: str):
-        # The inner detector's own properties (baseline, warming_up, thresholds) read through.
+        # The inner detector's own properties (baseline, warming_up, thresholds) read through; "inner" itself is
+        # looked up here only before __init__ set it (copy, pickle), where reading through would recurse.
+        if attr == "inner":
+            raise AttributeError(attr)
         return getattr(self.inner, attr)
 
     def score(self) -> float:

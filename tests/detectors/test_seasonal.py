@@ -45,7 +45,19 @@ def test_memory_stays_bounded_and_old_days_are_forgotten():
     # One slice per window / 6 over two days and a window.
     assert rec.memory <= 2 * DAY / 300 + 8
     rec.add(100.0, 10 * DAY)
-    assert not rec.recurs(100.0, 13 * DAY)  # three days later: that day is out of the history
+    assert rec.reached(100.0, 11 * DAY) == 1 and rec.reached(100.0, 12 * DAY) == 1
+    rec.add(1.0, 13 * DAY)  # three days later that day is out of the history, and forgotten
+    assert rec.reached(100.0, 12 * DAY) == 0
+
+
+def test_the_gate_survives_a_copy():
+    import copy
+
+    gate = RecurringGate(EwmaDetector(warmup=5), days=1, window_s=600)
+    for i in range(10):
+        gate.update(1.0, i * 60.0)
+    clone = copy.deepcopy(gate)
+    assert clone.warming_up is False and clone.score() == gate.score()
 
 
 @pytest.mark.parametrize("kw", [{"days": 0}, {"window_s": 0.0}, {"window_s": DAY / 2}, {"period_s": -1.0}])
