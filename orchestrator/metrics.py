@@ -5,7 +5,8 @@ vLLM (time to first token, time per output token, running/waiting requests, pref
 framebuffer used) and Triton (inference count vs execution count: their ratio is the mean batch size).
 
 Hot path. The per-request families (latency, queue time, time to first token, time per output token, tokens,
-``muai_requests_total``) are this module's own series (:class:`_Histogram`, :class:`_Count`) bound once per
+``muai_requests_total``) and the per-batch ones (``muai_batch_size``, the batch inference and execution counts)
+are this module's own series (:class:`_Histogram`, :class:`_Count`) bound once per
 (model, engine) and kept (:class:`ModelMetrics`): a request's whole record is one lock, a bisect per histogram and
 a few additions, where prometheus_client's children take a lock and a check per ``observe``/``inc`` (about 40 Python
 calls a request against about 15). They are exposed by :class:`_RequestCollector` exactly as prometheus_client's
@@ -117,7 +118,8 @@ class _Count:
 class ModelMetrics:
     """The per-(model, engine) series, bound once; what the request path touches."""
 
-    __slots__ = ("model", "engine", "latency", "queue", "ttft", "tpot", "prompt_tokens", "generation_tokens", "_lock")
+    __slots__ = ("model", "engine", "latency", "queue", "ttft", "tpot", "prompt_tokens", "generation_tokens",
+                 "batch_size", "batch_inferences", "batch_executions", "_lock")
 
     def __init__(self, model: str, engine: str) -> None:
         self.model = model
@@ -128,6 +130,9 @@ class ModelMetrics:
         self.tpot = _Histogram(TPOT_BUCKETS)
         self.prompt_tokens = _Count()
         self.generation_tokens = _Count()
+        self.batch_size = _Histogram(BATCH_SIZE_BUCKETS)
+        self.batch_inferences = _Count()
+        self.batch_executions = _Count()
         self._lock = threading.Lock()
 
     def observe(
@@ -164,6 +169,13 @@ class ModelMetrics:
             if queue_s is not None:
                 self.queue.observe(max(0.0, queue_s))
 
+    def on_batch(self, size: int) -> None:
+        """One engine execution of ``size`` requests (once per batch, not per request)."""
+        with self._lock:
+            self.batch_size.observe(size)
+            self.batch_inferences.value += size
+            self.batch_executions.value += 1
+
     def read(self) -> dict[str, Any]:
         """A consistent copy of every series, for one scrape."""
         with self._lock:
@@ -172,6 +184,9 @@ class ModelMetrics:
                 "tpot": self.tpot.read(),
                 "prompt_tokens": (self.prompt_tokens.value, self.prompt_tokens.created),
                 "generation_tokens": (self.generation_tokens.value, self.generation_tokens.created),
+                "batch_size": self.batch_size.read(),
+                "batch_inferences": (self.batch_inferences.value, self.batch_inferences.created),
+                "batch_executions": (self.batch_executions.value, self.batch_executions.created),
             }
 
 
@@ -184,6 +199,15 @@ _REQUEST_HISTOGRAMS = (
     ("muai_time_to_first_token_seconds", "Time from admission to the first streamed token.", "ttft", TTFT_BUCKETS),
     ("muai_time_per_output_token_seconds", "Mean time between streamed output tokens after the first.", "tpot",
      TPOT_BUCKETS),
+    ("muai_batch_size", "Requests per engine execution (dynamic batcher).", "batch_size", BATCH_SIZE_BUCKETS),
+)
+# name (without _total), help, ModelMetrics field
+_REQUEST_COUNTERS = (
+    ("muai_prompt_tokens", "Prompt tokens processed.", "prompt_tokens"),
+    ("muai_generation_tokens", "Tokens generated.", "generation_tokens"),
+    ("muai_batch_inference_count", "Requests executed in batches (Triton's inference count).", "batch_inferences"),
+    ("muai_batch_execution_count",
+     "Batch executions (Triton's execution count; inference/execution is the mean batch size).", "batch_executions"),
 )
 
 
@@ -208,10 +232,12 @@ class _RequestCollector(Collector):
     def _families(series: Mapping[tuple[str, str], dict[str, Any]],
                   requests: Mapping[tuple[str, str, str], tuple[float, float]]) -> Iterable[Metric]:
         me = ["model", "engine"]
+        # The batch families only for (model, engine) pairs that executed a batch, as a labelled child would be.
+        batched = {key: read for key, read in series.items() if read["batch_executions"][0]}
         for name, help_text, field, bounds in _REQUEST_HISTOGRAMS:
             family = HistogramMetricFamily(name, help_text, labels=me)
             les = [floatToGoString(b) for b in bounds] + ["+Inf"]
-            for (model, engine), read in series.items():
+            for (model, engine), read in (batched if field == "batch_size" else series).items():
                 counts, total, exemplars, created = read[field]
                 buckets: list[Any] = []
                 running = 0
@@ -230,10 +256,9 @@ class _RequestCollector(Collector):
         for labels, (value, created) in requests.items():
             done.add_metric(list(labels), value, created=created)
         yield done
-        for name, help_text, field in (("muai_prompt_tokens", "Prompt tokens processed.", "prompt_tokens"),
-                                       ("muai_generation_tokens", "Tokens generated.", "generation_tokens")):
+        for name, help_text, field in _REQUEST_COUNTERS:
             family = CounterMetricFamily(name, help_text, labels=me)
-            for (model, engine), read in series.items():
+            for (model, engine), read in (batched if field.startswith("batch_") else series).items():
                 value, created = read[field]
                 family.add_metric([model, engine], value, created=created)
             yield family
@@ -513,16 +538,6 @@ class ServerMetrics:
             ["model", "event"], registry=r,
         )
         self.model_loaded = Gauge("muai_model_loaded", "1 while the model is loaded on the engine, else 0.", me, registry=r)
-        self.batch_size = Histogram(
-            "muai_batch_size", "Requests per engine execution (dynamic batcher).", me, registry=r, buckets=BATCH_SIZE_BUCKETS,
-        )
-        self.batch_inferences = Counter(
-            "muai_batch_inference_count", "Requests executed in batches (Triton's inference count).", me, registry=r,
-        )
-        self.batch_executions = Counter(
-            "muai_batch_execution_count",
-            "Batch executions (Triton's execution count; inference/execution is the mean batch size).", me, registry=r,
-        )
         self.fallbacks = Counter(
             "muai_engine_fallbacks", "Engine fallbacks taken, by model, from/to engine and reason.",
             ["model", "from", "to", "reason"], registry=r,
@@ -548,7 +563,6 @@ class ServerMetrics:
         )
         self.build = Gauge("muai_server_info", "Constant 1; labels carry the server's version.", ["version"], registry=r)
         self._bound: dict[tuple[str, str], ModelMetrics] = {}
-        self._batch_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._loaded_engine: dict[str, str] = {}
         self._request_counts: dict[tuple[str, str, str], _Count] = {}  # (model, operation, status) as given
         self._completed: dict[str, int] = {}
@@ -621,19 +635,7 @@ class ServerMetrics:
     # --- hooks the model manager calls ----------------------------------------------------------------------
 
     def on_batch(self, model: str, engine: str, size: int) -> None:
-        key = (model, engine)
-        bound = self._batch_children.get(key)
-        if bound is None:
-            labels = (_label(model), _label(engine))
-            bound = self._batch_children[key] = (
-                self.batch_size.labels(*labels),
-                self.batch_inferences.labels(*labels),
-                self.batch_executions.labels(*labels),
-            )
-        hist, inferences, executions = bound
-        hist.observe(size)
-        inferences.inc(size)
-        executions.inc()
+        self.model(model, engine).on_batch(size)
 
     def on_fallback(self, model: str, from_engine: str, to_engine: str, reason: str) -> None:
         self.fallbacks.labels(_label(model), _label(from_engine), _label(to_engine), _label(reason)).inc()
