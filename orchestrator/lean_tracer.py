@@ -78,8 +78,8 @@ def _clean(attributes: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in attributes.items():
         if isinstance(value, _PLAIN_VALUES):
             clean[key] = value
-        elif isinstance(value, (list, tuple)) and value and all(type(v) is type(value[0]) for v in value) \
-                and isinstance(value[0], _PLAIN_VALUES):
+        elif isinstance(value, (list, tuple)) and (not value or (isinstance(value[0], _PLAIN_VALUES) and all(
+                type(v) is type(value[0]) for v in value))):
             clean[key] = tuple(value)
     return clean
 
@@ -202,7 +202,10 @@ class LeanTracer(trace.Tracer):
 
     def start_span(self, name, context=None, kind=SpanKind.INTERNAL, attributes=None, links=None, start_time=None,
                    record_exception=True, set_status_on_exception=True) -> trace.Span:
-        parent = trace.get_current_span(context)
+        return self._start(name, context, trace.get_current_span(context), kind, attributes, start_time)
+
+    def _start(self, name: str, context: Context | None, parent: trace.Span, kind: SpanKind,
+               attributes: Mapping[str, Any] | None, start_time: int | None) -> trace.Span:
         if parent is UNSAMPLED_SPAN:
             return parent
         parent_context = parent.get_span_context()
@@ -228,11 +231,12 @@ class LeanTracer(trace.Tracer):
     def start_as_current_span(self, name, context=None, kind=SpanKind.INTERNAL, attributes=None, links=None,
                               start_time=None, record_exception=True, set_status_on_exception=True,
                               end_on_exit=True):
-        span = self.start_span(name, context, kind, attributes, links, start_time)
-        if isinstance(span, RecordedSpan):
+        parent = trace.get_current_span(context)
+        span = self._start(name, context, parent, kind, attributes, start_time)
+        if type(span) is RecordedSpan:
             return trace.use_span(span, end_on_exit=end_on_exit, record_exception=record_exception,
                                   set_status_on_exception=set_status_on_exception)
-        if context is None and span is trace.get_current_span():
+        if span is parent and context is None:
             return _AsCurrent(span, None)  # the current, unsampled span stays current: nothing to attach
         if span is UNSAMPLED_SPAN and not context and (context is not None or not context_api.get_current()):
             return _AsCurrent(span, UNSAMPLED_CONTEXT)
