@@ -51,6 +51,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from orchestrator.lean_tracer import UNSAMPLED_CONTEXT, UNSAMPLED_SPAN, LeanTracer
+from orchestrator.otlp_export import OtlpHttpSpanExporter
 from orchestrator.sampling import (
     AdjustableRatioSampler,
     TracingConfigError,
@@ -311,7 +312,8 @@ class CountingSpanProcessor(SpanProcessor):
 
 
 def make_exporter(config: Any) -> SpanExporter:
-    """The real OTLP exporter for ``telemetry.tracing`` (http/protobuf or grpc)."""
+    """The OTLP exporter for ``telemetry.tracing``: ours for http/protobuf (its encoder costs a third of the
+    SDK's), the SDK's for grpc."""
     endpoint = config.endpoint
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -335,10 +337,9 @@ def make_exporter(config: Any) -> SpanExporter:
             credentials=credentials,
             timeout=config.export_timeout_s,
         )
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
     session = _ca_pinned_session() if config.ca_file else None
-    return HttpExporter(endpoint=endpoint, certificate_file=config.ca_file, timeout=config.export_timeout_s, session=session)
+    return OtlpHttpSpanExporter(endpoint, certificate_file=config.ca_file, timeout_s=config.export_timeout_s,
+                                session=session)
 
 
 def _ca_pinned_session() -> Any:

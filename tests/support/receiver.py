@@ -138,14 +138,19 @@ class WebhookReceiver(_Endpoint):
 
 
 class OtlpReceiver(_Endpoint):
-    """A real OTLP/HTTP trace receiver (protobuf), recording every span it is sent (as the protobuf messages)."""
+    """A real OTLP/HTTP trace receiver (protobuf), recording every span it is sent (as the protobuf messages) and
+    each request's headers. It answers ``fail_status`` to the first ``fail_first`` requests (recording nothing)."""
 
     path = "/v1/traces"
 
-    def __init__(self) -> None:
+    def __init__(self, *, fail_first: int = 0, fail_status: int = 503) -> None:
         super().__init__()
         self.spans: list[Any] = []
         self.requests = 0
+        self.headers: list[dict[str, str]] = []
+        self.fail_first = fail_first
+        self.fail_status = fail_status
+        self.refused = 0
 
     @property
     def endpoint(self) -> str:
@@ -153,6 +158,10 @@ class OtlpReceiver(_Endpoint):
 
     async def handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
+        self.headers.append(dict(request.headers))
+        if self.refused < self.fail_first:
+            self.refused += 1
+            return web.Response(status=self.fail_status, text="not now")
         if raw[:2] == b"\x1f\x8b":  # aiohttp may already have undone Content-Encoding: gzip
             raw = gzip.decompress(raw)
         message = ExportTraceServiceRequest.FromString(raw)
