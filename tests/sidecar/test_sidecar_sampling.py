@@ -1,7 +1,8 @@
 """Sampled traces still count right: adjusted counts (1/p from ``ot=th:``) summed and weighted by the monitor.
 
-End to end: the orchestrator's consistent probability sampler decides in a real SDK provider, the SDK's real
-OTLP/HTTP exporter posts the kept spans, and the real sidecar (on a clock the test advances) reports the counts.
+End to end: the orchestrator's consistent probability sampler decides (in a real SDK provider, and in the
+orchestrator's own lean tracer), the real OTLP/HTTP exporter posts the kept spans (the SDK's, and the
+orchestrator's), and the real sidecar (on a clock the test advances) reports the counts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased
 from opentelemetry.trace import SpanKind
 
-from orchestrator.tracing import AdjustableRatioSampler
+from orchestrator.config import TracingConfig
+from orchestrator.otlp_export import OtlpHttpSpanExporter
+from orchestrator.tracing import AdjustableRatioSampler, build_tracing
 from sidecar.monitor import PerformanceMonitor, SeriesKey, weighted_quantiles
 from sidecar.otlp import REQUEST, SpanSample
 
@@ -82,18 +85,57 @@ def test_monitor_sums_weights_across_the_switch_to_sampling():
     assert monitor.slo_attainment(key, "1m", 46.0) == pytest.approx(4 / 404)
 
 
-async def test_sampled_requests_through_the_real_exporter_count_within_two_percent(start_sidecar, http):
+class _SdkPipeline:
+    """Any OpenTelemetry SDK: our sampler in the SDK's provider, the SDK's OTLP/HTTP exporter."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sampler = AdjustableRatioSampler(0.25)
+        self.memory = InMemorySpanExporter()
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": "muai-orchestrator"}), sampler=ParentBased(root=self.sampler),
+            id_generator=_SeededIds(16), shutdown_on_exit=False,
+        )
+        provider.add_span_processor(SimpleSpanProcessor(self.memory))
+        self.tracer = provider.get_tracer("tests.sampling")
+        self.exporter = OTLPSpanExporter(endpoint=endpoint, timeout=30)
+
+    def finished(self) -> list:
+        spans = list(self.memory.get_finished_spans())
+        self.memory.clear()
+        return spans
+
+    def close(self) -> None:
+        self.exporter.shutdown()
+
+
+class _OrchestratorPipeline(_SdkPipeline):
+    """The orchestrator's own: its lean tracer (decisions on the random module's bits, seeded here) and its
+    OTLP/HTTP exporter."""
+
+    def __init__(self, endpoint: str) -> None:
+        random.seed(16)
+        self.memory = InMemorySpanExporter()
+        self.tracing = build_tracing(TracingConfig(endpoint=endpoint, sampling_ratio=0.25, sampling_budget_per_s=None),
+                                     exporter=self.memory)
+        self.sampler = self.tracing.sampler
+        self.tracer = self.tracing.tracer
+        self.exporter = OtlpHttpSpanExporter(endpoint, timeout_s=30)
+
+    def finished(self) -> list:
+        self.tracing.force_flush(30)
+        return super().finished()
+
+    def close(self) -> None:
+        super().close()
+        self.tracing.shutdown(1)
+
+
+@pytest.mark.parametrize("pipeline", [_SdkPipeline, _OrchestratorPipeline], ids=["sdk", "orchestrator"])
+async def test_sampled_requests_through_the_real_exporter_count_within_two_percent(start_sidecar, http, pipeline):
     clock = _Clock()
     server, state = await start_sidecar(clock=clock)
-    sampler = AdjustableRatioSampler(0.25)
-    memory = InMemorySpanExporter()
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": "muai-orchestrator"}), sampler=ParentBased(root=sampler),
-        id_generator=_SeededIds(16), shutdown_on_exit=False,
-    )
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracer = provider.get_tracer("tests.sampling")
-    exporter = OTLPSpanExporter(endpoint=str(server.make_url("/v1/traces")), timeout=30)
+    spans_of = pipeline(str(server.make_url("/v1/traces")))
+    sampler, tracer, exporter = spans_of.sampler, spans_of.tracer, spans_of.exporter
 
     rng = np.random.default_rng(16)
     total, batches = 60_000, 12
@@ -111,14 +153,13 @@ async def test_sampled_requests_through_the_real_exporter_count_within_two_perce
                 span = tracer.start_span("POST /v1/chat/completions", kind=SpanKind.SERVER, start_time=T0,
                                          attributes=attributes)
                 span.end(end_time=T0 + int(d * 1e9))
-            spans = list(memory.get_finished_spans())
-            memory.clear()
+            spans = spans_of.finished()
             kept.extend((sp.end_time - sp.start_time) / 1e9 for sp in spans)
-            # The SDK exporter blocks (requests); the sidecar is served from this test's loop.
+            # The exporters block (requests); the sidecar is served from this test's loop.
             assert await asyncio.to_thread(exporter.export, spans) == SpanExportResult.SUCCESS
             clock.now += 5.0  # twelve batches over one minute
     finally:
-        exporter.shutdown()
+        spans_of.close()
 
     clock.now -= 4.0  # every batch is inside the last minute
     async with http.get(server.make_url("/api/v1/stats"), params={"model": "llama", "window": "1m"}) as resp:
