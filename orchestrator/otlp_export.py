@@ -10,12 +10,14 @@ them with the SDK encoder's message.
 
 :class:`OtlpHttpSpanExporter` posts those bytes (``application/x-protobuf``) the way the SDK's OTLP/HTTP exporter
 does: retried with exponential backoff on 429, 502, 503, 504 and connection errors until ``timeout_s`` is spent,
-``OTEL_EXPORTER_OTLP_TRACES_HEADERS`` / ``OTEL_EXPORTER_OTLP_HEADERS`` sent as headers, a server's own
-``verify`` (CA file) honoured. ``telemetry.tracing.protocol: grpc`` keeps the SDK's gRPC exporter.
+and the same environment read (``OTEL_EXPORTER_OTLP_TRACES_*``, else ``OTEL_EXPORTER_OTLP_*``): ``HEADERS``,
+``CERTIFICATE`` (when ``telemetry.tracing.ca_file`` is unset), ``CLIENT_CERTIFICATE``/``CLIENT_KEY``,
+``COMPRESSION=gzip``. ``telemetry.tracing.protocol: grpc`` keeps the SDK's gRPC exporter.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import random
@@ -209,10 +211,15 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
     return b"".join(out)
 
 
+def _env(name: str) -> str | None:
+    """``OTEL_EXPORTER_OTLP_TRACES_<name>``, else ``OTEL_EXPORTER_OTLP_<name>`` (the traces-specific one wins)."""
+    return os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or os.environ.get(f"OTEL_EXPORTER_OTLP_{name}") or None
+
+
 def env_headers() -> dict[str, str]:
     """The OTLP headers of the environment (``OTEL_EXPORTER_OTLP_TRACES_HEADERS``, else
     ``OTEL_EXPORTER_OTLP_HEADERS``): ``key=value`` pairs separated by commas, URL-encoded."""
-    raw = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or os.environ.get("OTEL_EXPORTER_OTLP_HEADERS") or ""
+    raw = _env("HEADERS") or ""
     headers: dict[str, str] = {}
     for item in raw.split(","):
         key, sep, value = item.partition("=")
@@ -233,9 +240,19 @@ class OtlpHttpSpanExporter(SpanExporter):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._session = session if session is not None else requests.Session()
-        if certificate_file:
-            self._session.verify = certificate_file
-        self._session.headers.update({**env_headers(), "Content-Type": "application/x-protobuf"})
+        # What the SDK's exporter reads from the environment: the CA (when no ca_file is configured), a client
+        # certificate and key, gzip.
+        ca = certificate_file or _env("CERTIFICATE")
+        if ca:
+            self._session.verify = ca
+        client_cert, client_key = _env("CLIENT_CERTIFICATE"), _env("CLIENT_KEY")
+        if client_cert:
+            self._session.cert = (client_cert, client_key) if client_key else client_cert
+        self._gzip = (_env("COMPRESSION") or "").strip().lower() == "gzip"
+        headers = {**env_headers(), "Content-Type": "application/x-protobuf"}
+        if self._gzip:
+            headers["Content-Encoding"] = "gzip"
+        self._session.headers.update(headers)
         self._shutdown = threading.Event()
         self._requests = requests
 
@@ -244,6 +261,8 @@ class OtlpHttpSpanExporter(SpanExporter):
             return SpanExportResult.FAILURE
         try:
             body = encode_spans(spans)
+            if self._gzip:
+                body = gzip.compress(body)
         except Exception as exc:
             log.error("could not encode %d spans for OTLP: %r", len(spans), exc)
             return SpanExportResult.FAILURE

@@ -141,6 +141,15 @@ async def test_the_exporter_gives_up_on_a_refusal_at_once_and_on_a_dead_endpoint
     assert time.monotonic() - started < 5
 
 
+async def test_the_exporter_gzips_when_the_environment_asks(monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+    async with OtlpReceiver() as receiver:
+        exporter = OtlpHttpSpanExporter(receiver.endpoint, timeout_s=10)
+        assert await asyncio.to_thread(exporter.export, _spans(2)) is SpanExportResult.SUCCESS
+        assert receiver.headers[-1]["Content-Encoding"] == "gzip" and len(receiver.spans) == 2
+        exporter.shutdown()
+
+
 def test_environment_headers_parse_like_the_sdk(monkeypatch):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "a=1, B = two%2C3 ,bad")
     assert env_headers() == {"a": "1", "b": "two,3"}
