@@ -39,5 +39,6 @@ class TorchEngine(HfEngine):
 
     def _backend(self, parts: HfParts, spec: ModelSpec) -> Backend:
         if spec.task == "generate":
-            return Backend(forward=TorchForward(parts.model), model=parts.model)
+            # Padding small row counts pays for MKL's CPU kernels only (see TorchForward).
+            return Backend(forward=TorchForward(parts.model, pad_rows=parts.device.type == "cpu"), model=parts.model)
         return Backend(encode=TorchEncode(parts.model), model=parts.model)

@@ -303,3 +303,68 @@ def test_a_preallocated_layer_holds_what_a_dynamic_layer_holds():
     feed_one = torch.randn(1, 3, 1, 4, generator=gen), torch.randn(1, 3, 1, 5, generator=gen)
     got, want = ours.update(*feed_one), theirs.update(*feed_one)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+class LinearRows(torch.overrides.TorchFunctionMode):
+    """Records the row count of every ``linear`` that reaches torch (after any padding mode inside it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            self.rows.append(args[0].numel() // args[0].shape[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_padded_linear_pads_only_its_row_range():
+    from adapters.hf_decode import PAD_ROWS, padded_linear
+
+    lo, hi = PAD_ROWS
+    torch.manual_seed(0)
+    w = torch.randn(24, 8)
+    for rows in (1, lo - 1, lo, hi - 1, hi, 40):
+        x = torch.randn(1, rows, 8)
+        with padded_linear():
+            got = torch.nn.functional.linear(x, w)
+        assert got.shape == (1, rows, 24)
+        if lo <= rows < hi:
+            want = torch.nn.functional.linear(torch.cat([x[0], torch.zeros(hi - rows, 8)]), w)[:rows]
+        else:
+            want = torch.nn.functional.linear(x, w)
+        assert torch.equal(got.reshape(rows, 24), want.reshape(rows, 24))
+
+
+def test_a_reused_turn_of_a_dozen_tokens_pads_its_linear_layers_and_answers_as_recomputing(tiny_llama_dir):
+    from adapters.hf_decode import PAD_ROWS, _common_prefix
+
+    engine = load(tiny_llama_dir)
+    # Synchronously, on this thread: torch function modes (the padding and the recorder) are per thread.
+    (first,) = engine._generate_sync([GenerationRequest(USER_TURNS[0], SP, conversation_id="p")])
+    cached_ids, _ = engine.conversations.peek("p").payload
+    history, words = USER_TURNS[0] + first.text + " Thanks", []
+
+    def fed(text: str) -> int:
+        return len(engine.tokenizer(text).input_ids) - _common_prefix(cached_ids, engine.tokenizer(text).input_ids)
+
+    # A next message of a row count in PAD_ROWS on top of the cached state.
+    while fed(history + "".join(words)) < 12:
+        words.append(" and")
+    history += "".join(words)
+    assert PAD_ROWS[0] <= fed(history) < PAD_ROWS[1]
+    with LinearRows() as seen:
+        (res,) = engine._generate_sync([GenerationRequest(history, SP, conversation_id="p")])
+    assert res.cache_hit and res.prompt_tokens - res.cached_tokens == fed(history)
+    assert PAD_ROWS[1] in seen.rows and not any(PAD_ROWS[0] <= r < PAD_ROWS[1] for r in seen.rows)
+    # The same prompt computed from nothing (a prefill) is never padded, and answers the same.
+    with LinearRows() as seen:
+        (ref,) = engine._generate_sync([GenerationRequest(history, SP)])
+    assert PAD_ROWS[1] not in seen.rows and res.text == ref.text
+    short = "Hello"
+    while len(engine.tokenizer(short).input_ids) < 12:
+        short += " and"
+    with LinearRows() as seen:
+        engine._generate_sync([GenerationRequest(short, SP)])
+    assert len(engine.tokenizer(short).input_ids) in seen.rows and PAD_ROWS[1] not in seen.rows
+    engine.close()
