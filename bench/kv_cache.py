@@ -13,7 +13,9 @@ rounds, turns 1-4 run with a fresh conversation id (not timed), then turn 5 is t
 Each figure is the median over the rounds. Timed twice: the whole turn (prefill + ``--new-tokens`` greedy tokens,
 what a client waits for) and time to first token (prefill + one token, where reuse saves its work).
 ``reuse_speedup`` is recompute / reuse for time to first token (goal >= 10); ``reuse_speedup_turn`` the same for
-the whole turn. The outputs of the two paths are checked to be identical.
+the whole turn. The outputs of the two paths are checked to be identical. ``threads`` in the figures is torch's
+thread count for the run (``--threads``); on a machine shared with other work, ``--threads 1`` is disturbed least
+(two threads wait for each other whenever another process holds one of the cores).
 
 Prints one JSON line ``{"bench": "kv_cache", "figures", "ratios", "goals"}`` and writes
 ``bench/results/kv_cache.json``.
@@ -125,6 +127,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cached.append(res_ru.cached_tokens)
                 engine.end_conversation(cid)
         stats = engine.cache_stats()
+        import torch
+
+        threads = torch.get_num_threads()
     finally:
         engine.close()
 
@@ -146,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "outputs_identical": identical,
         "cache_hit_rate": round(stats.hit_rate, 4) if stats else 0.0,
         "device": args.device,
+        "threads": threads,
         "model": args.model,
     }
     ratios = {

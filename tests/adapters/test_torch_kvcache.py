@@ -270,6 +270,7 @@ def test_kv_cache_benchmark_runs_and_reports(tmp_path, tiny_llama_dir, capsys):
     assert line["bench"] == "kv_cache" and line["goals"] == {"reuse_speedup": ">= 10"}
     assert line["figures"]["outputs_identical"] is True
     assert line["ratios"]["reuse_speedup"] > 0
+    assert line["figures"]["threads"] == torch.get_num_threads()
 
 
 def test_a_preallocated_layer_holds_what_a_dynamic_layer_holds():
