@@ -18,7 +18,9 @@ after a warm-up. Each throughput is the best round (on a shared machine other pr
   ``torch_instrumented_vs_bare`` the same on the torch engine, goal >= 0.97.
 - ``telemetry_us_per_request`` (echo): the server process's CPU time per request (user + system, all its threads,
   read from the OS over each round; median over rounds), instrumented minus bare, goal <= 10. CPU time rather than
-  1/throughput, so that a machine shared with other work does not count as telemetry.
+  1/throughput, so that a machine shared with other work does not count as telemetry. ``cpu_us_per_request_by_thread``
+  splits it: ``serving`` (the event loop) and ``other`` (the span exporter's worker, which encodes and posts spans,
+  and the engine's and the samplers' threads).
 - A breakdown (metrics only, tracing only, and everything on with a 0.1 sampling ratio and no budget) says where
   the cost is; ``--no-breakdown`` skips it.
 
@@ -130,12 +132,25 @@ async def _load(base: str, model: str, connections: int, duration: float, server
                         errors += 1
 
         cpu_before = cpu_seconds(server) if server is not None else 0.0
+        threads_before = _thread_cpu(server) if server is not None else {}
         started = time.monotonic()
         await asyncio.gather(*(client() for _ in range(connections)))
         elapsed = time.monotonic() - started
         cpu = cpu_seconds(server) - cpu_before if server is not None else 0.0
+        threads_after = _thread_cpu(server) if server is not None else {}
+    by_thread: dict[str, float] = {}
+    for tid, (role, seconds) in threads_after.items():
+        spent = seconds - threads_before.get(tid, (role, 0.0))[1]
+        by_thread[role] = by_thread.get(role, 0.0) + (spent / done * 1e6 if done else 0.0)
     return {"rps": done / elapsed, "requests": done, "errors": errors, "seconds": elapsed,
-            "cpu_us_per_request": cpu / done * 1e6 if done and server is not None else 0.0}
+            "cpu_us_per_request": cpu / done * 1e6 if done and server is not None else 0.0,
+            "cpu_us_by_thread": by_thread}
+
+
+def _thread_cpu(proc: Any) -> dict[int, tuple[str, float]]:
+    """Each thread's role and CPU seconds: ``serving`` (the event loop, the process's main thread) or ``other``
+    (the span exporter's worker, engine workers, torch's pool, samplers: Python 3.11 names none of them to the OS)."""
+    return {t.id: ("serving" if t.id == proc.pid else "other", t.user_time + t.system_time) for t in proc.threads()}
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -199,6 +214,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 proc.kill()
     best = {name: max(r["rps"] for r in runs) for name, runs in rounds.items()}
     cpu_us = {name: statistics.median(r["cpu_us_per_request"] for r in runs) for name, runs in rounds.items()}
+    by_thread = {name: {role: round(statistics.median(r["cpu_us_by_thread"].get(role, 0.0) for r in runs), 1)
+                        for role in ("serving", "other")} for name, runs in rounds.items()}
 
     def vs_bare(name: str, bare: str) -> float | None:
         return round(best[name] / best[bare], 3) if name in best and best.get(bare) else None
@@ -219,6 +236,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {
         **{f"{name}_rps": round(value, 1) for name, value in best.items()},
         "cpu_us_per_request": {name: round(v, 1) for name, v in cpu_us.items()},
+        "cpu_us_per_request_by_thread": by_thread,
         "rounds": {name: [round(r["rps"], 1) for r in runs] for name, runs in rounds.items()},
         "errors": {name: sum(r["errors"] for r in runs) for name, runs in rounds.items()},
         "spans_received": spans_received,
