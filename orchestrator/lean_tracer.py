@@ -28,7 +28,7 @@ from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from orchestrator.sampling import RANDOM_BITS, AdjustableRatioSampler, encode_threshold, with_threshold
 
@@ -199,6 +199,7 @@ class LeanTracer(trace.Tracer):
         self.resource = inner.resource
         self.scope = getattr(inner, "_instrumentation_scope", None)
         self._sampler = sampler
+        self._trace_states: dict[int, TraceState] = {}  # a new trace's tracestate (``ot=th:``) per threshold
 
     def start_span(self, name, context=None, kind=SpanKind.INTERNAL, attributes=None, links=None, start_time=None,
                    record_exception=True, set_status_on_exception=True) -> trace.Span:
@@ -221,8 +222,13 @@ class LeanTracer(trace.Tracer):
             randomness = getrandbits(RANDOM_BITS)
             if randomness < threshold:
                 return UNSAMPLED_SPAN
+            state = self._trace_states.get(threshold)
+            if state is None:
+                state = with_threshold(None, encode_threshold(threshold))
+                if len(self._trace_states) < 256:  # under a budget the threshold moves once a second: bounded anyway
+                    self._trace_states[threshold] = state
             span_context = SpanContext(_random_trace_id(randomness), _random_span_id(), is_remote=False,
-                                       trace_flags=_SAMPLED, trace_state=with_threshold(None, encode_threshold(threshold)))
+                                       trace_flags=_SAMPLED, trace_state=state)
             parent_context = None
         span = RecordedSpan(self, name, span_context, parent_context, kind, attributes, start_time)
         self.processor.on_start(span, parent_context=context)
