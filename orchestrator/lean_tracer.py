@@ -225,7 +225,7 @@ class LeanTracer(trace.Tracer):
             state = self._trace_states.get(threshold)
             if state is None:
                 state = with_threshold(None, encode_threshold(threshold))
-                if len(self._trace_states) < 256:  # under a budget the threshold moves once a second: bounded anyway
+                if len(self._trace_states) < 256:  # a budget's threshold follows the traffic: keep a bounded few
                     self._trace_states[threshold] = state
             span_context = SpanContext(_random_trace_id(randomness), _random_span_id(), is_remote=False,
                                        trace_flags=_SAMPLED, trace_state=state)

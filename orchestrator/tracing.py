@@ -422,8 +422,7 @@ def build_tracing(
         return Tracing(None, trace.NoOpTracer(), owned=False)
     sampler = AdjustableRatioSampler(config.sampling_ratio, budget_per_s=getattr(config, "sampling_budget_per_s", None))
     resource = Resource.create({"service.name": config.service_name})
-    provider = TracerProvider(resource=resource, sampler=ParentBased(root=sampler),
-                              shutdown_on_exit=False)
+    provider = TracerProvider(resource=resource, sampler=ParentBased(root=sampler), shutdown_on_exit=False)
     inner = exporter if exporter is not None else make_exporter(config)
     _limit_exporter_logs(log_period_s)
     observed = ObservedSpanExporter(
