@@ -42,6 +42,9 @@ class Detector(Protocol):
     ``update`` returns ``None`` while the detector is warming up (and for non-finite values,
     which it ignores), otherwise a :class:`Verdict`. ``score`` is the latest score, NaN during
     warm-up. Implementations keep bounded memory and do no I/O.
+
+    A detector whose threshold is not a score that a fraction can raise (a probability) says so with a class
+    attribute ``scalable_threshold = False``; the sidecar then never raises it for a series that keeps paging.
     """
 
     name: str

@@ -65,6 +65,9 @@ class LikelihoodDetector:
 
     _kind = "likelihood"
 
+    # Its threshold is a probability near 1: there is no fraction to raise it by (see ``Detector``).
+    scalable_threshold = False
+
     def __init__(
         self,
         window: int = 288,

@@ -209,6 +209,8 @@ _REQUEST_COUNTERS = (
     ("muai_batch_execution_count",
      "Batch executions (Triton's execution count; inference/execution is the mean batch size).", "batch_executions"),
 )
+# Fields shown only for (model, engine) pairs that executed a batch, as a labelled child would be.
+_BATCH_FIELDS = frozenset({"batch_size", "batch_inferences", "batch_executions"})
 
 
 class _RequestCollector(Collector):
@@ -232,12 +234,11 @@ class _RequestCollector(Collector):
     def _families(series: Mapping[tuple[str, str], dict[str, Any]],
                   requests: Mapping[tuple[str, str, str], tuple[float, float]]) -> Iterable[Metric]:
         me = ["model", "engine"]
-        # The batch families only for (model, engine) pairs that executed a batch, as a labelled child would be.
         batched = {key: read for key, read in series.items() if read["batch_executions"][0]}
         for name, help_text, field, bounds in _REQUEST_HISTOGRAMS:
             family = HistogramMetricFamily(name, help_text, labels=me)
             les = [floatToGoString(b) for b in bounds] + ["+Inf"]
-            for (model, engine), read in (batched if field == "batch_size" else series).items():
+            for (model, engine), read in (batched if field in _BATCH_FIELDS else series).items():
                 counts, total, exemplars, created = read[field]
                 buckets: list[Any] = []
                 running = 0
@@ -258,7 +259,7 @@ class _RequestCollector(Collector):
         yield done
         for name, help_text, field in _REQUEST_COUNTERS:
             family = CounterMetricFamily(name, help_text, labels=me)
-            for (model, engine), read in (batched if field.startswith("batch_") else series).items():
+            for (model, engine), read in (batched if field in _BATCH_FIELDS else series).items():
                 value, created = read[field]
                 family.add_metric([model, engine], value, created=created)
             yield family

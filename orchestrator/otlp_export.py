@@ -26,11 +26,11 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import unquote
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.util.re import parse_env_headers
 
 log = logging.getLogger(__name__)
 
@@ -218,16 +218,8 @@ def _env(name: str) -> str | None:
 
 def env_headers() -> dict[str, str]:
     """The OTLP headers of the environment (``OTEL_EXPORTER_OTLP_TRACES_HEADERS``, else
-    ``OTEL_EXPORTER_OTLP_HEADERS``): ``key=value`` pairs separated by commas, URL-encoded."""
-    raw = _env("HEADERS") or ""
-    headers: dict[str, str] = {}
-    for item in raw.split(","):
-        key, sep, value = item.partition("=")
-        if sep and key.strip():
-            headers[unquote(key.strip()).lower()] = unquote(value.strip())
-        elif item.strip():
-            log.warning("ignoring an OTLP header without '=' in the environment: %r", item.strip()[:40])
-    return headers
+    ``OTEL_EXPORTER_OTLP_HEADERS``), parsed as the SDK's exporters parse them."""
+    return parse_env_headers(_env("HEADERS") or "", liberal=True)
 
 
 class OtlpHttpSpanExporter(SpanExporter):

@@ -406,7 +406,7 @@ class Evaluator:
             if pages:
                 while pages and pages[0] <= now - st.repeat_window_s:
                     pages.popleft()
-                if name != "likelihood":  # its threshold is a probability near 1: there is no fraction to raise it by
+                if getattr(detector, "scalable_threshold", True):
                     # Paged on this series recently: a detector that keeps paging on one series is too tight for it.
                     bar *= 1.0 + st.repeat_raise * len(pages)
                     anomalous = anomalous and verdict.score > bar
