@@ -548,6 +548,10 @@ WORKFLOW_RUNS = 2
 async def traced_workflows(stack: Stack, load: Load) -> dict[str, Any]:
     """Run the two-model workflow with known trace ids (W3C traceparent) on an otherwise idle stack, and note what
     the sidecar counted before and after."""
+    # Tests before this one sent requests of their own (the dashboard test two conversation turns): their spans
+    # must have landed before the count is taken, or one arriving late reads as this test's.
+    await wait_for(lambda: _settled(stack, load), timeout=60, what="the earlier requests in Prometheus and the sidecar",
+                   diagnose=stack.diagnose)
     before = await sidecar_request_totals(stack)
     traces = {}
     for _ in range(WORKFLOW_RUNS):
