@@ -45,7 +45,7 @@ from adapters.kvcache import CacheEntry, CacheStats, ConversationCache, tensor_b
 log = logging.getLogger(__name__)
 
 __all__ = ["Conversations", "DecodeLoop", "Detokenizer", "Encode", "Forward", "Row", "TorchEncode", "TorchForward",
-           "PAD_ROWS", "embed_texts", "padded_linear", "preallocated_layer", "reserve"]
+           "embed_texts", "preallocated_layer", "reserve"]
 
 
 class Forward(Protocol):
@@ -71,24 +71,11 @@ class TorchForward:
     (``preallocated_layer``) instead of growing by ``torch.cat``: a cat copies the whole past of every layer on every
     forward, which on a 12-layer model with a 400-token history cost about a third of a reused turn's first token.
     ``preallocate=False`` keeps transformers' own layers.
-
-    ``pad_rows`` (the torch engine sets it on the CPU): a forward on top of a state that already holds positions (a
-    reused conversation turn, a decode step of a batch) whose linear layers see ``PAD_ROWS`` rows pads them with
-    zero rows to ``PAD_ROWS[1]`` and drops the extra rows of the result (``padded_linear``). MKL's float32 GEMM
-    switches kernels at 16 rows: below, its small-matrix kernel; on one thread a 15-row product over bench-llama's
-    84 weight matrices took 91 ms of CPU and the same product padded to 16 rows 69 ms (a reused turn's first token
-    99 -> 82 ms). Each row of a GEMM is computed from its own input row only, so the padding changes no real row's
-    inputs; on one thread (MKL 2024.2, AVX-512, measured here) the rows of a product of 16 rows or more equal bit
-    for bit those of the full prompt's prefill (several hundred rows), so a padded reused turn computes its linear
-    layers exactly as recomputing the whole prompt does, where the 15-row kernel rounds differently; on two threads
-    no row count below the prompt's matches it, padded or not. A forward on an empty state (every prefill) is never
-    padded: it equals ``model.generate``'s, bit for bit.
     """
 
-    def __init__(self, model: Any, *, preallocate: bool = True, pad_rows: bool = False) -> None:
+    def __init__(self, model: Any, *, preallocate: bool = True) -> None:
         self.model = model
         self.preallocate = preallocate
-        self.pad_rows = pad_rows
 
     def empty_state(self) -> Any:
         from transformers import DynamicCache
@@ -102,53 +89,9 @@ class TorchForward:
         return cache
 
     def __call__(self, input_ids: Any, attention_mask: Any, position_ids: Any, state: Any) -> tuple[Any, Any]:
-        rows = input_ids.numel()
-        if self.pad_rows and PAD_ROWS[0] <= rows < PAD_ROWS[1] and state.get_seq_length() > 0:
-            with padded_linear():
-                out = self._forward(input_ids, attention_mask, position_ids, state)
-        else:
-            out = self._forward(input_ids, attention_mask, position_ids, state)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=state, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :], out.past_key_values
-
-    def _forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, state: Any) -> Any:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=state, use_cache=True, logits_to_keep=1)
-
-
-PAD_ROWS = (10, 16)
-"""Row counts ``[lo, hi)`` that ``padded_linear`` pads to ``hi``: at 16 rows MKL leaves its small-matrix kernel;
-below 10 rows padding costs more than the faster kernel saves (one thread, bench-llama: 9 rows 71 ms, 16 rows
-69 ms, 8 rows 65 ms)."""
-
-
-@functools.cache
-def _padded_linear_mode() -> type:
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    linear = torch.nn.functional.linear
-    lo, hi = PAD_ROWS
-
-    class PaddedLinear(TorchFunctionMode):
-        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            kwargs = kwargs or {}
-            if func is linear:
-                x = args[0]
-                width = x.shape[-1]
-                rows = x.numel() // width if width else 0
-                if lo <= rows < hi:
-                    flat = x.reshape(rows, width)
-                    out = func(torch.cat([flat, flat.new_zeros(hi - rows, width)]), *args[1:], **kwargs)
-                    return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
-            return func(*args, **kwargs)
-
-    return PaddedLinear
-
-
-def padded_linear() -> Any:
-    """A context in which ``torch.nn.functional.linear`` over ``PAD_ROWS`` rows runs on zero-padded inputs of
-    ``PAD_ROWS[1]`` rows and returns the real rows only (see ``TorchForward``)."""
-    return _padded_linear_mode()()
 
 
 def reserve(state: Any, positions: int) -> None:

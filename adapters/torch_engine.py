@@ -10,20 +10,26 @@ torch and transformers are imported only inside methods.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from adapters.base import Availability, Capabilities, ModelSpec
+from adapters.cpu_linear import pack_linears
 from adapters.hf_decode import TorchEncode, TorchForward
 from adapters.hf_engine import Backend, HfEngine, HfParts
 
 __all__ = ["TorchEngine"]
 
+log = logging.getLogger(__name__)
+
 
 class TorchEngine(HfEngine):
     """transformers ``AutoModelForCausalLM`` (generate) or ``AutoModel`` (embed: mean pooling + L2 norm).
 
-    Settings (``TorchEngineConfig``): ``threads`` sets ``torch.set_num_threads`` (process-wide) at load.
+    Settings (``TorchEngineConfig``): ``threads`` sets ``torch.set_num_threads`` (process-wide) at load;
+    ``packed_linear`` (default on) runs the large float32 linear layers of a model on the CPU on oneDNN over weights
+    packed at load (``adapters.cpu_linear``).
     Per-model options as for every engine of the family (``kv_cache``, ``inject_delay_s``; see ``HfEngine``).
     """
 
@@ -38,7 +44,10 @@ class TorchEngine(HfEngine):
         return Availability(True)
 
     def _backend(self, parts: HfParts, spec: ModelSpec) -> Backend:
+        if parts.device.type == "cpu" and self.settings.get("packed_linear", True):
+            packed = pack_linears(parts.model)
+            if packed:
+                log.info("model %r: %d linear layers packed for oneDNN", spec.name, packed)
         if spec.task == "generate":
-            # Padding small row counts pays for MKL's CPU kernels only (see TorchForward).
-            return Backend(forward=TorchForward(parts.model, pad_rows=parts.device.type == "cpu"), model=parts.model)
+            return Backend(forward=TorchForward(parts.model), model=parts.model)
         return Backend(encode=TorchEncode(parts.model), model=parts.model)

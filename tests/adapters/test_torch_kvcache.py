@@ -306,66 +306,61 @@ def test_a_preallocated_layer_holds_what_a_dynamic_layer_holds():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-class LinearRows(torch.overrides.TorchFunctionMode):
-    """Records the row count of every ``linear`` that reaches torch (after any padding mode inside it)."""
+def test_packed_linear_computes_linear_and_each_row_alike_for_any_row_count():
+    from adapters import cpu_linear
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[int] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.nn.functional.linear:
-            self.rows.append(args[0].numel() // args[0].shape[-1])
-        return func(*args, **(kwargs or {}))
-
-
-def test_padded_linear_pads_only_its_row_range():
-    from adapters.hf_decode import PAD_ROWS, padded_linear
-
-    lo, hi = PAD_ROWS
+    if not cpu_linear.packing_available():
+        pytest.skip("this torch build has no oneDNN")
     torch.manual_seed(0)
-    w = torch.randn(24, 8)
-    for rows in (1, lo - 1, lo, hi - 1, hi, 40):
-        x = torch.randn(1, rows, 8)
-        with padded_linear():
-            got = torch.nn.functional.linear(x, w)
-        assert got.shape == (1, rows, 24)
-        if lo <= rows < hi:
-            want = torch.nn.functional.linear(torch.cat([x[0], torch.zeros(hi - rows, 8)]), w)[:rows]
-        else:
-            want = torch.nn.functional.linear(x, w)
-        assert torch.equal(got.reshape(rows, 24), want.reshape(rows, 24))
+    model = torch.nn.Sequential(torch.nn.Linear(96, 80), torch.nn.Linear(80, 64, bias=False))
+    x = torch.randn(1, 130, 96)
+    with torch.no_grad():
+        want = model(x)
+        assert cpu_linear.pack_linears(model, min_weights=0) == 2
+        got = model(x)
+        assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # What reuse relies on: the last rows alone compute what they compute inside the whole prompt.
+        for rows in (1, 2, 15, 16, 100):
+            assert torch.equal(model(x[:, -rows:].contiguous()), got[:, -rows:])
 
 
-def test_a_reused_turn_of_a_dozen_tokens_pads_its_linear_layers_and_answers_as_recomputing(tiny_llama_dir):
-    from adapters.hf_decode import PAD_ROWS, _common_prefix
+def test_pack_linears_leaves_small_other_dtype_and_tied_layers_alone():
+    from adapters import cpu_linear
 
+    if not cpu_linear.packing_available():
+        pytest.skip("this torch build has no oneDNN")
+    side = 512  # 512 x 512 = MIN_WEIGHTS
+    assert side * side == cpu_linear.MIN_WEIGHTS
+    model = torch.nn.Module()
+    model.big = torch.nn.Linear(side, side)
+    model.small = torch.nn.Linear(side, side - 1)
+    model.float64 = torch.nn.Linear(side, side).double()
+    model.embed = torch.nn.Embedding(side, side)
+    model.head = torch.nn.Linear(side, side, bias=False)
+    model.head.weight = model.embed.weight
+    assert cpu_linear.pack_linears(model) == 1
+    assert not isinstance(model.big, torch.nn.Linear)
+    assert all(type(getattr(model, name)) is torch.nn.Linear for name in ("small", "float64", "head"))
+
+
+async def test_a_packed_model_reuses_turns_as_recomputing_and_the_setting_turns_packing_off(
+        tiny_llama_dir, monkeypatch):
+    from adapters import cpu_linear
+
+    if not cpu_linear.packing_available():
+        pytest.skip("this torch build has no oneDNN")
+    plain = load(tiny_llama_dir)
+    assert any(type(m) is torch.nn.Linear for m in plain._backend_.model.modules())  # tiny: below MIN_WEIGHTS
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHTS", 0)
     engine = load(tiny_llama_dir)
-    # Synchronously, on this thread: torch function modes (the padding and the recorder) are per thread.
-    (first,) = engine._generate_sync([GenerationRequest(USER_TURNS[0], SP, conversation_id="p")])
-    cached_ids, _ = engine.conversations.peek("p").payload
-    history, words = USER_TURNS[0] + first.text + " Thanks", []
-
-    def fed(text: str) -> int:
-        return len(engine.tokenizer(text).input_ids) - _common_prefix(cached_ids, engine.tokenizer(text).input_ids)
-
-    # A next message of a row count in PAD_ROWS on top of the cached state.
-    while fed(history + "".join(words)) < 12:
-        words.append(" and")
-    history += "".join(words)
-    assert PAD_ROWS[0] <= fed(history) < PAD_ROWS[1]
-    with LinearRows() as seen:
-        (res,) = engine._generate_sync([GenerationRequest(history, SP, conversation_id="p")])
-    assert res.cache_hit and res.prompt_tokens - res.cached_tokens == fed(history)
-    assert PAD_ROWS[1] in seen.rows and not any(PAD_ROWS[0] <= r < PAD_ROWS[1] for r in seen.rows)
-    # The same prompt computed from nothing (a prefill) is never padded, and answers the same.
-    with LinearRows() as seen:
-        (ref,) = engine._generate_sync([GenerationRequest(history, SP)])
-    assert PAD_ROWS[1] not in seen.rows and res.text == ref.text
-    short = "Hello"
-    while len(engine.tokenizer(short).input_ids) < 12:
-        short += " and"
-    with LinearRows() as seen:
-        engine._generate_sync([GenerationRequest(short, SP)])
-    assert len(engine.tokenizer(short).input_ids) in seen.rows and PAD_ROWS[1] not in seen.rows
-    engine.close()
+    assert not any(type(m) is torch.nn.Linear for m in engine._backend_.model.modules())
+    reused = await run_conversation(engine, "p")
+    recomputed = await run_conversation(engine, None)
+    assert [r.text for r in reused] == [r.text for r in recomputed]
+    assert all(r.cache_hit for r in reused[1:])
+    off = TorchEngine({"packed_linear": False}, clock=Clock())
+    off.load(ModelSpec("tiny", str(tiny_llama_dir), device="cpu"))
+    assert any(type(m) is torch.nn.Linear for m in off._backend_.model.modules())
+    for e in (plain, engine, off):
+        e.close()
