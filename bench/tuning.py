@@ -327,6 +327,7 @@ async def _tuned_run(stack: Stack, session: Any, plan, phases, slo_s) -> dict[st
     await stack.start_sidecar(session, tuner=True)
     before = await stack.tuner_state(session)
     seen = len(before.get("decisions", []))
+    started = time.monotonic()  # the sidecar stamps decisions with the same system-wide monotonic clock
     results = await replay(stack, session, plan)
     state = await stack.tuner_state(session)
     await stack.start_sidecar(session, tuner=False)
@@ -337,7 +338,23 @@ async def _tuned_run(stack: Stack, session: Any, plan, phases, slo_s) -> dict[st
     summary["final_settings"] = {k: v["value"] for k, v in state.get("settings", {}).items()}
     summary["learned_levels"] = len(state.get("learned", {}).get("levels", []))
     summary["decisions_by_reason"] = _count(d["reason"] for d in decisions)
+    summary["decisions_by_phase"] = _by_phase(decisions, phases, started)
     return summary
+
+
+def _by_phase(decisions: list[dict[str, Any]], phases: list[Phase], started: float) -> dict[str, list[str]]:
+    """Each phase's decisions, one short line each: seconds into the phase, knob, old -> new, reason, fresh p99."""
+    out: dict[str, list[str]] = {p.name: [] for p in phases}
+    for d in decisions:
+        t, start = d["at"] - started, 0.0
+        for phase in phases:
+            if t < start + phase.seconds or phase is phases[-1]:
+                fresh = d.get("readings", {}).get("fresh_p99_s")
+                out[phase.name].append(f"{t - start:.0f}s {d['knob'].split('.')[-1]} {d['old']}->{d['new']} "
+                                       f"{d['reason']} fresh_p99={fresh}")
+                break
+            start += phase.seconds
+    return out
 
 
 def _count(items) -> dict[str, int]:
@@ -375,12 +392,12 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             short = trace(args.scale * args.grid_scale)
             short_plan = arrivals(short, cap, args.seed + 1)
             scores = []
-            points = [] if args.no_grid else grid(args.slo_s)
+            points = [] if args.no_grid or args.best_static is not None else grid(args.slo_s)
             for i, point in enumerate(points):
                 s = await _static_run(stack, session, point, short_plan, short, args.slo_s)
                 scores.append((s["goodput_rps"], point))
                 print(f"[tuning] grid {i + 1}/{len(points)} {point}: goodput {s['goodput_rps']}", file=sys.stderr, flush=True)
-            best_goodput, best = max(scores, key=lambda item: item[0]) if scores else (None, {})
+            best_goodput, best = max(scores, key=lambda item: item[0]) if scores else (None, args.best_static or {})
             print(f"[tuning] best static {best}; on the whole trace", file=sys.stderr, flush=True)
             runs["best_static"] = await _static_run(stack, session, best, plan, phases, args.slo_s)
             runs["best_static"]["settings"] = best
@@ -442,6 +459,17 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _settings_arg(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    unknown = sorted(set(value) - set(DEFAULTS)) if isinstance(value, dict) else None
+    if unknown is None or unknown:
+        raise argparse.ArgumentTypeError(f"expected an object of {sorted(DEFAULTS)}; unknown: {unknown}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="muai bench tuning", description=__doc__.split("\n\n")[0])
     parser.add_argument("--slo-s", type=float, default=1.0, help="p99 latency objective (default 1.0 s)")
@@ -455,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs of the best static settings and of the cold tuner, alternated; "
                              "tuned_vs_best_static_goodput is the ratio of their means (default 2)")
     parser.add_argument("--no-grid", action="store_true", help="skip the grid search (best_static = default)")
+    parser.add_argument("--best-static", type=_settings_arg, default=None, metavar="JSON",
+                        help="skip the grid search and compare with these static settings, e.g. "
+                             "'{\"batching.max_batch_size\": 32, \"server.max_queue_wait_s\": 0.4}' (what an earlier "
+                             "grid found, or your own)")
     parser.add_argument("--quick", action="store_true", help="a shorter trace and grid (about 8 minutes)")
     add_output_args(parser)
     args = parser.parse_args(argv)

@@ -13,9 +13,10 @@ Two loops share one object:
   at what is left of that share once the engine layer has its own (the requests running in it over ``X``), comes
   down while the requests finishing now (the orchestrator's latency histogram since the last tick) are late after
   waiting near it, and goes up while it turns requests away with latency to spare. The batch size grows while batches
-  fill from the queue (with headroom, or when saturated) and the doubled batch still fits Little's law, and halves when, with batches full, one batch is more than Little's law admits
-  (the batch's own run time is the latency: long prompts, a big model), on a breach or a throughput that just
-  fell; both are trials: a bigger batch is rolled back if goodput fell, a smaller one unless p99 fell or
+  fill from the queue (with headroom, or when saturated) and the doubled batch still fits Little's law (in an overload
+  whose requests are late in the queue rather than in the engine, even with the fresh tail past the deadband), and
+  halves when, with batches full, one batch is more than Little's law admits (the batch's own run time is the
+  latency: long prompts, a big model), on a breach or a throughput that just fell; both are trials: a bigger batch is rolled back if goodput fell, a smaller one unless p99 fell or
   attainment rose, because a smaller batch also lowers throughput and with it what admission lets in. The batch
   timeout is the time in which half a batch is expected to arrive, never more than a small share of the
   objective; it follows the rate like admission and is no trial. The KV-cache budget grows while
@@ -176,6 +177,14 @@ class TunerPolicy:
 
         protect = self._protect(readings, settings, level, now)
         if protect:
+            # Bounding the wait turns requests away; in an overload that is late in the queue, a bigger batch drains it
+            # faster as well, and waiting a cooldown for it lets the first seconds of the burst queue past the
+            # objective (in one run the batch doubled 6 s after the bound was set, where a run that had it at once
+            # met the objective through the whole burst). Only the batch is a trial: the bound follows the latency.
+            drain = self._drain(readings, settings, level, now) if all(
+                d.knob == MAX_QUEUE_WAIT for d in protect) else None
+            if drain is not None:
+                return self._finish([*protect, drain], readings, now, observation, gain=True)
             return self._finish(protect, readings, now, observation, gain=False)
         learned = self._from_learned(readings, settings, level, now)
         if learned:
@@ -410,10 +419,12 @@ class TunerPolicy:
             # Late, but nobody waited near the bound: the time is spent past the queue (the engine, a starved CPU),
             # and a tighter bound would only turn requests away.
             return None
-        # Proportional: the share of the objective the tail overshoots comes off the bound, between a fifth and half;
-        # and at least down to what the engine's share leaves, which grows with the batch and the prompts.
-        factor = min(0.8, max(0.5, worst.slo_p99_s / worst.fresh_p99_s if worst.fresh_p99_s > 0 else 0.8))
-        wanted = min(float(bound) * factor, max(ceiling, float(bound) * 0.5))
+        # Proportional: what the tail overshoots the objective by comes off the bound (a tenth of it at least, half
+        # at most), and at least down to what the engine's share leaves, which grows with the batch and the prompts.
+        # A fixed fifth per tick walked the bound from 0.6 to 0.14 of the objective through a 30-s overload whose
+        # tail stood a few percent over it, and turned away 2.4 times what a static 0.4 did.
+        overshoot = worst.fresh_p99_s - worst.slo_p99_s if worst.fresh_p99_s > 0 else 0.0
+        wanted = min(float(bound) * 0.9, float(bound) - overshoot, max(ceiling, float(bound) * 0.5))
         return self._move(MAX_QUEUE_WAIT, settings, wanted, SLO_BREACH, "tuned", level, readings, now)
 
     def _wait_ceiling(self, readings: Readings, slo: float) -> float:
@@ -534,13 +545,17 @@ class TunerPolicy:
             shrink = self._move(MAX_BATCH, settings, float(batch) / 2, SLO_BREACH, "tuned", level, readings, now)
             if shrink:
                 out.append(shrink)
-        if shrink is None and worst is not None and (headroom or readings.rejected_per_s > 0) and not fresh_late:
+        queue_late = batch is not None and self._late_in_queue(readings, float(batch), queued,
+                                                               overloaded=readings.rejected_per_s > 0)
+        if (shrink is None and worst is not None and (headroom or readings.rejected_per_s > 0)
+                and (not fresh_late or queue_late)):
             # Batches that fill from the queue: a bigger one may raise throughput (and with it what admission
             # lets in). Worth trying when saturated even without headroom; the trial undoes it if goodput fell.
             # Never past what Little's law admits: a batch past it would be halved again by the rule above (and
             # under a noisy neighbour the smaller batch that stays within it kept more of the objective).
             if batch is not None and queued >= float(batch) and (little is None or 2 * float(batch) <= little):
-                d = self._move(MAX_BATCH, settings, float(batch) * 2, HEADROOM, "tuned", level, readings, now)
+                reason = QUEUE_WAIT if fresh_late else HEADROOM
+                d = self._move(MAX_BATCH, settings, float(batch) * 2, reason, "tuned", level, readings, now)
                 if d:
                     out.append(d)
             running_limit = settings.get(RUNNING_LIMIT)
@@ -563,6 +578,37 @@ class TunerPolicy:
                 if d:
                     out.append(d)
         return out
+
+    def _drain(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float) -> Decision | None:
+        """A doubled batch for an overload the queue makes late (see :meth:`_late_in_queue`), made as a trial."""
+        batch = settings.get(MAX_BATCH)
+        if self._trial is not None or batch is None:
+            return None
+        queued = sum(m.waiting for m in readings.models)
+        little = self._capacity_target(readings, settings, one_batch_at_least=False)
+        if not self._late_in_queue(readings, float(batch), queued, overloaded=True):
+            return None
+        if little is not None and 2 * float(batch) > little:
+            return None
+        return self._move(MAX_BATCH, settings, float(batch) * 2, QUEUE_WAIT, "tuned", level, readings, now)
+
+    def _late_in_queue(self, readings: Readings, batch: float, queued: int, *, overloaded: bool) -> bool:
+        """Overloaded, and late because of the wait, not the batch: more offered than served (requests turned away, or
+        a queue already slow), a full batch waiting, every running slot taken, the requests finishing now spent at
+        least half their time in the queue, and the engine layer's own share of a request (Little's law: running
+        over throughput) small enough that doubling it still fits in the deadband. There a bigger batch is what
+        shortens the wait without turning more away: it drains the queue faster (in one run at 1.5 times capacity,
+        batch 16 held at a tail near the objective let 0.82 of capacity through where a static 32 let more)."""
+        if not overloaded or queued < batch:
+            return False
+        running = sum(m.running for m in readings.models)
+        throughput = self._throughput(readings)
+        fresh = fresh_worst(readings.models)
+        if running < batch or throughput <= 0 or fresh is None or math.isnan(fresh.fresh_queue_p99_s):
+            return False
+        if fresh.fresh_queue_p99_s < 0.5 * fresh.fresh_p99_s:
+            return False
+        return 2 * running / throughput <= self.deadband * fresh.slo_p99_s
 
     def _window_rule(self, readings: Readings, settings: Mapping[str, Value], worst: ModelReading | None, level: str,
                      now: float) -> Decision | None:

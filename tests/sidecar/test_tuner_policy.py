@@ -412,6 +412,40 @@ def test_the_batch_grows_only_while_the_doubled_batch_fits_littles_law():
     assert hold == []
 
 
+def test_an_overload_late_in_the_queue_trials_a_bigger_batch_and_one_late_in_the_engine_does_not():
+    """1.5 times capacity under a wait bound: the requests finishing now are near the objective, but they spent it
+    waiting; the engine layer's share is 32 running at 260/s = 0.12 s, doubled 0.25 s, inside the 0.3 deadband."""
+    bounds = {MAX_BATCH: BOUNDS[MAX_BATCH], MAX_QUEUE_WAIT: WAIT_BOUNDS[MAX_QUEUE_WAIT]}
+    settings = {MAX_BATCH: 16, MAX_QUEUE_WAIT: 0.4}
+    overload = dict(rps=260.0, p99=0.6, waiting=100, running=32, rejected=130.0, served=260.0, fresh_requests=500.0,
+                    fresh_p99_s=0.8, fresh_attainment=1.0, fresh_queue_p99_s=0.45)
+    [d] = [d for d in policy(bounds=bounds).tick(readings(settings, **overload), 0.0).decisions if d.knob == MAX_BATCH]
+    assert (d.old, d.new, d.reason) == (16, 32, "queue_wait")
+    # The time went past the queue (long prompts: 32 running at 60/s is 0.53 s of the engine's own): no bigger batch.
+    engine_bound = {**overload, "rps": 60.0, "served": 60.0, "fresh_queue_p99_s": 0.3}
+    assert all(d.knob != MAX_BATCH for d in policy(bounds=bounds).tick(readings(settings, **engine_bound), 0.0).decisions)
+    # Nobody turned away: not an overload, and the fresh tail past the deadband still bars the experiment.
+    calm = {**overload, "rejected": 0.0}
+    assert all(d.knob != MAX_BATCH for d in policy(bounds=bounds).tick(readings(settings, **calm), 0.0).decisions)
+
+
+def test_the_tick_that_bounds_a_slow_queue_also_trials_a_bigger_batch_and_only_the_batch_is_rolled_back():
+    bounds = {MAX_BATCH: BOUNDS[MAX_BATCH], MAX_QUEUE_WAIT: WAIT_BOUNDS[MAX_QUEUE_WAIT],
+              QUEUE_CAPACITY: BOUNDS[QUEUE_CAPACITY]}
+    p = policy(bounds=bounds, trial_s=12.0)
+    settings = {QUEUE_CAPACITY: 256, MAX_BATCH: 16, MAX_QUEUE_WAIT: None}
+    # Nobody turned away yet, but 300 waiting at 260/s is 1.15 s of queue: the burst has begun.
+    burst = dict(rps=260.0, p99=0.5, waiting=300, running=32, served=260.0, fresh_requests=500.0, fresh_p99_s=0.9,
+                 fresh_attainment=1.0, fresh_queue_p99_s=0.6)
+    decisions = p.tick(readings(settings, **burst), 0.0).decisions
+    assert {(d.knob, d.reason) for d in decisions} == {(MAX_QUEUE_WAIT, "queue_wait"), (MAX_BATCH, "queue_wait")}
+    settings = apply(settings, decisions)
+    assert settings[MAX_BATCH] == 32
+    # Twelve seconds on, at the same load, attainment fell: the batch goes back, the bound stays.
+    worse = p.tick(readings(settings, **{**burst, "attainment": 0.5}), 12.0).decisions
+    assert [(d.knob, d.new, d.reason) for d in worse] == [(MAX_BATCH, 16, "rollback")]
+
+
 def test_admission_grows_only_with_room_inside_the_server_now():
     """Turned away with latency to spare in the window, but what is inside already takes 2 s to serve (Little): the
     window is stale, so no more is let in."""
@@ -494,12 +528,18 @@ def test_late_requests_finishing_now_tighten_the_bound_in_proportion_while_reque
     late = dict(rps=100.0, p99=0.5, waiting=40, running=10, fresh_requests=200.0, fresh_p99_s=1.25,
                 fresh_attainment=0.9)
     [d] = [d for d in p.tick(readings(current, **late), 0.0).decisions if d.knob == MAX_QUEUE_WAIT]
-    assert d.reason == "slo_breach" and d.new == pytest.approx(0.7 * 0.8)  # the window still looks fine: fresh says
+    # The window still looks fine: fresh says late, by 0.25 s, which comes off the bound.
+    assert d.reason == "slo_breach" and d.new == pytest.approx(0.7 - 0.25)
     current = apply(current, [d])
     assert all(x.knob != MAX_QUEUE_WAIT for x in p.tick(readings(current, **late), 2.0).decisions), "cooldown"
     worse = {**late, "fresh_p99_s": 4.0}
     [d] = [d for d in p.tick(readings(current, **worse), 4.0).decisions if d.knob == MAX_QUEUE_WAIT]
-    assert d.new == pytest.approx(0.56 * 0.5)  # never more than half at once
+    assert d.new == pytest.approx(0.45 * 0.5)  # never more than half at once
+    # A tail a few percent over: a tenth comes off, not the overshoot alone (the bound must still move).
+    near = policy(bounds=WAIT_BOUNDS)
+    [d] = [d for d in near.tick(readings({**WAIT_START, MAX_QUEUE_WAIT: 0.5}, **{**late, "fresh_p99_s": 1.03}),
+                                0.0).decisions if d.knob == MAX_QUEUE_WAIT]
+    assert d.new == pytest.approx(0.45)
     # Late with no queue and nobody turned away: the engine's own time, not admission's.
     idle = policy(bounds=WAIT_BOUNDS)
     assert all(x.knob != MAX_QUEUE_WAIT
