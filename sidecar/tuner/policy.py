@@ -16,9 +16,9 @@ Two loops share one object:
   fill from the queue (with headroom, or when saturated) and the doubled batch still fits Little's law (in an overload
   whose requests are late in the queue rather than in the engine, even with the fresh tail past the deadband), and
   halves when, with batches full, one batch is more than Little's law admits (the batch's own run time is the
-  latency: long prompts, a big model), on a breach or a throughput that just fell; both are trials: a bigger batch is rolled back if goodput fell, a smaller one unless p99 fell or
-  attainment rose, because a smaller batch also lowers throughput and with it what admission lets in. The batch
-  timeout is the time in which half a batch is expected to arrive, never more than a small share of the
+  latency: long prompts, a big model), on a breach or a throughput that just fell; both are trials: a bigger batch
+  is rolled back if goodput fell, a smaller one unless p99 fell or attainment rose, because a smaller batch also
+  lowers throughput and with it what admission lets in. The batch timeout is the time in which half a batch is expected to arrive, never more than a small share of the
   objective; it follows the rate like admission and is no trial. The KV-cache budget grows while
   conversations are evicted and memory is plentiful, and shrinks under memory pressure. In front of an engine that
   batches by itself, a breach with nothing queued lowers the running limit.
