@@ -464,9 +464,8 @@ def _settings_arg(text: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
-    unknown = sorted(set(value) - set(DEFAULTS)) if isinstance(value, dict) else None
-    if unknown is None or unknown:
-        raise argparse.ArgumentTypeError(f"expected an object of {sorted(DEFAULTS)}; unknown: {unknown}")
+    if not isinstance(value, dict) or set(value) - set(DEFAULTS):
+        raise argparse.ArgumentTypeError(f"expected an object with keys among {sorted(DEFAULTS)}, got {text}")
     return value
 
 

@@ -551,13 +551,9 @@ class TunerPolicy:
                 and (not fresh_late or queue_late)):
             # Batches that fill from the queue: a bigger one may raise throughput (and with it what admission
             # lets in). Worth trying when saturated even without headroom; the trial undoes it if goodput fell.
-            # Never past what Little's law admits: a batch past it would be halved again by the rule above (and
-            # under a noisy neighbour the smaller batch that stays within it kept more of the objective).
-            if batch is not None and queued >= float(batch) and (little is None or 2 * float(batch) <= little):
-                reason = QUEUE_WAIT if fresh_late else HEADROOM
-                d = self._move(MAX_BATCH, settings, float(batch) * 2, reason, "tuned", level, readings, now)
-                if d:
-                    out.append(d)
+            d = self._doubled_batch(readings, settings, little, QUEUE_WAIT if fresh_late else HEADROOM, level, now)
+            if d:
+                out.append(d)
             running_limit = settings.get(RUNNING_LIMIT)
             if running_limit is not None and worst.continuous_batching and queued > 0:
                 d = self._move(RUNNING_LIMIT, settings, float(running_limit) * 1.5, HEADROOM, "tuned", level,
@@ -582,15 +578,23 @@ class TunerPolicy:
     def _drain(self, readings: Readings, settings: Mapping[str, Value], level: str, now: float) -> Decision | None:
         """A doubled batch for an overload the queue makes late (see :meth:`_late_in_queue`), made as a trial."""
         batch = settings.get(MAX_BATCH)
-        if self._trial is not None or batch is None:
-            return None
         queued = sum(m.waiting for m in readings.models)
+        if self._trial is not None or batch is None or not self._late_in_queue(readings, float(batch), queued,
+                                                                               overloaded=True):
+            return None
         little = self._capacity_target(readings, settings, one_batch_at_least=False)
-        if not self._late_in_queue(readings, float(batch), queued, overloaded=True):
+        return self._doubled_batch(readings, settings, little, QUEUE_WAIT, level, now)
+
+    def _doubled_batch(self, readings: Readings, settings: Mapping[str, Value], little: float | None, reason: str,
+                       level: str, now: float) -> Decision | None:
+        """Twice the batch, while batches fill from the queue and the doubled batch still fits Little's law
+        (``little``): a batch past it would be halved again by the shrink rule (and under a noisy neighbour the
+        smaller batch that stays within it kept more of the objective)."""
+        batch = settings.get(MAX_BATCH)
+        queued = sum(m.waiting for m in readings.models)
+        if batch is None or queued < float(batch) or (little is not None and 2 * float(batch) > little):
             return None
-        if little is not None and 2 * float(batch) > little:
-            return None
-        return self._move(MAX_BATCH, settings, float(batch) * 2, QUEUE_WAIT, "tuned", level, readings, now)
+        return self._move(MAX_BATCH, settings, float(batch) * 2, reason, "tuned", level, readings, now)
 
     def _late_in_queue(self, readings: Readings, batch: float, queued: int, *, overloaded: bool) -> bool:
         """Overloaded, and late because of the wait, not the batch: more offered than served (requests turned away, or
