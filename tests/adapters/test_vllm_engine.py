@@ -71,6 +71,23 @@ def test_status_capabilities_and_explicit_kv_cache(vllm_llama):
     assert caps.max_batch_size == status["max_num_seqs"]
 
 
+def test_one_cpu_rank_runs_the_model_in_a_worker_under_the_engine_core(vllm_llama):
+    # As vLLM's own server does: inside the EngineCore process vLLM cannot set OpenMP up for the model, and decoding
+    # took 1.4x its server's time per token (bench vllm_vs_native).
+    import psutil
+
+    def named(proc: psutil.Process) -> str:
+        try:
+            return " ".join(proc.cmdline())
+        except psutil.Error:
+            return ""
+
+    cores = [p for p in psutil.Process().children(recursive=True) if "VLLM::EngineCore" in named(p)]
+    assert cores, "no EngineCore process under the test process"
+    workers = [c for core in cores for c in core.children() if "VLLM::Worker" in named(c)]
+    assert workers, "the model runs inside the EngineCore process: no worker under it"
+
+
 async def test_returns_the_requested_number_of_tokens(vllm_llama):
     for n in (1, 7, 20):
         results = await vllm_llama.generate(_greedy(PROMPTS[:3], n))
