@@ -285,9 +285,7 @@ class VllmEngine(Engine):
             if on_cpu and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
                 env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(ranks)
         else:
-            # One rank: VLLM_ENABLE_V1_MULTIPROCESSING keeps vLLM's default (on) unless the environment says
-            # otherwise. Off, vLLM's CPU platform runs the model inside the EngineCore process, where it cannot set
-            # the OpenMP environment up (vLLM's own comment): time per output token was 1.4x its own server's.
+            # One rank: VLLM_ENABLE_V1_MULTIPROCESSING keeps vLLM's default (on; see the module docstring).
             if on_cpu and "|" in os.environ.get("VLLM_CPU_OMP_THREADS_BIND", ""):
                 env["VLLM_CPU_OMP_THREADS_BIND"] = "auto"
         return env

@@ -84,12 +84,13 @@ def _config(model_dir: Path, port: int, sidecar_port: int, *, traced: bool) -> d
     }
 
 
-def _client(args: argparse.Namespace, model_dir: Path, port: int, work: Path, name: str) -> dict[str, Any]:
+def _client(args: argparse.Namespace, model_dir: Path, port: int, work: Path, name: str,
+            num_prompts: int | None = None) -> dict[str, Any]:
     result = work / f"{name}-result.json"
     cmd = [sys.executable, "-c", CLIENT, "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}",
            "--endpoint", "/v1/completions", "--model", SERVED, "--tokenizer", str(model_dir),
            "--dataset-name", "random", "--random-input-len", str(args.input_len),
-           "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+           "--random-output-len", str(args.output_len), "--num-prompts", str(num_prompts or args.num_prompts),
            "--max-concurrency", str(args.concurrency), "--ignore-eos", "--seed", "0", "--disable-tqdm",
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
            "--save-result", "--result-dir", str(work), "--result-filename", result.name]
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     model_dir = Path(resolve_model_path(args.model))
     work = Path(tempfile.mkdtemp(prefix="muai-bench-vllm-"))
-    kinds = tuple(k for k in KINDS if k in args.servers)
+    kinds = tuple(k for k in KINDS if k == "vllm_server" or k in args.servers)  # vLLM's own server first
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     procs: list[subprocess.Popen] = []
     try:
@@ -161,9 +162,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # servers of one round alike, and the per-round ratios below compare like with like.
         ports = {kind: _start_server(args, kind, model_dir, work, procs) for kind in kinds}
         if args.warmup_prompts:
-            warm = argparse.Namespace(**{**vars(args), "num_prompts": args.warmup_prompts})
             for kind in kinds:
-                _client(warm, model_dir, ports[kind], work, f"{kind}-warmup")
+                _client(args, model_dir, ports[kind], work, f"{kind}-warmup", args.warmup_prompts)
         for repeat in range(args.repeats):
             # Alternated (forward, then backward): whatever drifts within a round hits each server alike.
             for kind in kinds if repeat % 2 == 0 else tuple(reversed(kinds)):
@@ -229,8 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.servers) - set(KINDS)
     if unknown:
         parser.error(f"--servers: unknown {', '.join(sorted(unknown))} (known: {', '.join(KINDS)})")
-    if "vllm_server" not in args.servers:
-        args.servers.insert(0, "vllm_server")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return finish(run(args), args)

@@ -71,20 +71,24 @@ def test_status_capabilities_and_explicit_kv_cache(vllm_llama):
     assert caps.max_batch_size == status["max_num_seqs"]
 
 
+def _cmdline(proc) -> str:
+    """A process's command line, empty once it has exited."""
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def test_one_cpu_rank_runs_the_model_in_a_worker_under_the_engine_core(vllm_llama):
     # As vLLM's own server does: inside the EngineCore process vLLM cannot set OpenMP up for the model, and decoding
     # took 1.4x its server's time per token (bench vllm_vs_native).
     import psutil
 
-    def named(proc: psutil.Process) -> str:
-        try:
-            return " ".join(proc.cmdline())
-        except psutil.Error:
-            return ""
-
-    cores = [p for p in psutil.Process().children(recursive=True) if "VLLM::EngineCore" in named(p)]
+    cores = [p for p in psutil.Process().children(recursive=True) if "VLLM::EngineCore" in _cmdline(p)]
     assert cores, "no EngineCore process under the test process"
-    workers = [c for core in cores for c in core.children() if "VLLM::Worker" in named(c)]
+    workers = [c for core in cores for c in core.children() if "VLLM::Worker" in _cmdline(c)]
     assert workers, "the model runs inside the EngineCore process: no worker under it"
 
 
@@ -315,9 +319,9 @@ def _engine_processes() -> set[int]:
 
     out = set()
     for p in psutil.Process().children(recursive=True):
+        cmdline = _cmdline(p)
         try:
-            cmdline = " ".join(p.cmdline())
-            if p.status() != psutil.STATUS_ZOMBIE and ("VLLM::" in cmdline or "spawn_main" in cmdline):
+            if ("VLLM::" in cmdline or "spawn_main" in cmdline) and p.status() != psutil.STATUS_ZOMBIE:
                 out.add(p.pid)
         except psutil.Error:  # exited while we looked
             pass
